@@ -1,0 +1,19 @@
+"""Shared fixtures: where the real data lives, and small helpers every test uses."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# The real brain MRI lives beside the checkout (CI has it there too); it is never copied in.
+MR_BRAIN = Path(os.environ.get("DICOMNODE_TEST_DATA", REPO.parent / "shared" / "data" / "mr-brain"))
+
+
+@pytest.fixture(scope="session")
+def mr_brain() -> Path:
+    if not MR_BRAIN.is_dir():
+        pytest.fail(f"test data not found at {MR_BRAIN} (set DICOMNODE_TEST_DATA)")
+    return MR_BRAIN
