@@ -1,0 +1,179 @@
+"""config.toml -> typed settings, or one clear message per problem.
+
+Each layer owns its settings type (`pipeline.completion.CompletionSettings`,
+`pipeline.routing.Route`, ...); this module only reads the file, resolves relative paths
+against the file's folder and checks what spans sections (routes name destinations).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy.engine import make_url
+
+from pipeline.completion import CompletionSettings
+from pipeline.routing import AE_TITLE_PATTERN, Destination, Route
+
+DEFAULT_CONFIG = Path("config.toml")
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; ``problems`` holds one line per problem."""
+
+    def __init__(self, path: Path, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__(f"{path}: " + "; ".join(problems))
+
+    def report(self) -> str:
+        lines = [f"{self.path}: {len(self.problems)} problem(s):"]
+        lines += [f"  - {problem}" for problem in self.problems]
+        return "\n".join(lines)
+
+
+class NodeSettings(BaseModel):
+    """``[node]``: the node's own DICOM identity, network and storage."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ae_title: Annotated[str, Field(pattern=AE_TITLE_PATTERN)] = "SYNTH"
+    host: str = "0.0.0.0"
+    port: Annotated[int, Field(ge=1, le=65535)] = 11112
+    storage: Path = Path("var/spool")
+    database: str = "sqlite:///var/dicomnode.sqlite"
+    # Empty: any caller. Else "AE" or "AE@host" entries; others are rejected at association.
+    allowed_callers: list[str] = []
+    max_associations: Annotated[int, Field(ge=1, le=1000)] = 16
+    log_level: str = "INFO"
+
+    @field_validator("allowed_callers")
+    @classmethod
+    def _callers_are_ae_titles(cls, callers: list[str]) -> list[str]:
+        for entry in callers:
+            title, _, host = entry.partition("@")
+            if not re.match(AE_TITLE_PATTERN, title) or ("@" in entry and not host):
+                raise ValueError(f"{entry!r} is not 'AE' or 'AE@host' (AE: 1-16 characters)")
+        return callers
+
+    @field_validator("database")
+    @classmethod
+    def _is_database_url(cls, url: str) -> str:
+        try:
+            make_url(url)
+        except Exception:
+            raise ValueError(
+                f"{url!r} is not an SQLAlchemy URL (e.g. sqlite:///var/dicomnode.sqlite, "
+                "postgresql+psycopg://user@host/dicomnode)"
+            ) from None
+        return url
+
+    @field_validator("log_level")
+    @classmethod
+    def _is_level(cls, level: str) -> str:
+        allowed = ("DEBUG", "INFO", "WARNING", "ERROR")
+        if level.upper() not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return level.upper()
+
+    def caller_allowed(self, ae_title: str, host: str) -> bool:
+        """Whether the calling AE title (from ``host``) may associate."""
+        if not self.allowed_callers:
+            return True
+        for entry in self.allowed_callers:
+            title, _, bound_host = entry.partition("@")
+            if title == ae_title and (not bound_host or bound_host == host):
+                return True
+        return False
+
+
+class Config(BaseModel):
+    """The whole config.toml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    node: NodeSettings = NodeSettings()
+    completion: CompletionSettings = CompletionSettings()
+    destinations: dict[str, Destination] = {}
+    routes: list[Route] = []
+
+
+def load_config(path: Path = DEFAULT_CONFIG) -> Config:
+    """Read and check ``path``; raise ConfigError listing every problem found."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(path, ["file not found (give --config PATH)"]) from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(path, [f"not valid TOML: {error}"]) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(path, [f"cannot be read: {error}"]) from None
+    return parse_config(raw, path)
+
+
+def parse_config(raw: dict[str, Any], path: Path) -> Config:
+    """Check the parsed TOML ``raw`` of the file at ``path``."""
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(path, [_describe(e) for e in error.errors()]) from None
+    problems = _cross_section_problems(config)
+    if problems:
+        raise ConfigError(path, problems)
+    return _resolve_paths(config, path.resolve().parent)
+
+
+def _cross_section_problems(config: Config) -> list[str]:
+    problems = []
+    seen = set()
+    for index, route in enumerate(config.routes):
+        if route.name in seen:
+            problems.append(f"routes[{index}].name = {route.name!r}: used by an earlier route")
+        seen.add(route.name)
+        for name in route.destinations:
+            if name not in config.destinations:
+                known = ", ".join(sorted(config.destinations)) or "none defined"
+                problems.append(
+                    f"routes[{index}].destinations: {name!r} is not a [destinations.NAME] "
+                    f"section (defined: {known})"
+                )
+    return problems
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    storage = config.node.storage if config.node.storage.is_absolute() else base / config.node.storage
+    url = make_url(config.node.database)
+    if url.drivername.startswith("sqlite") and url.database not in (None, "", ":memory:"):
+        database_path = Path(url.database)
+        if not database_path.is_absolute():
+            url = url.set(database=str(base / database_path))
+    node = config.node.model_copy(
+        update={"storage": storage, "database": url.render_as_string(hide_password=False)}
+    )
+    return config.model_copy(update={"node": node})
+
+
+def _describe(error: dict[str, Any]) -> str:
+    location = _location(error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{location}: unknown key (check its spelling and section in the README's reference)"
+    if error["type"] == "missing":
+        return f"{location}: required, but missing"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{location} = {error['input']!r}: {message}"
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part in ("function-after[_one_kind(), HeaderCondition]",):
+            continue
+        else:
+            text += ("." if text else "") + str(part)
+    return text

@@ -1,0 +1,246 @@
+"""The Storage SCP: receives MR series over C-STORE and keeps them durably.
+
+Durable before acknowledged: a C-STORE is answered Success only after the file is on
+disk under its final name and its database row is committed. Every other answer is a
+failure status with an ErrorComment that says why; the sender keeps the instance.
+
+Statuses this SCP returns (PS3.4 Annex B):
+  0x0000  Success (also for a duplicate of an instance already stored: it is kept once)
+  0xA700  Refused: out of resources - the spool or the database cannot be written
+  0xA900  Error: data set does not match SOP class - a UID or the pixel data is missing
+          or malformed
+  0xC000  Error: cannot understand - the pixel data cannot be decoded
+  0xC001  Error: cannot understand - the instance disagrees with its series (size,
+          orientation, spacing, frame of reference, SOP class or study)
+  0x0110  Processing failure - an unexpected error; the log has the details
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import Dataset
+from pydicom.uid import UID
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import EnhancedMRImageStorage, MRImageStorage, Verification
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import sessionmaker
+
+from node.config import NodeSettings
+from pipeline.intake import InstanceRefused, RefusalKind, inspect_instance, record_instance
+from pipeline.spool import write_atomically
+
+log = logging.getLogger(__name__)
+
+STORAGE_CLASSES = (MRImageStorage, EnhancedMRImageStorage)
+
+# Uncompressed, and the compressed syntaxes MR scanners and PACS send; the pylibjpeg
+# plugins decode every one of them.
+TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, first-order prediction
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+]
+
+_STATUS = {
+    RefusalKind.INVALID: 0xA900,
+    RefusalKind.UNDECODABLE: 0xC000,
+    RefusalKind.INCONSISTENT: 0xC001,
+}
+OUT_OF_RESOURCES = 0xA700
+PROCESSING_FAILURE = 0x0110
+
+
+def set_tcp_nodelay(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler: send each PDU at once instead of waiting on Nagle's algorithm."""
+    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+@dataclass
+class _AssociationTally:
+    stored: int = 0
+    duplicates: int = 0
+    refused: int = 0
+
+
+class StorageSCP:
+    """The node's listening side: C-ECHO and C-STORE of MR images."""
+
+    def __init__(
+        self,
+        settings: NodeSettings,
+        sessions: sessionmaker,
+        storage: Path,
+        header_keywords: Iterable[str] = (),
+        on_count_reached: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._settings = settings
+        self._sessions = sessions
+        self._storage = storage
+        self._header_keywords = tuple(header_keywords)
+        self._on_count_reached = on_count_reached
+        self._tallies: dict[int, _AssociationTally] = {}
+        self._lock = threading.Lock()
+        self._server = None
+
+        ae = AE(ae_title=settings.ae_title)
+        ae.maximum_associations = settings.max_associations
+        # Reject associations addressed to another AE title ("called AE not recognized").
+        ae.require_called_aet = True
+        ae.add_supported_context(Verification)
+        for sop_class in STORAGE_CLASSES:
+            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        self._ae = ae
+
+    @property
+    def port(self) -> int:
+        """The port actually listened on (useful when config asked for port 0)."""
+        return self._server.server_address[1] if self._server else self._settings.port
+
+    def start(self) -> None:
+        handlers = [
+            (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_RELEASED, self._on_ended),
+            (evt.EVT_ABORTED, self._on_ended),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        self._server = self._ae.start_server(
+            (self._settings.host, self._settings.port), block=False, evt_handlers=handlers
+        )
+        log.info(
+            "listening as %s on %s:%d", self._settings.ae_title, self._settings.host, self.port
+        )
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    # Handlers run in each association's own thread.
+
+    def _on_requested(self, event: evt.Event) -> None:
+        calling, host = _peer(event)
+        if not self._settings.caller_allowed(calling, host):
+            log.warning(
+                "association from %s (%s) rejected: calling AE title not recognized",
+                calling,
+                host,
+            )
+            # Rejected permanent, by the service user, "calling AE title not recognized".
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+
+    def _on_established(self, event: evt.Event) -> None:
+        calling, host = _peer(event)
+        with self._lock:
+            self._tallies[id(event.assoc)] = _AssociationTally()
+        log.info("association from %s (%s) accepted", calling, host)
+        for context in event.assoc.rejected_contexts:
+            log.warning(
+                "association from %s (%s): refused SOP class %s (%s): not a class this node "
+                "accepts, or none of its transfer syntaxes are supported",
+                calling,
+                host,
+                context.abstract_syntax,
+                UID(context.abstract_syntax).name,
+            )
+
+    def _on_ended(self, event: evt.Event) -> None:
+        calling, host = _peer(event)
+        with self._lock:
+            tally = self._tallies.pop(id(event.assoc), None)
+        if tally is None:
+            return  # rejected before it was established; already logged
+        how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        log.info(
+            "association from %s (%s) %s: %d stored, %d duplicate, %d refused",
+            calling,
+            host,
+            how,
+            tally.stored,
+            tally.duplicates,
+            tally.refused,
+        )
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return 0x0000
+
+    def _on_store(self, event: evt.Event) -> Dataset | int:
+        calling, host = _peer(event)
+        tally = self._tallies.get(id(event.assoc)) or _AssociationTally()
+        status, reason, duplicate = self._store(event, calling)
+        if status == 0x0000:
+            if duplicate:
+                tally.duplicates += 1
+            else:
+                tally.stored += 1
+            return 0x0000
+        tally.refused += 1
+        log.warning(
+            "C-STORE from %s (%s) refused with 0x%04X: %s", calling, host, status, reason
+        )
+        response = Dataset()
+        response.Status = status
+        response.ErrorComment = reason[:64]
+        return response
+
+    def _store(self, event: evt.Event, calling: str) -> tuple[int, str, bool]:
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            facts = inspect_instance(
+                ds, str(event.context.transfer_syntax), self._header_keywords
+            )
+        except InstanceRefused as refusal:
+            return _STATUS[refusal.kind], refusal.reason, False
+        except Exception as error:
+            return 0xA900, f"the data set cannot be parsed: {error}", False
+
+        data = event.encoded_dataset()
+        path = self._storage / facts.relative_path()
+        try:
+            write_atomically(path, data)
+        except OSError as error:
+            return OUT_OF_RESOURCES, f"spool cannot be written: {error.strerror}", False
+        try:
+            with self._sessions.begin() as session:
+                outcome = record_instance(session, facts, len(data), calling)
+        except InstanceRefused as refusal:
+            # Not a duplicate (that is checked first), so no stored row refers to the file.
+            path.unlink(missing_ok=True)
+            return _STATUS[refusal.kind], refusal.reason, False
+        except (SQLAlchemyError, OSError) as error:
+            # The file may be an acknowledged duplicate's; leave it. A re-send overwrites it.
+            log.exception("database write failed for instance %s", facts.sop_instance_uid)
+            return OUT_OF_RESOURCES, f"database cannot be written: {type(error).__name__}", False
+        except Exception:
+            log.exception("unexpected error recording instance %s", facts.sop_instance_uid)
+            return PROCESSING_FAILURE, "unexpected error; see the node's log", False
+        if outcome.count_reached:
+            self._on_count_reached()
+        return 0x0000, "", outcome.duplicate
+
+
+def _peer(event: evt.Event) -> tuple[str, str]:
+    requestor = event.assoc.requestor
+    return str(requestor.ae_title).strip(), str(requestor.address)

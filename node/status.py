@@ -1,0 +1,154 @@
+"""What the node received, what it is doing, and what failed: read from the database."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from pipeline.db import Delivery, Job, Series
+
+
+def collect_status(sessions: sessionmaker, limit: int = 200) -> dict[str, Any]:
+    """Series, jobs and deliveries, newest first, as plain data (no patient names)."""
+    with sessions() as session:
+        series = session.scalars(
+            select(Series).order_by(Series.last_arrival.desc(), Series.id.desc()).limit(limit)
+        ).all()
+        jobs = session.scalars(select(Job).order_by(Job.id.desc()).limit(limit)).all()
+        deliveries = session.scalars(
+            select(Delivery).order_by(Delivery.id.desc()).limit(limit)
+        ).all()
+        return {
+            "series": [
+                {
+                    "series_uid": s.series_uid,
+                    "study_uid": s.study_uid,
+                    "description": s.description,
+                    "series_number": s.series_number,
+                    "contrast": s.contrast,
+                    "contrast_reason": s.contrast_reason,
+                    "state": s.state,
+                    "reason": s.state_reason,
+                    "instances": s.instance_count,
+                    "expected": s.expected_count,
+                    "calling_ae": s.calling_ae,
+                    "generation": s.generation,
+                    "first_arrival": _iso(s.first_arrival),
+                    "last_arrival": _iso(s.last_arrival),
+                }
+                for s in series
+            ],
+            "jobs": [
+                {
+                    "id": j.id,
+                    "series_uid": j.series.series_uid,
+                    "generation": j.generation,
+                    "direction": j.direction,
+                    "route": j.route,
+                    "model": j.model,
+                    "model_version": j.model_version,
+                    "state": j.state,
+                    "reason": j.reason,
+                    "attempts": j.attempts,
+                    "device": j.device,
+                    "timings": j.timings,
+                    "output_series_uid": j.output_series_uid,
+                    "destinations": j.destinations,
+                    "created_at": _iso(j.created_at),
+                    "updated_at": _iso(j.updated_at),
+                }
+                for j in jobs
+            ],
+            "deliveries": [
+                {
+                    "id": d.id,
+                    "job_id": d.job_id,
+                    "destination": d.destination,
+                    "state": d.state,
+                    "reason": d.reason,
+                    "attempts": d.attempts,
+                    "instances_sent": d.instances_sent,
+                    "instances_total": d.instances_total,
+                    "next_attempt_at": _iso(d.next_attempt_at),
+                    "updated_at": _iso(d.updated_at),
+                }
+                for d in deliveries
+            ],
+        }
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """The status as tables an admin reads in a terminal."""
+    series_rows = []
+    for s in status["series"]:
+        count = f"{s['instances']}/{s['expected']}" if s["expected"] else str(s["instances"])
+        reason = s["reason"] if s["state"] == "ignored" else ""
+        series_rows.append(
+            (
+                s["series_uid"],
+                s["description"] or "",
+                s["contrast"],
+                s["state"],
+                count,
+                s["last_arrival"],
+                reason or "",
+            )
+        )
+    job_rows = [
+        (
+            j["id"],
+            j["series_uid"],
+            j["direction"],
+            j["route"],
+            j["state"],
+            j["model_version"] or "",
+            j["reason"] or "",
+        )
+        for j in status["jobs"]
+    ]
+    delivery_rows = [
+        (
+            d["id"],
+            d["job_id"],
+            d["destination"],
+            d["state"],
+            f"{d['instances_sent']}/{d['instances_total'] or '?'}",
+            d["attempts"],
+            d["reason"] or "",
+        )
+        for d in status["deliveries"]
+    ]
+    return "\n\n".join(
+        [
+            "SERIES (newest first)\n"
+            + _table(
+                ("series UID", "description", "contrast", "state", "inst", "last arrival", "why"),
+                series_rows,
+            ),
+            "JOBS (newest first)\n"
+            + _table(
+                ("id", "series UID", "direction", "route", "state", "model", "reason"), job_rows
+            ),
+            "DELIVERIES (newest first)\n"
+            + _table(
+                ("id", "job", "destination", "state", "sent", "tries", "reason"), delivery_rows
+            ),
+        ]
+    )
+
+
+def _table(headers: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
+    if not rows:
+        return "  (none)"
+    cells = [tuple(map(str, headers))] + [tuple(map(str, row)) for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells
+    )
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat(timespec="seconds") + "Z" if moment else None

@@ -1,0 +1,109 @@
+"""Series completion: decide when a receiving series is whole, and route it.
+
+A series is complete when it holds the count its header announced (while every instance
+agreed on it), or when no instance has arrived for the quiet time of the route that
+would take it (``[completion] quiet_seconds`` unless the route overrides it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.contrast import Contrast
+from pipeline.db import Series, SeriesState, utcnow
+from pipeline.jobs import create_job
+from pipeline.routing import Route, select_route
+
+log = logging.getLogger(__name__)
+
+
+class CompletionSettings(BaseModel):
+    """``[completion]`` in config.toml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    quiet_seconds: Annotated[float, Field(gt=0)] = 10.0
+    check_interval_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
+
+
+@dataclass(frozen=True)
+class Completed:
+    series_uid: str
+    state: SeriesState
+    reason: str
+    job_id: int | None
+
+
+def complete_due_series(
+    sessions: sessionmaker,
+    routes: Sequence[Route],
+    settings: CompletionSettings,
+    now: datetime | None = None,
+) -> list[Completed]:
+    """Complete and route every receiving series that is due; return what was done."""
+    now = now or utcnow()
+    with sessions() as session:
+        receiving = session.scalars(
+            select(Series).where(Series.state == SeriesState.RECEIVING)
+        ).all()
+        due_ids = [s.id for s in receiving if _is_due(s, routes, settings, now)]
+    done = []
+    for series_id in due_ids:
+        # One transaction per series: a late instance for one series cannot hold up others,
+        # and the state is re-read under the write lock in case an instance just arrived.
+        with sessions.begin() as session:
+            series = session.get(Series, series_id)
+            if series.state == SeriesState.RECEIVING and _is_due(series, routes, settings, now):
+                done.append(_complete(session, series, routes, now))
+    return done
+
+
+def _is_due(series: Series, routes: Sequence[Route], settings: CompletionSettings, now) -> bool:
+    if series.expected_count is not None and series.instance_count >= series.expected_count:
+        return True
+    decision = select_route(routes, Contrast(series.contrast), series.header, series.calling_ae)
+    quiet = settings.quiet_seconds
+    if decision.route is not None and decision.route.quiet_seconds is not None:
+        quiet = decision.route.quiet_seconds
+    return now - series.last_arrival >= timedelta(seconds=quiet)
+
+
+def _complete(session: Session, series: Series, routes: Sequence[Route], now) -> Completed:
+    series.completed_at = now
+    by_count = series.expected_count is not None and series.instance_count >= series.expected_count
+    how = "announced count reached" if by_count else "quiet time elapsed"
+    decision = select_route(routes, Contrast(series.contrast), series.header, series.calling_ae)
+    if decision.route is None:
+        series.state = SeriesState.IGNORED
+        series.state_reason = decision.reason
+        log.info(
+            "series %s: complete (%d instances, %s), ignored: %s",
+            series.series_uid,
+            series.instance_count,
+            how,
+            decision.reason,
+        )
+        return Completed(series.series_uid, SeriesState.IGNORED, decision.reason, None)
+    job = create_job(session, series, decision.route)
+    series.state = SeriesState.ROUTED
+    series.state_reason = f"{decision.reason}; job {job.id}"
+    log.info(
+        "series %s: complete (%d instances, %s), %s -> job %d (%s, model %s, to %s)",
+        series.series_uid,
+        series.instance_count,
+        how,
+        decision.reason,
+        job.id,
+        job.direction,
+        job.model,
+        ", ".join(job.destinations),
+    )
+    return Completed(series.series_uid, SeriesState.ROUTED, decision.reason, job.id)

@@ -1,0 +1,196 @@
+"""The node's state: received series and instances, jobs and deliveries.
+
+All state lives here (pixel data lives in the spool). SQLite in WAL mode is the default;
+any SQLAlchemy URL works, PostgreSQL when several machines share the work. State changes
+go through the functions of `pipeline.intake`, `pipeline.completion`, `pipeline.jobs` and
+`pipeline.delivery`, never through ad-hoc updates elsewhere.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, ForeignKey, Index, String, create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+
+
+def utcnow() -> datetime:
+    """Now, as a naive UTC datetime (SQLite keeps no time zone; everything here is UTC)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class SeriesState(enum.StrEnum):
+    RECEIVING = "receiving"  # instances may still come
+    ROUTED = "routed"  # complete, and a route made a job of it
+    IGNORED = "ignored"  # complete, and no route wanted it (state_reason says why)
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"  # the series re-opened before this job ran; a newer job replaces it
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[str]: JSON}
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    description: Mapped[str | None] = mapped_column(String(64))
+    series_number: Mapped[int | None]
+    # Geometry every instance must agree with (first instance's values).
+    rows: Mapped[int]
+    columns: Mapped[int]
+    orientation: Mapped[str | None] = mapped_column(String(128))
+    pixel_spacing: Mapped[str | None] = mapped_column(String(64))
+    frame_of_reference_uid: Mapped[str | None] = mapped_column(String(64))
+    # The count the header announces, None when absent or inconsistent across instances.
+    expected_count: Mapped[int | None]
+    count_consistent: Mapped[bool] = mapped_column(default=True)
+    acquisition_number: Mapped[int | None]
+    instance_count: Mapped[int] = mapped_column(default=0)
+    first_arrival: Mapped[datetime]
+    last_arrival: Mapped[datetime]
+    # Header fields routing and classification read (no patient-identifying fields).
+    header: Mapped[dict[str, Any]]
+    contrast: Mapped[str] = mapped_column(String(16))
+    contrast_reason: Mapped[str]
+    state: Mapped[str] = mapped_column(String(16), default=SeriesState.RECEIVING)
+    state_reason: Mapped[str | None]
+    # Incremented each time late instances re-open a completed series.
+    generation: Mapped[int] = mapped_column(default=1)
+    completed_at: Mapped[datetime | None]
+
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+    jobs: Mapped[list[Job]] = relationship(back_populates="series")
+
+    __table_args__ = (Index("ix_series_state", "state"),)
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    # Relative to the spool root, so the spool can move with its database.
+    path: Mapped[str]
+    size: Mapped[int]
+    instance_number: Mapped[int | None]
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    received_at: Mapped[datetime]
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    __tablename__ = "job"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    generation: Mapped[int]
+    route: Mapped[str]
+    direction: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str]
+    destinations: Mapped[list[str]]
+    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED)
+    reason: Mapped[str | None]
+    attempts: Mapped[int] = mapped_column(default=0)
+    # A worker holds a job by a lease; a dead worker's lease runs out and the job is free.
+    lease_owner: Mapped[str | None]
+    lease_expires_at: Mapped[datetime | None]
+    not_before: Mapped[datetime | None]
+    # What produced the output: filled by the worker.
+    model_version: Mapped[str | None]
+    model_checksum: Mapped[str | None]
+    device: Mapped[str | None]
+    timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    output_series_uid: Mapped[str | None] = mapped_column(String(64))
+    output_path: Mapped[str | None]
+    output_count: Mapped[int | None]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+    series: Mapped[Series] = relationship(back_populates="jobs")
+    deliveries: Mapped[list[Delivery]] = relationship(back_populates="job")
+
+    __table_args__ = (Index("ix_job_state", "state"),)
+
+
+class Delivery(Base):
+    __tablename__ = "delivery"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("job.id"), index=True)
+    destination: Mapped[str]
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING)
+    reason: Mapped[str | None]
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime | None]
+    lease_owner: Mapped[str | None]
+    lease_expires_at: Mapped[datetime | None]
+    instances_total: Mapped[int | None]
+    instances_sent: Mapped[int] = mapped_column(default=0)
+    # Per-instance outcome of the last attempt: SOP Instance UID -> status or error text.
+    instance_results: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+    job: Mapped[Job] = relationship(back_populates="deliveries")
+
+    __table_args__ = (Index("ix_delivery_state", "state"),)
+
+
+def open_database(url: str) -> sessionmaker:
+    """Connect to ``url``, create the tables if needed, and return a session factory."""
+    is_sqlite = url.startswith("sqlite")
+    engine = create_engine(
+        url,
+        connect_args={"timeout": 60, "check_same_thread": False} if is_sqlite else {},
+        pool_pre_ping=not is_sqlite,
+    )
+    if is_sqlite:
+        _configure_sqlite(engine)
+    Base.metadata.create_all(engine)
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:  # noqa: ANN001
+        # Let SQLAlchemy, not the driver, begin transactions (see _on_begin).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk before it returns; the C-STORE Success depends on it.
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection) -> None:  # noqa: ANN001
+        # A deferred transaction that reads and then writes can fail with "database is
+        # locked" without waiting; taking the write lock up front makes writers queue.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")

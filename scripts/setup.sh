@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up dicomnode in ./.venv on a Debian machine with Python 3.11.
+#   scripts/setup.sh          the node
+#   scripts/setup.sh --test   the node, the test tools, and the DICOM peers the tests talk to
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ "${1:-}" == "--test" ]]; then
+  # Real peers for the tests: DCMTK (storescu/storescp/echoscu, dcmcjpeg...), dicom3tools
+  # (dciodvfy judges what the node writes), Orthanc (the PACS).
+  missing=()
+  command -v /usr/bin/storescu >/dev/null || missing+=(dcmtk)
+  command -v dciodvfy >/dev/null || missing+=(dicom3tools)
+  command -v Orthanc >/dev/null || missing+=(orthanc)
+  if (( ${#missing[@]} )); then
+    sudo=""; [[ $(id -u) == 0 ]] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  extras=".[test,train]"
+else
+  extras="."
+fi
+
+python3.11 -m venv .venv 2>/dev/null || python3 -m venv .venv
+# torch is pinned (2.13.0) in pyproject.toml; installed first so nothing pulls a CUDA build.
+.venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
+.venv/bin/pip install -q --disable-pip-version-check -e "$extras"

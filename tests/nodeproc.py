@@ -1,0 +1,143 @@
+"""Start a real dicomnode as a subprocess on a free loopback port, for tests and benches."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DICOMNODE = [sys.executable, "-m", "node.cli"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(folder: Path, port: int, extra: str = "", **node: Any) -> Path:
+    """A config.toml for a node under ``folder``, listening on loopback ``port``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    node_lines = "\n".join(f"{key} = {json.dumps(value)}" for key, value in node.items())
+    text = f"""
+[node]
+ae_title = "SYNTH"
+host = "127.0.0.1"
+port = {port}
+storage = "spool"
+database = "sqlite:///node.sqlite"
+{node_lines}
+
+[completion]
+quiet_seconds = 2
+check_interval_seconds = 0.2
+{extra}
+"""
+    if "[destinations." not in extra:
+        text += """
+[destinations.pacs]
+ae_title = "PACS"
+host = "127.0.0.1"
+port = 9
+
+[[routes]]
+name = "t1-to-t2"
+direction = "t1-to-t2"
+destinations = ["pacs"]
+
+[[routes]]
+name = "t2-to-t1"
+direction = "t2-to-t1"
+destinations = ["pacs"]
+"""
+    path = folder / "config.toml"
+    path.write_text(text)
+    return path
+
+
+class NodeProcess:
+    """`dicomnode serve` in a subprocess; its log goes to ``folder/node.log``."""
+
+    def __init__(self, config: Path, port: int) -> None:
+        self.config = config
+        self.port = port
+        self.log_path = config.parent / "node.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30) -> NodeProcess:
+        log = open(self.log_path, "ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            [*DICOMNODE, "serve", "--config", str(self.config)],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"dicomnode exited at start:\n{self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"dicomnode did not listen on {self.port}:\n{self.log()}")
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, with no chance to clean up."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def status(self) -> dict[str, Any]:
+        return dicomnode_status(self.config)
+
+    def wait_for(self, predicate, timeout: float = 60, interval: float = 0.3) -> dict[str, Any]:
+        """Poll `dicomnode status --json` until ``predicate(status)`` is true."""
+        deadline = time.monotonic() + timeout
+        status = self.status()
+        while not predicate(status):
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"timed out; last status:\n{json.dumps(status, indent=1)}\nlog:\n{self.log()}"
+                )
+            if self.process and self.process.poll() is not None:
+                raise AssertionError(f"dicomnode died:\n{self.log()}")
+            time.sleep(interval)
+            status = self.status()
+        return status
+
+
+def dicomnode_status(config: Path) -> dict[str, Any]:
+    result = subprocess.run(
+        [*DICOMNODE, "status", "--json", "--config", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(result.stdout)
+
+
+def run_dicomnode(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run([*DICOMNODE, *args], cwd=REPO, capture_output=True, text=True, check=check)

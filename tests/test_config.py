@@ -1,0 +1,94 @@
+"""config.toml: the default file is valid, and every bad value is named with its fix."""
+
+from pathlib import Path
+
+import pytest
+
+from node.config import ConfigError, load_config
+from tests.conftest import REPO
+from tests.nodeproc import run_dicomnode
+
+VALID = """
+[node]
+port = 11112
+[destinations.pacs]
+ae_title = "PACS"
+host = "127.0.0.1"
+port = 4242
+[[routes]]
+name = "t1"
+direction = "t1-to-t2"
+destinations = ["pacs"]
+"""
+
+
+def problems(tmp_path: Path, text: str) -> list[str]:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    return caught.value.problems
+
+
+def test_shipped_config_is_valid():
+    config = load_config(REPO / "config.toml")
+    assert config.node.ae_title == "SYNTH"
+    assert config.node.port == 11112
+    assert [r.direction for r in config.routes] == ["t1-to-t2", "t2-to-t1"]
+    assert all(r.destinations == ["pacs"] for r in config.routes)
+    # Relative paths are resolved against the file's folder, not the working directory.
+    assert config.node.storage == REPO / "var" / "spool"
+    assert config.node.database == f"sqlite:///{REPO}/var/dicomnode.sqlite"
+
+
+def test_every_problem_is_reported_with_its_key(tmp_path):
+    found = problems(
+        tmp_path,
+        VALID.replace("port = 11112", 'port = 70000\nae_tittle = "X"\nallowed_callers = ["A@"]')
+        .replace('direction = "t1-to-t2"', 'direction = "t1-t2"'),
+    )
+    text = "\n".join(found)
+    assert "node.port = 70000" in text and "less than or equal to 65535" in text
+    assert "node.ae_tittle: unknown key" in text
+    assert "node.allowed_callers" in text and "'A@'" in text
+    assert "routes[0].direction = 't1-t2'" in text and "'t1-to-t2' or 't2-to-t1'" in text
+    assert len(found) == 4
+
+
+def test_route_to_unknown_destination(tmp_path):
+    found = problems(tmp_path, VALID.replace('destinations = ["pacs"]', 'destinations = ["pacz"]'))
+    assert found == [
+        "routes[0].destinations: 'pacz' is not a [destinations.NAME] section (defined: pacs)"
+    ]
+
+
+def test_duplicate_route_names(tmp_path):
+    doubled = VALID + VALID[VALID.index("[[routes]]") :]
+    assert problems(tmp_path, doubled) == ["routes[1].name = 't1': used by an earlier route"]
+
+
+def test_not_toml_and_missing_file(tmp_path):
+    assert "not valid TOML" in problems(tmp_path, "[node\nport=1")[0]
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_config_check_command(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text(VALID)
+    result = run_dicomnode("config", "check", "--config", str(good))
+    assert result.returncode == 0, result.stderr
+    assert "OK (1 route(s), 1 destination(s))" in result.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text(VALID.replace("port = 4242", 'port = "x"'))
+    result = run_dicomnode("config", "check", "--config", str(bad))
+    assert result.returncode == 2
+    assert "destinations.pacs.port = 'x'" in result.stderr
+
+
+def test_serve_refuses_to_start_on_a_bad_config(tmp_path):
+    bad = tmp_path / "config.toml"
+    bad.write_text(VALID.replace('direction = "t1-to-t2"', 'direction = "sideways"'))
+    result = run_dicomnode("serve", "--config", str(bad))
+    assert result.returncode == 2
+    assert "routes[0].direction = 'sideways'" in result.stderr
