@@ -1,0 +1,94 @@
+"""Running a loaded model over a volume, on the GPU when torch sees one, else on the CPU.
+
+The same code serves both: the device only changes where tensors live and how many slices go
+through the network at once.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from pipeline.modelfile import LoadedModel
+from pipeline.preprocess import model_input, normalize_volume
+
+# CPU batches: the first level's feature maps of one batch should stay within about this
+# many bytes, so that a convolution's output is still in cache when the next one reads it.
+# Measured on a 2-core EPYC (1 MiB L2 a core, 32 MiB L3) with 256x256 slices and base width
+# 16 (4 MiB a map): a batch of 1 ran fastest, 2 to 4 up to 15% slower, 8 and more 20-30%
+# slower. oneDNN splits each convolution across all cores, so one slice keeps them busy.
+CPU_BATCH_BYTES = 4 * 2**20
+
+# GPU batches: bytes of activations per pixel and first-level channel that one slice needs
+# at its peak. The skips of all levels add up to about 2 first-level maps and the top
+# decoder level holds about 4 more at once; 16 leaves room for cuDNN's workspaces.
+GPU_BYTES_PER_PIXEL_CHANNEL = 16 * 4
+# Fraction of the GPU's free memory a batch may take: other processes may share the GPU.
+GPU_MEMORY_SHARE = 0.5
+
+
+def pick_device() -> torch.device:
+    """The first CUDA device if torch sees one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def slices_per_batch(device: torch.device, height: int, width: int, base_width: int) -> int:
+    """How many slices of ``height`` x ``width`` to run at once on ``device``."""
+    first_level_map = base_width * height * width
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * GPU_MEMORY_SHARE)
+        return max(1, budget // (first_level_map * GPU_BYTES_PER_PIXEL_CHANNEL))
+    return max(1, CPU_BATCH_BYTES // (first_level_map * 4))
+
+
+def fold_batch_norms(network: nn.Module) -> nn.Module:
+    """Fold, in place, every eval-mode batch norm into the convolution before it.
+
+    In eval mode a batch norm is a fixed affine map: folded, it costs nothing, where it
+    would otherwise be a separate pass over every feature map.
+    """
+    for module in network.modules():
+        if isinstance(module, nn.Sequential):
+            for index in range(len(module) - 1):
+                conv, norm = module[index], module[index + 1]
+                if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+                    module[index] = fuse_conv_bn_eval(conv, norm)
+                    module[index + 1] = nn.Identity()
+    return network
+
+
+class Synthesizer:
+    """Synthesizes a volume of the target contrast with a loaded model, on its device."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.card = model.card
+        self.device = next(model.network.parameters()).device
+        self._base_width = int(model.card.arguments.get("base_width", 16))
+        # A copy, so the LoadedModel's network stays as the file describes it. Channels-last
+        # lets oneDNN and cuDNN run their fastest convolutions without reordering every map:
+        # 1.4x on the CPU, measured.
+        network = fold_batch_norms(copy.deepcopy(model.network).eval())
+        self._network = network.to(memory_format=torch.channels_last)
+
+    def synthesize(self, volume: np.ndarray) -> np.ndarray:
+        """Network output (S, H, W) float32, in the target's normalised space, for a volume.
+
+        ``volume`` is the rescaled float32 source series (slices, rows, columns). Raises
+        ValueError for a volume that cannot be normalised (not 3-D, no contrast).
+        """
+        normalized = normalize_volume(volume, self.card.normalization)
+        inputs = torch.from_numpy(model_input(normalized, self.card.gradient_channels))
+        slices, _, height, width = inputs.shape
+        batch = slices_per_batch(self.device, height, width, self._base_width)
+        output = np.empty((slices, height, width), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, slices, batch):
+                chunk = inputs[start : start + batch].to(self.device)
+                result = self._network(chunk.contiguous(memory_format=torch.channels_last))
+                output[start : start + batch] = result[:, 0].float().cpu().numpy()
+        return output

@@ -1,0 +1,190 @@
+"""Model files: a U-Net's weights together with its card, written atomically, checked on load.
+
+A file is ``torch.save`` of ``{"format": FORMAT, "card": {...}, "state_dict": {...}}``. The
+card says what the model is (architecture and its arguments, direction, normalisation), how
+it was made (training data, command, seed) and how good it is (metrics); its checksum is the
+sha256 of the weights, so a log line or a DICOM header that names it identifies the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.preprocess import NORMALIZATIONS
+from pipeline.spool import write_atomically
+from pipeline.unet import UNet
+
+FORMAT = "dicomnode-model/1"
+DIRECTIONS = ("t1-to-t2", "t2-to-t1")
+ARCHITECTURES = ("unet",)
+
+
+class ModelFileError(Exception):
+    """A model file that cannot be used; the message says which file and why."""
+
+
+@dataclass
+class ModelCard:
+    """What a model is, how it was made and how good it is.
+
+    ``gradient_channels`` is stated on its own although ``arguments["in_channels"]`` implies
+    it (3 with the Sobel channels, 1 without): preprocessing reads it, and the card is
+    rejected where the two disagree.
+    """
+
+    name: str
+    version: str
+    direction: str
+    arguments: dict[str, Any]
+    normalization: str
+    gradient_channels: bool
+    architecture: str = "unet"
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    checksum: str = ""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A checked model, its network in eval mode on its device."""
+
+    network: UNet
+    card: ModelCard
+    path: Path
+
+
+def describe(card: ModelCard) -> str:
+    """One-line identity of a model for logs: ``name vN (sha256:abcd1234)``."""
+    return f"{card.name} v{card.version} (sha256:{card.checksum[:8]})"
+
+
+def weights_checksum(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 hex of a state dict: each tensor's name, dtype, shape and bytes, in key order."""
+    digest = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        # Viewed as bytes so that any dtype hashes the same way, bfloat16 included.
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_model(path: Path, network: UNet, card: ModelCard) -> ModelCard:
+    """Write ``network`` and ``card`` to ``path`` atomically; return the card with its checksum.
+
+    Raises ModelFileError if the card is invalid or does not describe ``network``, so a file
+    that could not be loaded is never written.
+    """
+    state_dict = {name: tensor.detach().cpu() for name, tensor in network.state_dict().items()}
+    card = replace(card, checksum=weights_checksum(state_dict))
+    _check_card(card, path)
+    _build_network(card, state_dict, path)
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "card": asdict(card), "state_dict": state_dict}, buffer)
+    write_atomically(path, buffer.getvalue())
+    return card
+
+
+def load_model(path: Path, device: torch.device | str | None = None) -> LoadedModel:
+    """Read and check a model file; return its network in eval mode on ``device`` (default CPU).
+
+    Raises ModelFileError, with a message for the admin, for a missing or unreadable file, a
+    file that is not a dicomnode model or is of another format version, a card with an
+    unknown architecture, normalisation or direction, weights that do not fit the card's
+    arguments, and weights whose checksum is not the card's (the file was altered).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file {path} does not exist")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ModelFileError(
+            # torch's own message advises weights_only=False, which an admin must not follow
+            # for a file of unknown origin; the chained error keeps the details for logs.
+            f"{path} is not a readable dicomnode model file (damaged, truncated, or another "
+            f"kind of file; torch could not load it: {type(error).__name__})"
+        ) from error
+    if not isinstance(content, dict) or not {"format", "card", "state_dict"} <= content.keys():
+        raise ModelFileError(f"{path} is not a dicomnode model file (no format, card and weights)")
+    if content["format"] != FORMAT:
+        raise ModelFileError(
+            f"{path} has model format {content['format']!r}; this version of dicomnode reads "
+            f"{FORMAT!r} only"
+        )
+    card = _card_from_dict(content["card"], path)
+    _check_card(card, path)
+    state_dict = content["state_dict"]
+    if not isinstance(state_dict, dict) or not all(
+        isinstance(tensor, torch.Tensor) for tensor in state_dict.values()
+    ):
+        raise ModelFileError(f"{path}: the weights are not a mapping of names to tensors")
+    actual = weights_checksum(state_dict)
+    if actual != card.checksum:
+        raise ModelFileError(
+            f"{path}: the weights' checksum sha256:{actual[:8]} is not the card's "
+            f"sha256:{card.checksum[:8]}; the file was altered or damaged after it was saved"
+        )
+    network = _build_network(card, state_dict, path)
+    network.to(torch.device(device) if device is not None else torch.device("cpu"))
+    return LoadedModel(network=network.eval(), card=card, path=path)
+
+
+def _card_from_dict(values: Any, path: Path) -> ModelCard:
+    names = {item.name for item in fields(ModelCard)}
+    if not isinstance(values, dict):
+        raise ModelFileError(f"{path}: the model card is not a mapping")
+    missing = sorted(names - values.keys())
+    unknown = sorted(values.keys() - names)
+    if missing or unknown:
+        raise ModelFileError(
+            f"{path}: the model card lacks {missing or 'nothing'} and has unknown fields "
+            f"{unknown or 'none'}"
+        )
+    return ModelCard(**values)
+
+
+def _check_card(card: ModelCard, path: Path) -> None:
+    def reject(what: str, value: object, known: tuple[str, ...]) -> None:
+        if value not in known:
+            raise ModelFileError(
+                f"{path}: unknown {what} {value!r} on the model card; known: {', '.join(known)}"
+            )
+
+    if not isinstance(card.arguments, dict):
+        raise ModelFileError(f"{path}: the card's arguments are not a mapping")
+    reject("architecture", card.architecture, ARCHITECTURES)
+    reject("normalization", card.normalization, NORMALIZATIONS)
+    reject("direction", card.direction, DIRECTIONS)
+    expected = 3 if card.gradient_channels else 1
+    in_channels = card.arguments.get("in_channels", 3)
+    if in_channels != expected:
+        raise ModelFileError(
+            f"{path}: the card says gradient_channels={card.gradient_channels}, which needs "
+            f"in_channels={expected}, but its arguments have in_channels={in_channels}"
+        )
+
+
+def _build_network(card: ModelCard, state_dict: dict[str, torch.Tensor], path: Path) -> UNet:
+    try:
+        network = UNet(**card.arguments)
+    except (TypeError, ValueError) as error:
+        raise ModelFileError(
+            f"{path}: the card's arguments {card.arguments} are invalid: {error}"
+        ) from error
+    try:
+        network.load_state_dict(state_dict, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise ModelFileError(
+            f"{path}: the weights do not fit a U-Net with the card's arguments "
+            f"{card.arguments}: {error}"
+        ) from error
+    return network

@@ -1,0 +1,123 @@
+"""The U-Net's pre- and post-processing: intensity normalisation, input channels, stored pixels.
+
+Training and inference both call these functions, and a model's card names the
+normalisation it was trained with, so the network always sees what it learnt on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+NORMALIZATIONS = ("minmax-slice", "percentile-volume")
+
+# percentile-volume maps these percentiles of the foreground to 0 and 1: robust to the few
+# hot voxels (vessels, fat, artefacts) that would set the scale of a plain min-max.
+LOW_PERCENTILE = 0.5
+HIGH_PERCENTILE = 99.5
+
+# Sobel's kernel is a [1, 2, 1] smoothing (sum 4) times a [-1, 0, 1] difference over two
+# pixels; dividing by 8 makes it the intensity change per pixel, so a channel stays within
+# [-0.5, 0.5] for an image in [0, 1] and has the scale of the image channel.
+SOBEL_SCALE = 1.0 / 8.0
+
+# Stored pixels: [0, 1] maps linearly onto 0..4095 (BitsStored 12, the depth of most MR
+# scanners' images), so a stored value is 4095 times the normalised output.
+BITS_STORED = 12
+STORED_MAX = 2**BITS_STORED - 1
+
+
+@dataclass(frozen=True)
+class StoredPixels:
+    """Pixels of a synthetic series as stored, and the window a viewer opens them with.
+
+    ``window_center`` and ``window_width`` are in stored values (rescale slope 1, intercept 0).
+    """
+
+    pixels: np.ndarray
+    bits_stored: int
+    window_center: float
+    window_width: float
+
+
+def foreground_threshold(volume: np.ndarray) -> float:
+    """Intensity that separates the head (or brain) from the background of an MR volume.
+
+    FSL BET's rule (Smith 2002): 10% of the way from the 2nd to the 98th percentile. It holds
+    for skull-stripped volumes (background exactly 0) and for native ones (noisy background
+    with the skull), where Otsu's threshold cuts through dark tissue such as CSF on T1.
+    """
+    low, high = np.percentile(volume, [2, 98])
+    return float(low + 0.1 * (high - low))
+
+
+def normalize_volume(volume: np.ndarray, method: str) -> np.ndarray:
+    """Map a rescaled float volume (slices, H, W) to the [0, 1] space the network works in.
+
+    ``minmax-slice``: the paper's per-slice min-max (a constant slice becomes zeros).
+    ``percentile-volume``: the foreground's 0.5th..99.5th percentiles of the whole volume
+    map to 0..1, clipped, so every slice of a series is scaled alike.
+
+    Raises ValueError for an unknown method, a volume that is not 3-D, or one with no contrast.
+    """
+    if method not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {method!r}; known: {', '.join(NORMALIZATIONS)}")
+    if volume.ndim != 3:
+        raise ValueError(f"expected a volume (slices, rows, columns), got shape {volume.shape}")
+    volume = volume.astype(np.float32, copy=False)
+    if not volume.size or volume.min() == volume.max():
+        raise ValueError("the volume has no contrast (every voxel has the same value)")
+
+    if method == "minmax-slice":
+        low = volume.min(axis=(1, 2), keepdims=True)
+        span = volume.max(axis=(1, 2), keepdims=True) - low
+        return np.divide(volume - low, span, out=np.zeros_like(volume), where=span > 0)
+
+    foreground = volume[volume > foreground_threshold(volume)]
+    low, high = np.percentile(foreground, [LOW_PERCENTILE, HIGH_PERCENTILE])
+    if high <= low:
+        raise ValueError("the volume's foreground has no contrast")
+    return np.clip((volume - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+def model_input(normalized: np.ndarray, gradient_channels: bool) -> np.ndarray:
+    """Stack a normalised volume (S, H, W) into network input (S, C, H, W) float32.
+
+    Channel 0 is the slice; with ``gradient_channels`` channels 1 and 2 are its Sobel
+    gradients along x (columns) and y (rows), times SOBEL_SCALE, computed within each slice.
+    """
+    slices = normalized.astype(np.float32, copy=False)
+    if not gradient_channels:
+        return slices[:, np.newaxis].copy()
+    channels = np.empty((slices.shape[0], 3, *slices.shape[1:]), dtype=np.float32)
+    channels[:, 0] = slices
+    # Slice by slice: on the whole volume, sobel would also smooth across slices.
+    for index, image in enumerate(slices):
+        channels[index, 1] = ndimage.sobel(image, axis=1) * SOBEL_SCALE
+        channels[index, 2] = ndimage.sobel(image, axis=0) * SOBEL_SCALE
+    return channels
+
+
+def to_stored_pixels(output: np.ndarray) -> StoredPixels:
+    """Map network output (S, H, W), nominally in [0, 1], to 12-bit stored pixel values.
+
+    Values outside [0, 1] are clipped. The window spans the foreground's 0.5th..99.5th
+    percentiles, so the viewer opens the tissue with full contrast and the background black.
+    Raises ValueError for NaN or infinite output, the sign of a broken model.
+    """
+    if not np.isfinite(output).all():
+        raise ValueError("the network's output contains NaN or infinite values")
+    scaled = np.clip(output, 0.0, 1.0) * STORED_MAX
+    pixels = np.rint(scaled).astype(np.uint16)
+    foreground = pixels[pixels > foreground_threshold(pixels)]
+    if foreground.size == 0:
+        return StoredPixels(pixels, BITS_STORED, (STORED_MAX + 1) / 2, float(STORED_MAX + 1))
+    low, high = np.percentile(foreground, [LOW_PERCENTILE, HIGH_PERCENTILE])
+    return StoredPixels(
+        pixels=pixels,
+        bits_stored=BITS_STORED,
+        window_center=float((low + high) / 2),
+        window_width=float(max(high - low, 1.0)),
+    )

@@ -1,0 +1,159 @@
+"""The paper's U-Net for T1 <-> T2 synthesis, as a network whose constructor is its description.
+
+Anklesaria et al.: two 3x3 convolutions with dropout between them per level, 2x2 max
+pooling down, channels doubled per level, 2x2 transposed convolutions up, the encoder's
+feature map concatenated onto the decoder's, a final 1x1 convolution. With
+``skip_connections=False`` the same class is the paper's encoder-decoder baseline; with
+``in_channels=1`` (no Sobel gradient channels) it is the plain U-Net baseline.
+
+No training or I/O code lives here: the pre/post-processing is ``pipeline.preprocess``, model
+files are ``pipeline.modelfile``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORMS = ("batch", "instance", "none")
+
+# What the shipped models use. Depth 4 gives a receptive field of about 140 pixels, enough to
+# see most of a brain slice, which a contrast mapping needs; base width 16 keeps the file at
+# 7.8 MB (base 32 at depth 4 would be 31 MB, over the 10 MB budget for a shipped model).
+DEFAULT_ARGUMENTS: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 1,
+    "base_width": 16,
+    "depth": 4,
+    "dropout": 0.1,
+    "skip_connections": True,
+    "norm": "batch",
+}
+
+
+def _norm_layer(norm: str, channels: int) -> nn.Module:
+    if norm == "batch":
+        return nn.BatchNorm2d(channels)
+    if norm == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    return nn.Identity()
+
+
+class _DoubleConv(nn.Sequential):
+    """conv3x3 -> norm -> ReLU -> dropout -> conv3x3 -> norm -> ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, norm: str) -> None:
+        # A bias before a normalisation is cancelled by its mean subtraction.
+        bias = norm == "none"
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias),
+            _norm_layer(norm, out_channels),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=bias),
+            _norm_layer(norm, out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class UNet(nn.Module):
+    """U-Net (or encoder-decoder) mapping (N, in_channels, H, W) to (N, out_channels, H, W).
+
+    Args:
+        in_channels: 3 for the paper's model (image, Sobel x, Sobel y), 1 for the plain U-Net.
+        out_channels: channels of the synthesized image, 1.
+        base_width: channels of the first level; doubled at each level down.
+        depth: number of 2x2 poolings; inputs are zero-padded to a multiple of 2**depth.
+        dropout: probability of the dropout between the two convolutions of every block; it
+            is active in training mode only, so inference is deterministic.
+        skip_connections: False gives the paper's encoder-decoder baseline (no concatenation).
+        norm: "batch" (default), "instance" or "none" (the paper's Keras model has none).
+            Batch normalisation is the default: it lets the deep, linear-output network train
+            at useful learning rates from He initialisation, and at inference it is a fixed
+            affine map, so it folds into the convolution before it at no cost and a slice's
+            output does not depend on the other slices of its batch or on its own statistics
+            (instance normalisation re-scales every slice by its own content, which makes the
+            intensity of the synthetic series flicker from slice to slice, and costs a pass
+            over every feature map). "instance" stays available for cross-site experiments.
+
+    The output is linear (no sigmoid): with a sigmoid the model collapsed to a constant image
+    in this project's trials. Weights use He initialisation, which trained where PyTorch's
+    default did not.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 1,
+        base_width: int = 16,
+        depth: int = 4,
+        dropout: float = 0.1,
+        skip_connections: bool = True,
+        norm: str = "batch",
+    ) -> None:
+        super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, not {norm!r}")
+        if depth < 1 or base_width < 1 or in_channels < 1 or out_channels < 1:
+            raise ValueError("depth, base_width, in_channels and out_channels must be >= 1")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), not {dropout}")
+        self.depth = depth
+        self.skip_connections = skip_connections
+        widths = [base_width * 2**level for level in range(depth + 1)]
+
+        self.down = nn.ModuleList()
+        previous = in_channels
+        for width in widths[:-1]:
+            self.down.append(_DoubleConv(previous, width, dropout, norm))
+            previous = width
+        self.bottom = _DoubleConv(widths[-2], widths[-1], dropout, norm)
+
+        self.upsample = nn.ModuleList()
+        self.up = nn.ModuleList()
+        for level in reversed(range(depth)):
+            width = widths[level]
+            self.upsample.append(nn.ConvTranspose2d(widths[level + 1], width, 2, stride=2))
+            joined = 2 * width if skip_connections else width
+            self.up.append(_DoubleConv(joined, width, dropout, norm))
+        self.head = nn.Conv2d(widths[0], out_channels, 1)
+        self._initialise()
+
+    def _initialise(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            elif isinstance(module, nn.ConvTranspose2d):
+                # Each output pixel of a stride-2 2x2 transposed convolution sees one tap of
+                # every input channel, so its fan-in is in_channels; torch's fan calculation
+                # reads the weight as a plain convolution's and gets it wrong. No ReLU
+                # follows, hence gain 1.
+                nn.init.normal_(module.weight, std=1.0 / math.sqrt(module.in_channels))
+            if isinstance(module, nn.Conv2d | nn.ConvTranspose2d) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        # The output is linear: He initialisation with gain 1.
+        nn.init.kaiming_normal_(self.head.weight, nonlinearity="linear")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        multiple = 2**self.depth
+        # Zero padding: zero is the background of a normalised MR slice, and it is what the
+        # convolutions already pad with, so the border looks like any other border.
+        x = F.pad(x, (0, -width % multiple, 0, -height % multiple))
+
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+            x = F.max_pool2d(x, 2)
+        x = self.bottom(x)
+        for upsample, block, skip in zip(self.upsample, self.up, reversed(skips), strict=True):
+            x = upsample(x)
+            if self.skip_connections:
+                x = torch.cat((x, skip), dim=1)
+            x = block(x)
+        return self.head(x)[..., :height, :width]

@@ -1,0 +1,184 @@
+"""Model files: weights and card round-trip, and every bad file is refused with a reason."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.modelfile import (
+    FORMAT,
+    ModelCard,
+    ModelFileError,
+    describe,
+    load_model,
+    save_model,
+    weights_checksum,
+)
+from pipeline.unet import UNet
+
+ARGUMENTS = {"in_channels": 3, "base_width": 4, "depth": 2}
+
+
+def make_card(**changes: object) -> ModelCard:
+    card = ModelCard(
+        name="t1-to-t2",
+        version="3",
+        direction="t1-to-t2",
+        arguments=dict(ARGUMENTS),
+        normalization="percentile-volume",
+        gradient_channels=True,
+        training={"data": ["brats-gli-00001"], "epochs": 2, "seed": 7},
+        metrics={"psnr": 24.5},
+    )
+    return replace(card, **changes)
+
+
+def trained_network() -> UNet:
+    torch.manual_seed(0)
+    network = UNet(**ARGUMENTS)
+    # Batch-norm statistics as after training, so the round trip covers buffers too.
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    return network.eval()
+
+
+def write_payload(path: Path, payload: object) -> Path:
+    torch.save(payload, path)
+    return path
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> tuple[Path, UNet, ModelCard]:
+    network = trained_network()
+    path = tmp_path / "t1-to-t2.pt"
+    card = save_model(path, network, make_card())
+    return path, network, card
+
+
+def test_round_trip_gives_the_same_outputs_and_card(saved: tuple[Path, UNet, ModelCard]) -> None:
+    path, network, card = saved
+    loaded = load_model(path, "cpu")
+    assert loaded.card == card
+    assert loaded.card.training["seed"] == 7
+    assert loaded.path == path
+    assert not loaded.network.training
+    image = torch.rand(2, 3, 40, 36)
+    with torch.inference_mode():
+        assert torch.equal(loaded.network(image), network(image))
+
+
+def test_save_fills_the_checksum_and_describe_names_it(saved: tuple[Path, UNet, ModelCard]) -> None:
+    _, network, card = saved
+    assert card.checksum == weights_checksum(network.state_dict())
+    assert len(card.checksum) == 64
+    assert describe(card) == f"t1-to-t2 v3 (sha256:{card.checksum[:8]})"
+
+
+def test_checksum_depends_on_every_weight() -> None:
+    network = trained_network()
+    before = weights_checksum(network.state_dict())
+    assert weights_checksum(trained_network().state_dict()) == before
+    with torch.no_grad():
+        network.head.bias[0] += 1e-6
+    assert weights_checksum(network.state_dict()) != before
+
+
+def test_a_flipped_byte_in_the_weights_is_caught(saved: tuple[Path, UNet, ModelCard]) -> None:
+    path, network, _ = saved
+    data = bytearray(path.read_bytes())
+    where = data.find(network.head.weight.detach().numpy().tobytes())
+    assert where > 0
+    data[where + 1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match=r"checksum.*altered"):
+        load_model(path)
+
+
+def test_weights_replaced_under_an_old_card_are_caught(
+    saved: tuple[Path, UNet, ModelCard],
+) -> None:
+    path, _, card = saved
+    other = UNet(**ARGUMENTS).state_dict()
+    write_payload(path, {"format": FORMAT, "card": asdict(card), "state_dict": other})
+    with pytest.raises(ModelFileError, match="checksum"):
+        load_model(path)
+
+
+def test_a_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match=r"nowhere\.pt does not exist"):
+        load_model(tmp_path / "nowhere.pt")
+
+
+def test_a_dicom_file_is_not_a_model(mr_brain: Path, tmp_path: Path) -> None:
+    dicom = next((mr_brain / "tcga-fg-6692-native" / "03_t1").glob("*.dcm"))
+    with pytest.raises(ModelFileError, match="not a readable dicomnode model file"):
+        load_model(dicom)
+
+
+def test_another_torch_file_is_not_a_model(tmp_path: Path) -> None:
+    path = write_payload(tmp_path / "other.pt", UNet(**ARGUMENTS).state_dict())
+    with pytest.raises(ModelFileError, match="not a dicomnode model file"):
+        load_model(path)
+
+
+def test_a_newer_format_is_refused_by_name(saved: tuple[Path, UNet, ModelCard]) -> None:
+    path, _, card = saved
+    payload = {"format": "dicomnode-model/2", "card": asdict(card), "state_dict": {}}
+    write_payload(path, payload)
+    with pytest.raises(ModelFileError, match=r"dicomnode-model/2.*reads 'dicomnode-model/1' only"):
+        load_model(path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("architecture", "resnet"), ("normalization", "zscore"), ("direction", "t1-to-flair")],
+)
+def test_unknown_card_values_are_refused_by_name(
+    saved: tuple[Path, UNet, ModelCard], field: str, value: str
+) -> None:
+    path, network, card = saved
+    payload = {
+        "format": FORMAT,
+        "card": asdict(replace(card, **{field: value})),
+        "state_dict": network.state_dict(),
+    }
+    write_payload(path, payload)
+    with pytest.raises(ModelFileError, match=f"unknown {field} '{value}'"):
+        load_model(path)
+
+
+def test_a_card_with_missing_fields_is_refused(saved: tuple[Path, UNet, ModelCard]) -> None:
+    path, network, card = saved
+    fields = asdict(card)
+    del fields["direction"]
+    write_payload(path, {"format": FORMAT, "card": fields, "state_dict": network.state_dict()})
+    with pytest.raises(ModelFileError, match="lacks \\['direction'\\]"):
+        load_model(path)
+
+
+def test_weights_that_do_not_fit_the_arguments_are_refused(
+    saved: tuple[Path, UNet, ModelCard],
+) -> None:
+    # The checksum covers the weights only, so a card edited to other arguments passes it
+    # and must be caught when the weights are put into the network it describes.
+    path, network, card = saved
+    wider = replace(card, arguments={**ARGUMENTS, "base_width": 8})
+    payload = {"format": FORMAT, "card": asdict(wider), "state_dict": network.state_dict()}
+    write_payload(path, payload)
+    with pytest.raises(ModelFileError, match="do not fit a U-Net"):
+        load_model(path)
+
+
+def test_save_refuses_a_card_that_does_not_describe_the_network(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    with pytest.raises(ModelFileError, match="in_channels=1"):
+        save_model(path, trained_network(), make_card(gradient_channels=False))
+    with pytest.raises(ModelFileError, match="do not fit"):
+        save_model(path, trained_network(), make_card(arguments={**ARGUMENTS, "depth": 3}))
+    assert not path.exists()
