@@ -39,23 +39,26 @@ log = logging.getLogger(__name__)
 
 STORAGE_CLASSES = (MRImageStorage, EnhancedMRImageStorage)
 
-# Uncompressed, and the compressed syntaxes MR scanners and PACS send; the pylibjpeg
-# plugins decode every one of them.
+# The compressed syntaxes MR scanners and PACS send (the pylibjpeg plugins decode each),
+# then the uncompressed ones. pynetdicom accepts the first syntax of this list that the
+# sender proposes: compressed first, so a sender that holds compressed files sends them as
+# they are instead of converting (which DCMTK's storescu, for one, cannot do). Lossy
+# syntaxes come after the uncompressed ones, so no sender compresses lossily for us.
 TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, first-order prediction
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
     "1.2.840.10008.1.2",  # Implicit VR Little Endian
     "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, first-order prediction
-    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
-    "1.2.840.10008.1.2.4.91",  # JPEG 2000
-    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
-    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
-    "1.2.840.10008.1.2.4.203",  # HTJ2K
-    "1.2.840.10008.1.2.5",  # RLE Lossless
 ]
 
 _STATUS = {
@@ -140,7 +143,9 @@ class StorageSCP:
     # Handlers run in each association's own thread.
 
     def _on_requested(self, event: evt.Event) -> None:
-        calling, host = _peer(event)
+        # The requestor's AE title is filled in only during negotiation, after this event.
+        calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
+        host = str(event.assoc.requestor.address)
         if not self._settings.caller_allowed(calling, host):
             log.warning(
                 "association from %s (%s) rejected: calling AE title not recognized",
@@ -149,6 +154,9 @@ class StorageSCP:
             )
             # Rejected permanent, by the service user, "calling AE title not recognized".
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+            # As pynetdicom does for its own rejections: let the DUL send the A-ASSOCIATE-RJ
+            # before the server closes the socket (else the peer sees only an abort).
+            event.assoc.kill()
 
     def _on_established(self, event: evt.Event) -> None:
         calling, host = _peer(event)

@@ -26,7 +26,7 @@ class InvalidUID(ValueError):
 def check_uid(uid: str, what: str) -> str:
     """Return ``uid`` if it is a valid DICOM UID, else raise InvalidUID naming ``what``."""
     if not uid or len(uid) > 64 or not _UID.match(uid):
-        raise InvalidUID(f"{what} {uid!r} is not a valid DICOM UID")
+        raise InvalidUID(f"{what} is not a valid DICOM UID: {uid!r}")
     return uid
 
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.sop_class import MRImageStorage
 
 # Debian's DCMTK waits on Nagle's algorithm (about 40 ms per C-STORE) unless told not to.
@@ -19,11 +19,15 @@ ECHOSCU = "/usr/bin/echoscu"
 
 
 def storescu(
-    paths: Sequence[Path], port: int, calling_ae: str = "STORESCU", called_ae: str = "SYNTH"
+    paths: Sequence[Path],
+    port: int,
+    *options: str,
+    calling_ae: str = "STORESCU",
+    called_ae: str = "SYNTH",
 ) -> subprocess.CompletedProcess:
     """Send files or folders (recursively) with DCMTK's storescu."""
     return subprocess.run(
-        [STORESCU, "-aet", calling_ae, "-aec", called_ae, "+sd", "+r", "-nh",
+        [STORESCU, "-aet", calling_ae, "-aec", called_ae, "+sd", "+r", "-nh", *options,
          "127.0.0.1", str(port), *map(str, paths)],
         capture_output=True,
         text=True,
@@ -40,17 +44,23 @@ def send(
     transfer_syntax: str | None = None,
 ) -> list[tuple[int, str]]:
     """Send over one pynetdicom association; return (status, error comment) per instance."""
-    items = [dcmread(d) if isinstance(d, Path) else d for d in datasets]
+    metas = [dcmread(d, stop_before_pixels=True).file_meta if isinstance(d, Path) else d.file_meta
+             for d in datasets]
     ae = AE(ae_title=calling_ae)
-    syntaxes = {transfer_syntax or str(ds.file_meta.TransferSyntaxUID) for ds in items}
-    for sop_class in {str(ds.SOPClassUID) for ds in items} | {MRImageStorage}:
-        ae.add_requested_context(sop_class, sorted(syntaxes))
+    syntaxes = {transfer_syntax or str(meta.TransferSyntaxUID) for meta in metas}
+    classes = {str(m.get("MediaStorageSOPClassUID", MRImageStorage)) for m in metas}
+    # One context per transfer syntax: the acceptor picks one syntax per context.
+    for sop_class in classes | {MRImageStorage}:
+        for syntax in sorted(syntaxes):
+            ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
     if not assoc.is_established:
         raise ConnectionError("association not established")
     results = []
+    # Send files as their bytes, unparsed, so a broken dataset reaches the node as it is.
+    _config.STORE_SEND_CHUNKED_DATASET = True
     try:
-        for ds in items:
+        for ds in datasets:
             status = assoc.send_c_store(ds)
             if "Status" not in status:
                 results.append((-1, "no response"))
