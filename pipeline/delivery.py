@@ -1,0 +1,315 @@
+"""Deliveries: sending a done job's synthetic series to each destination of its route.
+
+States: pending -> sending -> sent, or back to pending after a failed attempt (with
+exponential backoff) until ``max_attempts``, then failed. A sender holds a delivery by a
+lease; a dead sender's lease runs out and another sender takes the delivery over.
+
+``instance_results`` keeps the outcome per SOP Instance UID across attempts, so a retry
+sends only what the destination has not acknowledged. An outcome is ``"sent"``, or starts
+with ``"sent, "`` when the destination stored it with a warning; anything else is why it
+was not stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.db import Delivery, DeliveryState, Job, utcnow
+
+log = logging.getLogger(__name__)
+
+SENT = "sent"
+
+
+def is_sent(outcome: str) -> bool:
+    """True when an instance outcome says the destination stored it (maybe with a warning)."""
+    return outcome == SENT or outcome.startswith(SENT + ", ")
+
+
+class DeliverySettings(BaseModel):
+    """``[delivery]`` in config.toml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 10
+    # Ceiling of the first retry's delay; it doubles with each failed attempt.
+    backoff_seconds: Annotated[float, Field(gt=0, le=3600)] = 5
+    backoff_max_seconds: Annotated[float, Field(gt=0, le=86400)] = 600
+    # Connect, association, DIMSE response and network idle timeouts, each.
+    timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 30
+    lease_seconds: Annotated[float, Field(gt=0, le=86400)] = 300
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DeliverySettings:
+        if self.backoff_max_seconds < self.backoff_seconds:
+            raise ValueError("backoff_max_seconds must be at least backoff_seconds")
+        # A live sender must not lose its lease to timeouts alone (connect, associate, and
+        # one lost response), or a second sender would send the same series at once.
+        if self.lease_seconds < 4 * self.timeout_seconds:
+            raise ValueError("lease_seconds must be at least 4 x timeout_seconds")
+        return self
+
+
+@dataclass(frozen=True)
+class ClaimedDelivery:
+    """What a sender needs to make one attempt at a delivery it holds the lease of."""
+
+    id: int
+    job_id: int
+    destination: str
+    output_path: str | None  # the job's output folder, relative to the spool root
+    already_sent: frozenset[str]  # SOP Instance UIDs this destination acknowledged before
+    attempt: int  # this attempt's number, from 1
+
+
+def create_deliveries(session: Session, job: Job) -> list[Delivery]:
+    """One pending delivery per destination of ``job``; the caller commits."""
+    now = utcnow()
+    deliveries = [
+        Delivery(
+            job_id=job.id,
+            destination=name,
+            state=DeliveryState.PENDING,
+            attempts=0,
+            instances_total=job.output_count,
+            instances_sent=0,
+            created_at=now,
+            updated_at=now,
+        )
+        # A route naming a destination twice must not send the series twice.
+        for name in dict.fromkeys(job.destinations)
+    ]
+    session.add_all(deliveries)
+    session.flush()
+    for delivery in deliveries:
+        log.info(
+            "delivery %d: pending, series %s of job %d to %s",
+            delivery.id,
+            job.output_series_uid,
+            job.id,
+            delivery.destination,
+        )
+    return deliveries
+
+
+def claim_delivery(
+    sessions: sessionmaker, owner: str, settings: DeliverySettings, now: datetime | None = None
+) -> ClaimedDelivery | None:
+    """Take the oldest due delivery (pending and due, or sending under an expired lease).
+
+    The conditional UPDATE makes the claim exclusive on any database: of several senders
+    that pick the same row, exactly one changes it.
+    """
+    now = now or utcnow()
+    claimable = or_(
+        and_(
+            Delivery.state == DeliveryState.PENDING,
+            or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
+        ),
+        and_(Delivery.state == DeliveryState.SENDING, Delivery.lease_expires_at < now),
+    )
+    with sessions.begin() as session:
+        candidates = session.scalars(
+            select(Delivery).where(claimable).order_by(Delivery.id).limit(5)
+        ).all()
+        for delivery in candidates:
+            values = {
+                "state": DeliveryState.SENDING,
+                "lease_owner": owner,
+                "lease_expires_at": now + timedelta(seconds=settings.lease_seconds),
+                "updated_at": now,
+            }
+            dead_owner = delivery.lease_owner if delivery.state == DeliveryState.SENDING else None
+            if dead_owner is not None:
+                # The dead sender's attempt counts, so a series that kills its sender
+                # every time still ends as failed instead of being tried forever.
+                values["attempts"] = delivery.attempts + 1
+                values["reason"] = f"attempt by {dead_owner} did not finish (its lease expired)"
+            taken = session.execute(
+                update(Delivery)
+                .where(Delivery.id == delivery.id, Delivery.state == delivery.state, claimable)
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if not taken:
+                continue
+            session.refresh(delivery)
+            job = delivery.job
+            outcomes = delivery.instance_results or {}
+            already_sent = frozenset(uid for uid, outcome in outcomes.items() if is_sent(outcome))
+            log.info(
+                "delivery %d: sending series %s of job %d to %s (attempt %d by %s, %d of %s "
+                "instances already sent)%s",
+                delivery.id,
+                job.output_series_uid,
+                job.id,
+                delivery.destination,
+                delivery.attempts + 1,
+                owner,
+                len(already_sent),
+                delivery.instances_total if delivery.instances_total is not None else "?",
+                f"; {dead_owner} held it and stopped" if dead_owner else "",
+            )
+            return ClaimedDelivery(
+                id=delivery.id,
+                job_id=job.id,
+                destination=delivery.destination,
+                output_path=job.output_path,
+                already_sent=already_sent,
+                attempt=delivery.attempts + 1,
+            )
+    return None
+
+
+def backoff_ceiling(attempts: int, settings: DeliverySettings) -> float:
+    """Longest wait after ``attempts`` failed attempts; the actual wait is uniform below it.
+
+    Full jitter (a uniform draw between zero and the exponential ceiling) spreads the
+    retries of many deliveries that failed together, e.g. when a PACS restarts.
+    """
+    exponent = min(max(attempts - 1, 0), 32)  # beyond 2**32 every ceiling is capped anyway
+    return min(settings.backoff_max_seconds, settings.backoff_seconds * 2**exponent)
+
+
+def record_attempt(
+    sessions: sessionmaker,
+    delivery_id: int,
+    owner: str,
+    results: Mapping[str, str],
+    error: str | None,
+    settings: DeliverySettings,
+    now: datetime | None = None,
+) -> str:
+    """Record one attempt's outcome and return the delivery's new state.
+
+    ``results`` maps SOP Instance UID to ``"sent"`` (see `is_sent`) or why it was not
+    stored; ``error`` says why the attempt as a whole failed, None when it did not. Sent
+    when every instance so far is sent and the attempt had no error; else pending again
+    after a backoff while attempts remain; else failed. A result from a sender that lost
+    its lease meanwhile is ignored: another sender holds the delivery now.
+    """
+    now = now or utcnow()
+    with sessions.begin() as session:
+        delivery = session.scalars(
+            select(Delivery).where(Delivery.id == delivery_id).with_for_update()
+        ).one_or_none()
+        if delivery is None:
+            raise ValueError(f"there is no delivery {delivery_id}")
+        if delivery.state != DeliveryState.SENDING or delivery.lease_owner != owner:
+            log.warning(
+                "delivery %d: result of %s ignored, its lease was lost (now %s, held by %s)",
+                delivery_id,
+                owner,
+                delivery.state,
+                delivery.lease_owner,
+            )
+            return delivery.state
+        merged = {**(delivery.instance_results or {}), **results}
+        sent = sum(is_sent(outcome) for outcome in merged.values())
+        delivery.instance_results = merged
+        delivery.instances_sent = sent
+        delivery.instances_total = max(len(merged), delivery.instances_total or 0)
+        delivery.attempts += 1
+        delivery.lease_owner = delivery.lease_expires_at = None
+        delivery.updated_at = now
+        uid = delivery.job.output_series_uid
+        if error is None and not merged:
+            error = "no instances to send"
+        elif error is None and sent < delivery.instances_total:
+            error = f"{delivery.instances_total - sent} of {delivery.instances_total} not sent"
+        if error is None:
+            delivery.state = DeliveryState.SENT
+            delivery.reason = None
+            delivery.next_attempt_at = None
+            log.info(
+                "delivery %d: sent, series %s to %s (%d instances, attempt %d)",
+                delivery.id,
+                uid,
+                delivery.destination,
+                sent,
+                delivery.attempts,
+            )
+            return delivery.state
+        if delivery.attempts < settings.max_attempts:
+            delay = random.uniform(0, backoff_ceiling(delivery.attempts, settings))
+            delivery.state = DeliveryState.PENDING
+            delivery.next_attempt_at = now + timedelta(seconds=delay)
+            delivery.reason = error
+            log.warning(
+                "delivery %d: attempt %d of series %s to %s failed (%d/%d sent), retry in "
+                "%.1f s: %s",
+                delivery.id,
+                delivery.attempts,
+                uid,
+                delivery.destination,
+                sent,
+                delivery.instances_total,
+                delay,
+                error,
+            )
+        else:
+            delivery.state = DeliveryState.FAILED
+            delivery.next_attempt_at = None
+            delivery.reason = f"gave up after {delivery.attempts} attempts: {error}"
+            log.error(
+                "delivery %d: failed, series %s to %s (%d/%d sent): %s",
+                delivery.id,
+                uid,
+                delivery.destination,
+                sent,
+                delivery.instances_total,
+                delivery.reason,
+            )
+        return delivery.state
+
+
+def retry_delivery(sessions: sessionmaker, delivery_id: int) -> str:
+    """`dicomnode retry`: send a failed or pending delivery again now, with fresh attempts.
+
+    Returns what was done; ValueError with a readable message if nothing can be.
+    """
+    with sessions.begin() as session:
+        return retry_delivery_in(session, delivery_id)
+
+
+def retry_delivery_in(session: Session, delivery_id: int) -> str:
+    """`retry_delivery` inside the caller's transaction."""
+    delivery = session.scalars(
+        select(Delivery).where(Delivery.id == delivery_id).with_for_update()
+    ).one_or_none()
+    if delivery is None:
+        raise ValueError(f"there is no delivery {delivery_id}")
+    if delivery.state == DeliveryState.SENT:
+        raise ValueError(
+            f"delivery {delivery_id} to {delivery.destination} was already sent; "
+            "to send it again, retry its job"
+        )
+    if delivery.state == DeliveryState.SENDING:
+        raise ValueError(
+            f"delivery {delivery_id} to {delivery.destination} is being sent now by "
+            f"{delivery.lease_owner}; retry it if this attempt fails"
+        )
+    now = utcnow()
+    previous = delivery.state
+    delivery.state = DeliveryState.PENDING
+    delivery.attempts = 0
+    delivery.next_attempt_at = now
+    delivery.reason = "retry requested" + (f" after: {delivery.reason}" if delivery.reason else "")
+    delivery.updated_at = now
+    log.info(
+        "delivery %d: pending again by request (was %s), series %s to %s",
+        delivery.id,
+        previous,
+        delivery.job.output_series_uid,
+        delivery.destination,
+    )
+    return f"delivery {delivery_id} to {delivery.destination} queued again"
