@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from node.config import DEFAULT_CONFIG, ConfigError, load_config
+from node.config import DEFAULT_CONFIG, Config, ConfigError, check_models, load_config
 
 log = logging.getLogger("dicomnode")
 
@@ -33,10 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(metavar="COMMAND")
 
-    def command(name: str, run, help: str) -> argparse.ArgumentParser:  # noqa: A002
+    def command(name: str, run, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
         sub.add_argument(
-            "--config", type=Path, default=DEFAULT_CONFIG, help="config.toml (default: ./config.toml)"
+            "--config", type=Path, default=DEFAULT_CONFIG, help="default: ./config.toml"
         )
         sub.set_defaults(run=run)
         return sub
@@ -48,7 +48,26 @@ def _parser() -> argparse.ArgumentParser:
     route = command("route", _route, "dry run: which rule would fire for each series under PATH")
     route.add_argument("path", type=Path, nargs="+", metavar="PATH")
     route.add_argument(
-        "--calling-ae", default="", help="assume the series came from this AE (for calling_ae rules)"
+        "--calling-ae", default="", help="assume the series came from this AE (calling_ae rules)"
+    )
+
+    command("worker", _worker, "run a synthesis worker only (for [worker] in_process = false)")
+    command("check", _check, "C-ECHO each destination and say whether it answers")
+    retry = command("retry", _retry, "replay a failed job, or a done job's failed deliveries")
+    retry.add_argument("id", type=int, metavar="ID", help="job id (see `dicomnode status`)")
+    retry.add_argument("--delivery", action="store_true", help="ID is a delivery id")
+    translate = command(
+        "translate", _translate, "offline: synthesize from a folder of DICOM files into a folder"
+    )
+    translate.add_argument("input", type=Path, metavar="INPUT")
+    translate.add_argument("output", type=Path, metavar="OUTPUT")
+    translate.add_argument(
+        "--direction",
+        choices=["t1-to-t2", "t2-to-t1"],
+        help="default: the one each series' classified contrast implies",
+    )
+    translate.add_argument(
+        "--model", type=Path, help="model file (default: the registry's active model)"
     )
 
     config = commands.add_parser("config", help="configuration tools")
@@ -71,14 +90,123 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
+def _load_checked(path: Path, models: bool = True) -> Config:
+    """The config, and (with ``models``) the models its routes name: a missing or damaged
+    model stops the command now instead of failing the first job."""
+    config = load_config(path)
+    problems = check_models(config) if models else []
+    if problems:
+        raise ConfigError(path, problems)
+    return config
+
+
 def _serve(args: argparse.Namespace) -> int:
     from node.service import NodeService
 
-    config = load_config(args.config)
+    # Without an in-process worker, the models are checked by `dicomnode worker`.
+    config = _load_checked(args.config, models=load_config(args.config).worker.in_process)
     _setup_logging(config.node.log_level)
-    service = NodeService(config)
-    service.run_until_signalled()
+    NodeService(config).run_until_signalled()
     return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from node.service import build_worker
+    from pipeline.db import open_database
+
+    config = _load_checked(args.config)
+    _setup_logging(config.node.log_level)
+    worker = build_worker(config, open_database(config.node.database))
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: (stop.set(), worker.wake.set()))
+    log.info("worker %s started", worker.owner)
+    worker.run_forever(stop)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from node.scu import echo
+
+    config = load_config(args.config)
+    if not config.destinations:
+        print("no [destinations.NAME] in config")
+        return 1
+    failures = 0
+    for name, destination in config.destinations.items():
+        problem = echo(destination, config.delivery, config.node.ae_title)
+        where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+        print(f"{name:<16} {where:<36} {'OK' if problem is None else 'FAILED: ' + problem}")
+        failures += problem is not None
+    return 1 if failures else 0
+
+
+def _retry(args: argparse.Namespace) -> int:
+    from pipeline.db import open_database
+    from pipeline.delivery import retry_delivery
+    from pipeline.jobs import retry_job
+
+    config = load_config(args.config)
+    sessions = open_database(config.node.database)
+    try:
+        print(retry_delivery(sessions, args.id) if args.delivery else retry_job(sessions, args.id))
+    except ValueError as error:
+        print(f"cannot retry: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _translate(args: argparse.Namespace) -> int:
+    from node.service import software_version
+    from pipeline.contrast import classify
+    from pipeline.derived import write_series
+    from pipeline.inference import Synthesizer, pick_device
+    from pipeline.modelfile import ModelFileError, load_model
+    from pipeline.registry import ModelRegistry, RegistryError
+    from pipeline.routing import Direction
+    from pipeline.seriesfiles import scan_series
+    from pipeline.synthesis import synthesize_series
+    from pipeline.volume import SeriesError
+
+    _setup_logging("WARNING")
+    registry = ModelRegistry(load_config(args.config).models.registry) if not args.model else None
+    found = scan_series([args.input])
+    failures = 0
+    for entry in found.series:
+        classification = classify(entry.header)
+        direction = Direction.for_source(classification.contrast)
+        if args.direction:
+            direction = Direction(args.direction)
+        label = f"{entry.folder} ({entry.header.get('SeriesDescription', '')})"
+        if direction is None:
+            print(
+                f"skipped {label}: contrast {classification.contrast}, neither T1 nor T2 "
+                f"({classification.reason}); give --direction to force one"
+            )
+            continue
+        try:
+            path = args.model or registry.active_path(direction.value)
+            synthesizer = Synthesizer(load_model(path, pick_device()))
+            result = synthesize_series(entry.files, synthesizer, direction, software_version())
+        except (SeriesError, ModelFileError, RegistryError) as error:
+            print(f"failed  {label}: {error}")
+            failures += 1
+            continue
+        folder = args.output / result.series_uid
+        write_series(result.datasets, folder)
+        print(
+            f"wrote   {folder}: {len(result.datasets)} synthetic {direction.target} slice(s) "
+            f"from {label}"
+        )
+    for path, reason in found.unreadable:
+        print(f"skipped {path}: {reason}")
+    if not found.series:
+        print(f"no DICOM series found under {args.input}")
+        return 1
+    return 1 if failures else 0
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -92,7 +220,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _config_check(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = _load_checked(args.config)
     print(
         f"{args.config}: OK ({len(config.routes)} route(s), "
         f"{len(config.destinations)} destination(s))"

@@ -16,7 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy.engine import make_url
 
 from pipeline.completion import CompletionSettings
+from pipeline.delivery import DeliverySettings
+from pipeline.registry import ModelSettings
 from pipeline.routing import AE_TITLE_PATTERN, Destination, Route
+from pipeline.worker import WorkerSettings
 
 DEFAULT_CONFIG = Path("config.toml")
 
@@ -97,6 +100,9 @@ class Config(BaseModel):
 
     node: NodeSettings = NodeSettings()
     completion: CompletionSettings = CompletionSettings()
+    models: ModelSettings = ModelSettings()
+    worker: WorkerSettings = WorkerSettings()
+    delivery: DeliverySettings = DeliverySettings()
     destinations: dict[str, Destination] = {}
     routes: list[Route] = []
 
@@ -113,6 +119,27 @@ def load_config(path: Path = DEFAULT_CONFIG) -> Config:
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(path, [f"cannot be read: {error}"]) from None
     return parse_config(raw, path)
+
+
+def check_models(config: Config) -> list[str]:
+    """Problems with the models the routes name: missing, damaged, or the wrong direction."""
+    from pipeline.modelfile import ModelFileError, describe, load_model
+    from pipeline.registry import ModelRegistry, RegistryError
+
+    registry = ModelRegistry(config.models.registry)
+    problems = []
+    for index, route in enumerate(config.routes):
+        try:
+            card = load_model(registry.active_path(route.model_name)).card
+        except (RegistryError, ModelFileError) as error:
+            problems.append(f"routes[{index}].model = {route.model_name!r}: {error}")
+            continue
+        if card.direction != route.direction.value:
+            problems.append(
+                f"routes[{index}].model = {route.model_name!r}: {describe(card)} synthesizes "
+                f"{card.direction}, but the route's direction is {route.direction.value}"
+            )
+    return problems
 
 
 def parse_config(raw: dict[str, Any], path: Path) -> Config:
@@ -145,7 +172,8 @@ def _cross_section_problems(config: Config) -> list[str]:
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:
-    storage = config.node.storage if config.node.storage.is_absolute() else base / config.node.storage
+    storage = base / config.node.storage  # an absolute path stays as it is
+    registry = base / config.models.registry
     url = make_url(config.node.database)
     if url.drivername.startswith("sqlite") and url.database not in (None, "", ":memory:"):
         database_path = Path(url.database)
@@ -154,7 +182,8 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     node = config.node.model_copy(
         update={"storage": storage, "database": url.render_as_string(hide_password=False)}
     )
-    return config.model_copy(update={"node": node})
+    models = config.models.model_copy(update={"registry": registry})
+    return config.model_copy(update={"node": node, "models": models})
 
 
 def _describe(error: dict[str, Any]) -> str:

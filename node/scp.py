@@ -204,9 +204,7 @@ class StorageSCP:
                 tally.stored += 1
             return 0x0000
         tally.refused += 1
-        log.warning(
-            "C-STORE from %s (%s) refused with 0x%04X: %s", calling, host, status, reason
-        )
+        log.warning("C-STORE from %s (%s) refused with 0x%04X: %s", calling, host, status, reason)
         response = Dataset()
         response.Status = status
         response.ErrorComment = reason[:64]
@@ -216,9 +214,7 @@ class StorageSCP:
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
-            facts = inspect_instance(
-                ds, str(event.context.transfer_syntax), self._header_keywords
-            )
+            facts = inspect_instance(ds, str(event.context.transfer_syntax), self._header_keywords)
         except InstanceRefused as refusal:
             return _STATUS[refusal.kind], refusal.reason, False
         except Exception as error:

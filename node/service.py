@@ -1,8 +1,10 @@
-"""The running node: the SCP, and the scheduled stages that move series along.
+"""The running node: the SCP, and the stages that move each series along.
 
-Stages (each with its own lifecycle, all state in the database):
-  receive  - node.scp stores instances and their series
-  complete - an APScheduler tick completes due series and routes them into jobs
+Stages (each with its own lifecycle; all state in the database, pixels in the spool):
+  receive   - node.scp stores instances and their series
+  complete  - an APScheduler tick completes due series and routes them into jobs
+  process   - the worker synthesizes queued jobs (in this process unless configured off)
+  dispatch  - the dispatcher sends finished jobs to their destinations, with retries
 """
 
 from __future__ import annotations
@@ -11,19 +13,40 @@ import logging
 import signal
 import threading
 from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from node.config import Config
+from node.dispatch import Dispatcher
 from node.scp import StorageSCP
 from pipeline.completion import complete_due_series
 from pipeline.db import open_database
+from pipeline.registry import ModelRegistry
 from pipeline.routing import header_keywords
 from pipeline.spool import remove_partial_files
+from pipeline.worker import Worker
 
 log = logging.getLogger(__name__)
 
 COMPLETION_JOB = "completion"
+
+
+def software_version() -> str:
+    try:
+        return version("dicomnode")
+    except PackageNotFoundError:  # running from a checkout that was never installed
+        return "0+unknown"
+
+
+def build_worker(config: Config, sessions) -> Worker:
+    return Worker(
+        sessions,
+        config.node.storage,
+        ModelRegistry(config.models.registry),
+        config.worker,
+        software_version(),
+    )
 
 
 class NodeService:
@@ -42,7 +65,14 @@ class NodeService:
             header_keywords=header_keywords(config.routes),
             on_count_reached=self.wake_completion,
         )
-        self._stopped = threading.Event()
+        self.worker = build_worker(config, self.sessions) if config.worker.in_process else None
+        self.dispatcher = Dispatcher(
+            self.sessions, storage, config.destinations, config.delivery, config.node.ae_title
+        )
+        if self.worker is not None:
+            self.worker.on_job_done = self.dispatcher.wake.set
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
         removed = remove_partial_files(self.config.node.storage)
@@ -58,19 +88,32 @@ class NodeService:
             next_run_time=datetime.now(UTC),
         )
         self.scheduler.start()
+        loops = [("dispatch", self.dispatcher.run_forever)]
+        if self.worker is not None:
+            loops.append(("worker", self.worker.run_forever))
+        for name, loop in loops:
+            thread = threading.Thread(target=loop, args=(self._stop,), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
         self.scp.start()
 
     def stop(self) -> None:
         self.scp.stop()
         self.scheduler.shutdown(wait=True)
-        self._stopped.set()
+        self._stop.set()
+        self.dispatcher.wake.set()
+        if self.worker is not None:
+            self.worker.wake.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
 
     def run_until_signalled(self) -> None:
         """Start, then run until SIGTERM or SIGINT; stop cleanly."""
+        stopped = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: self._stopped.set())
+            signal.signal(signum, lambda *_: stopped.set())
         self.start()
-        self._stopped.wait()
+        stopped.wait()
         log.info("stopping")
         self.stop()
 
@@ -83,7 +126,9 @@ class NodeService:
 
     def _complete(self) -> None:
         try:
-            complete_due_series(self.sessions, self.config.routes, self.config.completion)
+            done = complete_due_series(self.sessions, self.config.routes, self.config.completion)
+            if self.worker is not None and any(c.job_id for c in done):
+                self.worker.wake.set()
         except Exception:
             # A failing tick must not stop the schedule; it is retried next second.
             log.exception("completion check failed")

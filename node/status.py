@@ -146,7 +146,8 @@ def _table(headers: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
     cells = [tuple(map(str, headers))] + [tuple(map(str, row)) for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     return "\n".join(
-        "  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells
+        "  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in cells
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import JSON, ForeignKey, Index, String, create_engine, event
 from sqlalchemy.engine import Engine
@@ -44,7 +44,7 @@ class DeliveryState(enum.StrEnum):
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[str]: JSON}
+    type_annotation_map: ClassVar = {dict[str, Any]: JSON, list[str]: JSON}
 
 
 class Series(Base):
@@ -178,7 +178,7 @@ def open_database(url: str) -> sessionmaker:
 
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection, _record) -> None:  # noqa: ANN001
+    def _on_connect(dbapi_connection, _record) -> None:
         # Let SQLAlchemy, not the driver, begin transactions (see _on_begin).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -190,7 +190,7 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.close()
 
     @event.listens_for(engine, "begin")
-    def _on_begin(connection) -> None:  # noqa: ANN001
+    def _on_begin(connection) -> None:
         # A deferred transaction that reads and then writes can fail with "database is
         # locked" without waiting; taking the write lock up front makes writers queue.
         connection.exec_driver_sql("BEGIN IMMEDIATE")

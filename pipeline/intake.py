@@ -291,7 +291,7 @@ def _reopen(session: Session, series: Series) -> None:
 def _joined(value: Any) -> str | None:
     if value is None or value == "":
         return None
-    if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and not isinstance(value, str):
+    if not isinstance(value, str) and hasattr(value, "__iter__"):
         return "\\".join(f"{float(v):.6g}" for v in value)
     return str(value)
 
@@ -303,7 +303,9 @@ def _close(a: str | None, b: str | None) -> bool:
     if len(left) != len(right):
         return False
     try:
-        return all(abs(float(x) - float(y)) <= GEOMETRY_TOLERANCE for x, y in zip(left, right))
+        return all(
+            abs(float(x) - float(y)) <= GEOMETRY_TOLERANCE for x, y in zip(left, right, strict=True)
+        )
     except ValueError:
         return a == b
 

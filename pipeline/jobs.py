@@ -7,10 +7,15 @@ before the job ran. Only the functions here change a job's state.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.db import Job, JobState, Series, utcnow
+from pipeline.db import DeliveryState, Instance, Job, JobState, Series, utcnow
+from pipeline.delivery import create_deliveries, retry_delivery
 from pipeline.routing import Route
 
 log = logging.getLogger(__name__)
@@ -35,3 +40,146 @@ def create_job(session: Session, series: Series, route: Route) -> Job:
     session.flush()
     log.info("job %d: queued for series %s (route %s)", job.id, series.series_uid, route.name)
     return job
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """What a worker needs to run a job it holds the lease of."""
+
+    id: int
+    series_uid: str
+    direction: str
+    model: str
+    attempt: int
+    instance_paths: list[str]  # relative to the spool root
+
+
+def claim_job(
+    sessions: sessionmaker, owner: str, lease_seconds: float, now: datetime | None = None
+) -> ClaimedJob | None:
+    """Take the oldest runnable job: queued and due, or running under an expired lease.
+
+    The conditional UPDATE makes the claim exclusive on any database: of several workers
+    that pick the same job, exactly one changes the row.
+    """
+    now = now or utcnow()
+    runnable = or_(
+        and_(Job.state == JobState.QUEUED, or_(Job.not_before.is_(None), Job.not_before <= now)),
+        and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now),
+    )
+    with sessions.begin() as session:
+        for job in session.scalars(select(Job).where(runnable).order_by(Job.id).limit(5)):
+            taken = session.execute(
+                update(Job)
+                .where(Job.id == job.id, runnable)
+                .values(
+                    state=JobState.RUNNING,
+                    lease_owner=owner,
+                    lease_expires_at=now + timedelta(seconds=lease_seconds),
+                    attempts=Job.attempts + 1,
+                    updated_at=now,
+                )
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if taken:
+                session.refresh(job)
+                paths = session.scalars(
+                    select(Instance.path).where(Instance.series_id == job.series_id)
+                ).all()
+                log.info(
+                    "job %d: running (attempt %d) on %s for series %s",
+                    job.id,
+                    job.attempts,
+                    owner,
+                    job.series.series_uid,
+                )
+                return ClaimedJob(
+                    job.id,
+                    job.series.series_uid,
+                    job.direction,
+                    job.model,
+                    job.attempts,
+                    list(paths),
+                )
+    return None
+
+
+def finish_job(sessions: sessionmaker, job_id: int, owner: str, outcome: dict[str, Any]) -> bool:
+    """Record a job's output and queue its deliveries; False if the lease was lost meanwhile.
+
+    ``outcome`` holds the Job columns the worker fills (model_version, model_checksum,
+    device, timings, output_series_uid, output_path, output_count).
+    """
+    with sessions.begin() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.lease_owner != owner or job.state != JobState.RUNNING:
+            log.warning("job %d: result of %s discarded, its lease was lost", job_id, owner)
+            return False
+        for column, value in outcome.items():
+            setattr(job, column, value)
+        job.state = JobState.DONE
+        job.reason = None
+        job.lease_owner = job.lease_expires_at = None
+        job.updated_at = utcnow()
+        deliveries = create_deliveries(session, job)
+        log.info(
+            "job %d: done, %d instance(s) of series %s with model %s, %d delivery(ies) queued",
+            job.id,
+            job.output_count or 0,
+            job.output_series_uid,
+            job.model_version,
+            len(deliveries),
+        )
+    return True
+
+
+def fail_job(
+    sessions: sessionmaker,
+    job_id: int,
+    owner: str,
+    reason: str,
+    *,
+    retryable: bool,
+    max_attempts: int,
+    retry_delay_seconds: float,
+) -> str:
+    """Record a failed attempt: queued again after a delay while attempts remain, else failed."""
+    now = utcnow()
+    with sessions.begin() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.lease_owner != owner:
+            return job.state if job else "missing"
+        job.lease_owner = job.lease_expires_at = None
+        job.updated_at = now
+        if retryable and job.attempts < max_attempts:
+            job.state = JobState.QUEUED
+            job.not_before = now + timedelta(seconds=retry_delay_seconds * job.attempts)
+            job.reason = f"attempt {job.attempts} failed, will retry: {reason}"
+        else:
+            job.state = JobState.FAILED
+            job.reason = reason if not retryable else f"failed {job.attempts} time(s): {reason}"
+        log.warning("job %d: %s: %s", job.id, job.state, job.reason)
+        return job.state
+
+
+def retry_job(sessions: sessionmaker, job_id: int) -> str:
+    """Replay a job for `dicomnode retry`: a failed job runs again; a done job's failed
+    deliveries are sent again. Returns what was done; ValueError if nothing can be."""
+    with sessions.begin() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise ValueError(f"there is no job {job_id}")
+        if job.state == JobState.FAILED:
+            job.state = JobState.QUEUED
+            job.attempts = 0
+            job.not_before = None
+            job.reason = "replayed by an admin"
+            job.updated_at = utcnow()
+            log.info("job %d: queued again by an admin", job.id)
+            return f"job {job_id} queued again"
+        state = job.state
+        failed = [d.id for d in job.deliveries if d.state == DeliveryState.FAILED]
+    if state == JobState.DONE and failed:
+        return "; ".join(retry_delivery(sessions, delivery_id) for delivery_id in failed)
+    detail = " and none of its deliveries failed" if state == JobState.DONE else ""
+    raise ValueError(f"job {job_id} is {state}{detail}: nothing to retry")

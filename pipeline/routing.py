@@ -87,7 +87,7 @@ class HeaderCondition(_Strict):
                 return None
             return f"{keyword} {text!r} does not match /{self.regex}/"
         if self.equals is not None:
-            if isinstance(self.equals, float) or isinstance(self.equals, int):
+            if isinstance(self.equals, (float, int)):
                 ok = _as_float(value) == float(self.equals)
             else:
                 ok = text == self.equals
@@ -155,7 +155,9 @@ class Route(_Strict):
     def model_name(self) -> str:
         return self.model or self.direction.value
 
-    def mismatch(self, contrast: Contrast, header: Mapping[str, Any], calling_ae: str) -> str | None:
+    def mismatch(
+        self, contrast: Contrast, header: Mapping[str, Any], calling_ae: str
+    ) -> str | None:
         """None when this rule matches the series, else the first reason it does not."""
         if contrast not in self.accepted_contrasts:
             accepted = "/".join(self.accepted_contrasts)

@@ -63,4 +63,5 @@ def _files(roots: Sequence[Path]) -> Iterable[Path]:
         if root.is_file():
             yield root
         elif root.is_dir():
-            yield from sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+            found = (p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+            yield from sorted(found)

@@ -22,8 +22,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(folder: Path, port: int, extra: str = "", **node: Any) -> Path:
-    """A config.toml for a node under ``folder``, listening on loopback ``port``."""
+def write_config(
+    folder: Path, port: int, extra: str = "", models: Path | None = None, **node: Any
+) -> Path:
+    """A config.toml for a node under ``folder``, listening on loopback ``port``.
+
+    Without ``models`` (a registry folder) the node runs no worker: intake only.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     node_lines = "\n".join(f"{key} = {json.dumps(value)}" for key, value in node.items())
     text = f"""
@@ -38,8 +43,12 @@ database = "sqlite:///node.sqlite"
 [completion]
 quiet_seconds = 2
 check_interval_seconds = 0.2
-{extra}
 """
+    if models is None:
+        text += "\n[worker]\nin_process = false\n"
+    else:
+        text += f'\n[models]\nregistry = "{models}"\n'
+    text += extra
     if "[destinations." not in extra:
         text += """
 [destinations.pacs]
@@ -72,15 +81,15 @@ class NodeProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30) -> NodeProcess:
-        log = open(self.log_path, "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen(
-            [*DICOMNODE, "serve", "--config", str(self.config)],
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(
+                [*DICOMNODE, "serve", "--config", str(self.config)],
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -140,4 +149,6 @@ def dicomnode_status(config: Path) -> dict[str, Any]:
 
 
 def run_dicomnode(*args: str, check: bool = False) -> subprocess.CompletedProcess:
-    return subprocess.run([*DICOMNODE, *args], cwd=REPO, capture_output=True, text=True, check=check)
+    return subprocess.run(
+        [*DICOMNODE, *args], cwd=REPO, capture_output=True, text=True, check=check
+    )

@@ -62,10 +62,10 @@ class Orthanc:
         }
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config))
-        log = open(self.folder / "orthanc.log", "ab")
-        self.process = subprocess.Popen(
-            ["Orthanc", str(path)], stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV
-        )
+        with open(self.folder / "orthanc.log", "ab") as log:  # the child keeps its own
+            self.process = subprocess.Popen(
+                ["Orthanc", str(path)], stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV
+            )
         _wait_listening(self.dicom_port, self.process, "Orthanc")
         _wait_listening(self.http_port, self.process, "Orthanc (HTTP)")
         return self
@@ -96,8 +96,14 @@ class StoreSCP:
     def start(self) -> StoreSCP:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            ["/usr/bin/storescp", "-aet", self.ae_title, "--output-directory", str(self.folder),
-             str(self.port)],
+            [
+                "/usr/bin/storescp",
+                "-aet",
+                self.ae_title,
+                "--output-directory",
+                str(self.folder),
+                str(self.port),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env=DCMTK_ENV,

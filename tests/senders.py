@@ -27,8 +27,20 @@ def storescu(
 ) -> subprocess.CompletedProcess:
     """Send files or folders (recursively) with DCMTK's storescu."""
     return subprocess.run(
-        [STORESCU, "-aet", calling_ae, "-aec", called_ae, "+sd", "+r", "-nh", *options,
-         "127.0.0.1", str(port), *map(str, paths)],
+        [
+            STORESCU,
+            "-aet",
+            calling_ae,
+            "-aec",
+            called_ae,
+            "+sd",
+            "+r",
+            "-nh",
+            *options,
+            "127.0.0.1",
+            str(port),
+            *map(str, paths),
+        ],
         capture_output=True,
         text=True,
         env=DCMTK_ENV,
@@ -44,8 +56,10 @@ def send(
     transfer_syntax: str | None = None,
 ) -> list[tuple[int, str]]:
     """Send over one pynetdicom association; return (status, error comment) per instance."""
-    metas = [dcmread(d, stop_before_pixels=True).file_meta if isinstance(d, Path) else d.file_meta
-             for d in datasets]
+    metas = [
+        dcmread(d, stop_before_pixels=True).file_meta if isinstance(d, Path) else d.file_meta
+        for d in datasets
+    ]
     ae = AE(ae_title=calling_ae)
     syntaxes = {transfer_syntax or str(meta.TransferSyntaxUID) for meta in metas}
     classes = {str(m.get("MediaStorageSOPClassUID", MRImageStorage)) for m in metas}
@@ -57,8 +71,9 @@ def send(
     if not assoc.is_established:
         raise ConnectionError("association not established")
     results = []
-    # Send files as their bytes, unparsed, so a broken dataset reaches the node as it is.
-    _config.STORE_SEND_CHUNKED_DATASET = True
+    # Send files as their bytes, unparsed, so a broken dataset reaches the node as it is. The
+    # setting is process-wide: restored below so other senders in the process are unaffected.
+    chunked, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
     try:
         for ds in datasets:
             status = assoc.send_c_store(ds)
@@ -67,5 +82,6 @@ def send(
             else:
                 results.append((int(status.Status), str(status.get("ErrorComment", ""))))
     finally:
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
         assoc.release()
     return results

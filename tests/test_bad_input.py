@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,11 +63,17 @@ def test_undecodable_pixel_data(node):
 
 def test_instance_that_disagrees_with_its_series(node):
     series = mr_series(3, rows=32, columns=32)
-    (odd,) = mr_series(1, rows=64, columns=48, study_uid=series[0].StudyInstanceUID,
-                       series_uid=series[0].SeriesInstanceUID)
+    (odd,) = mr_series(
+        1,
+        rows=64,
+        columns=48,
+        study_uid=series[0].StudyInstanceUID,
+        series_uid=series[0].SeriesInstanceUID,
+    )
     odd.FrameOfReferenceUID = series[0].FrameOfReferenceUID
-    tilted = mr_series(1, study_uid=series[0].StudyInstanceUID,
-                       series_uid=series[0].SeriesInstanceUID)[0]
+    tilted = mr_series(
+        1, study_uid=series[0].StudyInstanceUID, series_uid=series[0].SeriesInstanceUID
+    )[0]
     tilted.FrameOfReferenceUID = series[0].FrameOfReferenceUID
     tilted.ImageOrientationPatient = [1, 0, 0, 0, 0.9, 0.43589]
     results = send([series[0], odd, tilted, series[1]], node.port)
@@ -131,5 +136,3 @@ def test_full_disk_answers_out_of_resources_and_leaves_nothing_half_written(smal
         assert node.process.poll() is None
     finally:
         node.stop()
-
-

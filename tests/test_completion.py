@@ -101,7 +101,9 @@ def test_late_instance_reopens_and_supersedes_the_queued_job(sessions):
     receive(sessions, series[:3], t0)  # announced 4
     receive(sessions, series[3:], t0)
     complete_due_series(sessions, ROUTES, SETTINGS, now=t0)
-    (late,) = mr_series(1, study_uid=series[0].StudyInstanceUID, series_uid=series[0].SeriesInstanceUID)
+    (late,) = mr_series(
+        1, study_uid=series[0].StudyInstanceUID, series_uid=series[0].SeriesInstanceUID
+    )
     late.FrameOfReferenceUID = series[0].FrameOfReferenceUID
     (outcome,) = receive(sessions, [late], t0 + timedelta(seconds=30))
     assert outcome.reopened

@@ -6,6 +6,7 @@ import pytest
 
 from node.config import ConfigError, load_config
 from tests.conftest import REPO
+from tests.models import add_model, make_registry
 from tests.nodeproc import run_dicomnode
 
 VALID = """
@@ -44,8 +45,9 @@ def test_shipped_config_is_valid():
 def test_every_problem_is_reported_with_its_key(tmp_path):
     found = problems(
         tmp_path,
-        VALID.replace("port = 11112", 'port = 70000\nae_tittle = "X"\nallowed_callers = ["A@"]')
-        .replace('direction = "t1-to-t2"', 'direction = "t1-t2"'),
+        VALID.replace(
+            "port = 11112", 'port = 70000\nae_tittle = "X"\nallowed_callers = ["A@"]'
+        ).replace('direction = "t1-to-t2"', 'direction = "t1-t2"'),
     )
     text = "\n".join(found)
     assert "node.port = 70000" in text and "less than or equal to 65535" in text
@@ -74,6 +76,7 @@ def test_not_toml_and_missing_file(tmp_path):
 
 
 def test_config_check_command(tmp_path):
+    make_registry(tmp_path / "models")
     good = tmp_path / "good.toml"
     good.write_text(VALID)
     result = run_dicomnode("config", "check", "--config", str(good))
@@ -92,3 +95,21 @@ def test_serve_refuses_to_start_on_a_bad_config(tmp_path):
     result = run_dicomnode("serve", "--config", str(bad))
     assert result.returncode == 2
     assert "routes[0].direction = 'sideways'" in result.stderr
+
+
+def test_a_missing_or_wrong_model_stops_serve_at_start(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text(VALID)
+    result = run_dicomnode("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert "routes[0].model = 't1-to-t2': model 't1-to-t2' has no active version" in result.stderr
+
+    # The registry's t1-to-t2 name holds a model that synthesizes the other way.
+    registry = make_registry(tmp_path / "models")
+    add_model(registry, "t1-to-t2", "v2")
+    wrong = registry.path("t1-to-t2", "v2")
+    wrong.write_bytes(registry.path("t2-to-t1", "v1").read_bytes())
+    (registry.root / "t1-to-t2" / "ACTIVE").write_text("v2")
+    result = run_dicomnode("config", "check", "--config", str(config))
+    assert result.returncode == 2
+    assert "synthesizes t2-to-t1, but the route's direction is t1-to-t2" in result.stderr

@@ -21,6 +21,7 @@ from pipeline.derived import (
 )
 from pipeline.spool import InvalidUID, check_uid
 from pipeline.volume import Volume, load_series
+from tests.validators import assert_dciodvfy_finds_no_error
 
 MODEL = ModelIdentity(name="unet-t1-to-t2", version="1.2.0", checksum="9f" * 32)
 PATIENT_AND_STUDY = (
@@ -70,15 +71,6 @@ def build(volume: Volume, model: ModelIdentity = MODEL) -> list[pydicom.Dataset]
         model=model,
         software_version="0.1.0",
     )
-
-
-def assert_dciodvfy_finds_no_error(paths: list[Path]) -> None:
-    for path in paths:
-        report = subprocess.run(
-            ["dciodvfy", str(path)], capture_output=True, text=True, check=False
-        )
-        lines = (report.stdout + report.stderr).splitlines()
-        assert [line for line in lines if line.startswith("Error")] == [], path.name
 
 
 def with_headers(volume: Volume, change) -> Volume:

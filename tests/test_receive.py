@@ -11,7 +11,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
-from tests.dicomgen import mr_series, write
+from tests.dicomgen import mr_series
 from tests.nodeproc import NodeProcess, free_port, write_config
 from tests.senders import DCMTK_ENV, ECHOSCU, send, storescu
 
@@ -38,10 +38,15 @@ def test_real_studies_via_storescu_are_stored_classified_and_routed(node, mr_bra
     result = storescu([study], node.port)
     assert result.returncode == 0, result.stderr
 
-    status = node.wait_for(lambda s: all(x["state"] != "receiving" for x in s["series"]) and len(s["series"]) == 4)
+    status = node.wait_for(
+        lambda s: all(x["state"] != "receiving" for x in s["series"]) and len(s["series"]) == 4
+    )
     series = by_description(status)
     assert {k: v["instances"] for k, v in series.items()} == {
-        "AX T1 SE": 155, "AX T2 TSE": 155, "AX T2 FLAIR": 155, "AX T1 SE +C": 155,
+        "AX T1 SE": 155,
+        "AX T2 TSE": 155,
+        "AX T2 FLAIR": 155,
+        "AX T1 SE +C": 155,
     }
     assert series["AX T1 SE"]["contrast"] == "T1" and series["AX T1 SE"]["state"] == "routed"
     assert series["AX T2 TSE"]["contrast"] == "T2" and series["AX T2 TSE"]["state"] == "routed"
@@ -105,7 +110,12 @@ def test_unknown_calling_ae_and_wrong_called_ae_are_rejected(tmp_path):
     config = write_config(tmp_path, port, allowed_callers=["MRI1", "PACS@127.0.0.1", "CT@10.9.9.9"])
     node = NodeProcess(config, port).start()
     try:
-        for calling, expected in [("MRI1", True), ("PACS", True), ("CT", False), ("INTRUDER", False)]:
+        for calling, expected in [
+            ("MRI1", True),
+            ("PACS", True),
+            ("CT", False),
+            ("INTRUDER", False),
+        ]:
             ae = AE(ae_title=calling)
             ae.add_requested_context(MRImageStorage)
             assoc = ae.associate("127.0.0.1", port, ae_title="SYNTH")
@@ -120,7 +130,9 @@ def test_unknown_calling_ae_and_wrong_called_ae_are_rejected(tmp_path):
         assoc = ae.associate("127.0.0.1", port, ae_title="OTHER")
         assert assoc.is_rejected and assoc.acceptor.primitive.diagnostic == 0x07
         log = node.log()
-        assert "association from INTRUDER (127.0.0.1) rejected: calling AE title not recognized" in log
+        assert (
+            "association from INTRUDER (127.0.0.1) rejected: calling AE title not recognized" in log
+        )
     finally:
         node.stop()
 
@@ -135,4 +147,7 @@ def test_unsupported_sop_class_is_refused_and_logged(node):
     assoc.release()
     assert accepted == {MRImageStorage}
     node.wait_for(lambda s: "CT Image Storage" in node.log(), timeout=5)
-    assert "association from CTSCAN (127.0.0.1): refused SOP class 1.2.840.10008.5.1.4.1.1.2" in node.log()
+    assert (
+        "association from CTSCAN (127.0.0.1): refused SOP class 1.2.840.10008.5.1.4.1.1.2"
+        in node.log()
+    )

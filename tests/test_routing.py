@@ -15,7 +15,9 @@ T1_HEADER = {
 
 
 def route(**fields) -> Route:
-    return Route.model_validate({"name": "r", "direction": "t1-to-t2", "destinations": ["pacs"]} | fields)
+    return Route.model_validate(
+        {"name": "r", "direction": "t1-to-t2", "destinations": ["pacs"]} | fields
+    )
 
 
 def test_default_contrast_is_the_directions_source():

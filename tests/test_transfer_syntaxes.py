@@ -35,9 +35,7 @@ def test_each_transfer_syntax_is_stored_and_decodes(tmp_path, source):
     for index, (syntax, command) in enumerate(DCMTK_ENCODERS.items()):
         out = tmp_path / "send" / f"{index}.dcm"
         out.parent.mkdir(exist_ok=True)
-        subprocess.run(
-            [f"/usr/bin/{command[0]}", *command[1:], str(source), str(out)], check=True
-        )
+        subprocess.run([f"/usr/bin/{command[0]}", *command[1:], str(source), str(out)], check=True)
         ds = dcmread(out)
         assert ds.file_meta.TransferSyntaxUID == syntax
         ds.SOPInstanceUID = f"{ds.SOPInstanceUID[:50]}.{index + 1}"

@@ -1,0 +1,70 @@
+"""One synthesis: source series files in, the synthetic series' datasets out.
+
+The worker and `dicomnode translate` both call `synthesize_series`, so the node and the
+offline tool produce the same images and headers from the same input and model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import Dataset
+
+from pipeline.derived import ModelIdentity, build_synthetic_series, derived_series_uid
+from pipeline.inference import Synthesizer
+from pipeline.modelfile import ModelFileError, describe
+from pipeline.preprocess import to_stored_pixels
+from pipeline.routing import Direction
+from pipeline.volume import load_series
+
+
+@dataclass(frozen=True)
+class SynthesisResult:
+    datasets: list[Dataset]
+    series_uid: str
+    timings: dict[str, float]  # load_s, inference_s, build_s
+
+
+def synthesize_series(
+    paths: Sequence[Path], synthesizer: Synthesizer, direction: Direction, software_version: str
+) -> SynthesisResult:
+    """Synthesize the ``direction.target`` series from the source files at ``paths``.
+
+    Raises SeriesError (the series cannot be synthesized) or ModelFileError (the model does
+    not synthesize ``direction``), each with a reason an admin can read.
+    """
+    card = synthesizer.card
+    if card.direction != direction.value:
+        raise ModelFileError(
+            f"model {describe(card)} synthesizes {card.direction}, but {direction.value} "
+            "is needed: fix the route's (or --model's) model"
+        )
+    started = time.perf_counter()
+    volume = load_series(paths)
+    loaded = time.perf_counter()
+    stored = to_stored_pixels(synthesizer.synthesize(volume.pixels))
+    inferred = time.perf_counter()
+    identity = ModelIdentity(card.name, card.version, card.checksum)
+    datasets = build_synthetic_series(
+        volume,
+        stored.pixels,
+        bits_stored=stored.bits_stored,
+        window_center=stored.window_center,
+        window_width=stored.window_width,
+        target_contrast=direction.target.value,
+        model=identity,
+        software_version=software_version,
+    )
+    built = time.perf_counter()
+    return SynthesisResult(
+        datasets,
+        derived_series_uid(volume.headers[0].SeriesInstanceUID, identity),
+        {
+            "load_s": round(loaded - started, 3),
+            "inference_s": round(inferred - loaded, 3),
+            "build_s": round(built - inferred, 3),
+        },
+    )

@@ -1,0 +1,174 @@
+"""The synthesis worker: turns each queued job into a synthetic series in the spool.
+
+Several workers (threads, processes or machines sharing the database and the spool) may
+run at once: a job is held under a lease, and a dead worker's lease runs out so another
+takes the job again. The active model is looked up before every job, so a newly activated
+model is used from the next job on, while a job in flight finishes with the one it has.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.orm import sessionmaker
+
+from pipeline.derived import write_series
+from pipeline.inference import Synthesizer, pick_device
+from pipeline.jobs import ClaimedJob, claim_job, fail_job, finish_job
+from pipeline.modelfile import ModelFileError, describe, load_model
+from pipeline.registry import ModelRegistry, RegistryError
+from pipeline.routing import Direction
+from pipeline.synthesis import synthesize_series
+from pipeline.volume import SeriesError
+
+log = logging.getLogger(__name__)
+
+
+class WorkerSettings(BaseModel):
+    """``[worker]`` in config.toml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # `dicomnode serve` runs one worker in its own process unless this is false (then run
+    # `dicomnode worker` elsewhere, on the same database and spool).
+    in_process: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
+    retry_delay_seconds: Annotated[float, Field(ge=0)] = 30.0
+    # Longer than any job takes; a worker that dies holds its job this long at most.
+    lease_seconds: Annotated[float, Field(gt=0)] = 900.0
+    poll_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
+
+
+def worker_identity() -> str:
+    """Who holds a lease: host, process and thread, so an admin can find it."""
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 100000}"
+
+
+class Worker:
+    """Claims jobs and runs them until none is due."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker,
+        storage: Path,
+        registry: ModelRegistry,
+        settings: WorkerSettings,
+        software_version: str,
+    ) -> None:
+        self._sessions = sessions
+        self._storage = storage
+        self._registry = registry
+        self._settings = settings
+        self._software_version = software_version
+        self._device = pick_device() if settings.device == "auto" else torch.device(settings.device)
+        self._synthesizers: dict[Path, Synthesizer] = {}
+        self.owner = worker_identity()
+        # Set when a job is queued, so the loop starts it at once instead of at its next poll.
+        self.wake = threading.Event()
+        # Called after each finished job (the node wakes its dispatcher with it).
+        self.on_job_done: Callable[[], None] = lambda: None
+
+    def run_due_jobs(self) -> int:
+        """Run jobs until none is due; return how many were run."""
+        count = 0
+        while (
+            job := claim_job(self._sessions, self.owner, self._settings.lease_seconds)
+        ) is not None:
+            self._run(job)
+            count += 1
+        return count
+
+    def run_forever(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                ran = self.run_due_jobs()
+            except Exception:
+                log.exception("worker loop error; retrying")
+                ran = 0
+            if not ran:
+                self.wake.wait(self._settings.poll_seconds)
+                self.wake.clear()
+
+    def _run(self, job: ClaimedJob) -> None:
+        try:
+            outcome = self._synthesize(job)
+        except (SeriesError, ModelFileError, RegistryError) as error:
+            # The same input or model would fail again: no point in retrying by itself.
+            self._fail(job, str(error), retryable=False)
+        except Exception as error:
+            log.exception("job %d: unexpected error", job.id)
+            self._fail(job, f"{type(error).__name__}: {error}", retryable=True)
+        else:
+            if finish_job(self._sessions, job.id, self.owner, outcome):
+                self.on_job_done()
+
+    def _fail(self, job: ClaimedJob, reason: str, *, retryable: bool) -> None:
+        fail_job(
+            self._sessions,
+            job.id,
+            self.owner,
+            reason,
+            retryable=retryable,
+            max_attempts=self._settings.max_attempts,
+            retry_delay_seconds=self._settings.retry_delay_seconds,
+        )
+
+    def _synthesize(self, job: ClaimedJob) -> dict:
+        if not job.instance_paths:
+            raise SeriesError("the series has no stored instances")
+        synthesizer = self.synthesizer(job.model)
+        result = synthesize_series(
+            [self._storage / p for p in job.instance_paths],
+            synthesizer,
+            Direction(job.direction),
+            self._software_version,
+        )
+        output_folder = Path("out", f"job-{job.id}")
+        started = time.perf_counter()
+        write_series(result.datasets, self._storage / output_folder)
+        timings = result.timings | {
+            "write_s": round(time.perf_counter() - started, 3),
+            "slices": len(result.datasets),
+        }
+        card = synthesizer.card
+        log.info(
+            "job %d: %d slice(s) synthesized with %s on %s (load %.2fs, inference %.2fs, "
+            "write %.2fs)",
+            job.id,
+            len(result.datasets),
+            describe(card),
+            synthesizer.device,
+            timings["load_s"],
+            timings["inference_s"],
+            timings["write_s"],
+        )
+        return {
+            "model_version": card.version,
+            "model_checksum": card.checksum,
+            "device": str(synthesizer.device),
+            "timings": timings,
+            "output_series_uid": result.series_uid,
+            "output_path": str(output_folder),
+            "output_count": len(result.datasets),
+        }
+
+    def synthesizer(self, model_name: str) -> Synthesizer:
+        """The active version of ``model_name``, loaded once and reused while it stays active."""
+        path = self._registry.active_path(model_name)
+        if path not in self._synthesizers:
+            loaded = load_model(path, self._device)
+            self._synthesizers = {path: Synthesizer(loaded)} | {
+                p: s for p, s in self._synthesizers.items() if p.parent != path.parent
+            }
+            log.info("model %s loaded from %s on %s", describe(loaded.card), path, self._device)
+        return self._synthesizers[path]

@@ -1,0 +1,44 @@
+"""Small, randomly initialised model files in a registry, for tests of the node's plumbing.
+
+Their images are meaningless; what they let a test check is that a job runs the model the
+registry names and that the output is written, marked and delivered.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.modelfile import ModelCard, save_model
+from pipeline.registry import ModelRegistry
+from pipeline.unet import UNet
+
+TINY = {"in_channels": 3, "out_channels": 1, "base_width": 4, "depth": 2, "dropout": 0.0}
+
+
+def make_registry(root: Path, version: str = "v1", seed: int = 0) -> ModelRegistry:
+    """A registry with a tiny active model for each direction."""
+    registry = ModelRegistry(root)
+    for direction in ("t1-to-t2", "t2-to-t1"):
+        add_model(registry, direction, version, seed)
+        registry.activate(direction, version)
+    return registry
+
+
+def add_model(registry: ModelRegistry, direction: str, version: str, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    network = UNet(**TINY)
+    card = ModelCard(
+        name=direction,
+        version=version,
+        direction=direction,
+        arguments=TINY,
+        normalization="percentile-volume",
+        gradient_channels=True,
+        training={"data": "none: random initialisation, for tests"},
+    )
+    path = registry.path(direction, version)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(path, network, card)
+    return path

@@ -1,0 +1,129 @@
+"""End to end: storescu -> dicomnode -> synthesis -> Orthanc, checked on the PACS side."""
+
+from __future__ import annotations
+
+import pytest
+from pydicom import dcmread
+
+from tests.models import make_registry
+from tests.nodeproc import NodeProcess, free_port, write_config
+from tests.peers import Orthanc
+from tests.senders import storescu
+from tests.validators import assert_dciodvfy_finds_no_error
+
+NATIVE_T1 = "tcga-fg-6692-native/03_t1"  # 26 oblique slices, with the skull
+
+
+def pacs_config(orthanc_port: int) -> str:
+    return f"""
+[delivery]
+backoff_seconds = 0.5
+backoff_max_seconds = 1
+timeout_seconds = 10
+lease_seconds = 40
+
+[destinations.pacs]
+ae_title = "{Orthanc.AE_TITLE}"
+host = "127.0.0.1"
+port = {orthanc_port}
+
+[[routes]]
+name = "t1-to-t2"
+direction = "t1-to-t2"
+destinations = ["pacs"]
+
+[[routes]]
+name = "t2-to-t1"
+direction = "t2-to-t1"
+destinations = ["pacs"]
+"""
+
+
+@pytest.fixture
+def registry(tmp_path):
+    return make_registry(tmp_path / "models")
+
+
+def synthetic_series(orthanc: Orthanc) -> list[dict]:
+    return [
+        s
+        for s in orthanc.get("/series?expand")
+        if s["MainDicomTags"].get("SeriesDescription", "").startswith("SYNTHETIC")
+    ]
+
+
+def test_t1_series_comes_back_as_marked_synthetic_t2(tmp_path, mr_brain, registry):
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    port = free_port()
+    config = write_config(
+        tmp_path / "node", port, extra=pacs_config(orthanc.dicom_port), models=registry.root
+    )
+    node = NodeProcess(config, port).start()
+    try:
+        source = sorted((mr_brain / NATIVE_T1).glob("*.dcm"))
+        assert storescu([mr_brain / NATIVE_T1], port).returncode == 0
+        status = node.wait_for(
+            lambda s: s["deliveries"] and s["deliveries"][0]["state"] == "sent", timeout=120
+        )
+        (job,) = status["jobs"]
+        assert job["state"] == "done" and job["model_version"] == "v1"
+        assert job["device"] == "cpu" and set(job["timings"]) >= {"load_s", "inference_s"}
+        assert status["deliveries"][0]["instances_sent"] == len(source)
+
+        (series,) = synthetic_series(orthanc)
+        first = dcmread(source[0], stop_before_pixels=True)
+        study = orthanc.get(f"/studies/{series['ParentStudy']}")
+        assert study["MainDicomTags"]["StudyInstanceUID"] == first.StudyInstanceUID
+        assert series["MainDicomTags"]["SeriesDescription"] == "SYNTHETIC T2 from AX T1 SE"
+        assert series["MainDicomTags"]["SeriesInstanceUID"] == job["output_series_uid"]
+        assert len(series["Instances"]) == len(source)
+
+        instance = series["Instances"][0]
+        tags = orthanc.get(f"/instances/{instance}/simplified-tags")
+        assert tags["ImageType"].startswith("DERIVED\\SECONDARY")
+        assert tags["PatientID"] == first.PatientID
+        assert "SYNTHETIC" in tags.get("DerivationDescription", "").upper()
+        assert tags["FrameOfReferenceUID"] == first.FrameOfReferenceUID
+        downloaded = tmp_path / "from-pacs.dcm"
+        downloaded.write_bytes(orthanc.get(f"/instances/{instance}/file"))
+        assert_dciodvfy_finds_no_error([downloaded])
+        ds = dcmread(downloaded)
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID in {
+            dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in source
+        }
+        checksum = registry_checksum(registry)
+        assert any(checksum[:16] in str(v) for v in ds.SoftwareVersions)
+    finally:
+        node.stop()
+        orthanc.stop()
+
+
+def registry_checksum(registry) -> str:
+    from pipeline.modelfile import load_model
+
+    return load_model(registry.active_path("t1-to-t2")).card.checksum
+
+
+def test_delivery_retries_until_the_pacs_is_up(tmp_path, mr_brain, registry):
+    orthanc_port = free_port()  # nothing listens there yet
+    port = free_port()
+    config = write_config(
+        tmp_path / "node", port, extra=pacs_config(orthanc_port), models=registry.root
+    )
+    node = NodeProcess(config, port).start()
+    orthanc = Orthanc(tmp_path / "orthanc", dicom_port=orthanc_port)
+    try:
+        assert storescu([mr_brain / NATIVE_T1], port).returncode == 0
+        status = node.wait_for(
+            lambda s: s["deliveries"] and s["deliveries"][0]["attempts"] >= 2, timeout=120
+        )
+        delivery = status["deliveries"][0]
+        assert delivery["state"] == "pending"
+        assert "connection refused" in delivery["reason"]
+        orthanc.start()
+        node.wait_for(lambda s: s["deliveries"][0]["state"] == "sent", timeout=60)
+        (series,) = synthetic_series(orthanc)
+        assert len(series["Instances"]) == 26
+    finally:
+        node.stop()
+        orthanc.stop()
