@@ -55,6 +55,7 @@ def collect_status(sessions: sessionmaker, limit: int = 200) -> dict[str, Any]:
                     "attempts": j.attempts,
                     "device": j.device,
                     "timings": j.timings,
+                    "started_at": _iso(j.started_at),
                     "output_series_uid": j.output_series_uid,
                     "destinations": j.destinations,
                     "created_at": _iso(j.created_at),

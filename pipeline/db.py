@@ -41,6 +41,7 @@ class DeliveryState(enum.StrEnum):
     SENDING = "sending"
     SENT = "sent"
     FAILED = "failed"
+    SUPERSEDED = "superseded"  # a newer job of the same series delivers its output instead
 
 
 class Base(DeclarativeBase):
@@ -121,6 +122,7 @@ class Job(Base):
     lease_owner: Mapped[str | None]
     lease_expires_at: Mapped[datetime | None]
     not_before: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]  # when the last attempt was claimed
     # What produced the output: filled by the worker.
     model_version: Mapped[str | None]
     model_checksum: Mapped[str | None]

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.db import DeliveryState, Instance, Job, JobState, Series, utcnow
+from pipeline.db import Delivery, DeliveryState, Instance, Job, JobState, Series, utcnow
 from pipeline.delivery import create_deliveries, retry_delivery
 from pipeline.routing import Route
 
@@ -77,6 +77,7 @@ def claim_job(
                     lease_owner=owner,
                     lease_expires_at=now + timedelta(seconds=lease_seconds),
                     attempts=Job.attempts + 1,
+                    started_at=now,
                     updated_at=now,
                 )
                 .execution_options(synchronize_session=False)
@@ -122,6 +123,22 @@ def finish_job(sessions: sessionmaker, job_id: int, owner: str, outcome: dict[st
         job.lease_owner = job.lease_expires_at = None
         job.updated_at = utcnow()
         deliveries = create_deliveries(session, job)
+        # Older output of the same series still waiting to be sent would overwrite this
+        # job's images on the PACS (same UIDs) if it went out later: it is not sent.
+        older = select(Job.id).where(Job.series_id == job.series_id, Job.id < job.id)
+        session.execute(
+            update(Delivery)
+            .where(
+                Delivery.job_id.in_(older),
+                Delivery.state.in_([DeliveryState.PENDING, DeliveryState.FAILED]),
+            )
+            .values(
+                state=DeliveryState.SUPERSEDED,
+                reason=f"superseded by job {job.id} of the same series",
+                updated_at=utcnow(),
+            )
+            .execution_options(synchronize_session=False)
+        )
         log.info(
             "job %d: done, %d instance(s) of series %s with model %s, %d delivery(ies) queued",
             job.id,

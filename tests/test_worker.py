@@ -1,0 +1,136 @@
+"""The worker on a real SQLite file and spool: jobs run, fail with reasons, retry, hand over."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from pipeline.completion import CompletionSettings, complete_due_series
+from pipeline.db import Delivery, Job, open_database, utcnow
+from pipeline.derived import encode
+from pipeline.intake import inspect_instance, record_instance
+from pipeline.jobs import claim_job, finish_job
+from pipeline.registry import ModelRegistry
+from pipeline.routing import Route
+from pipeline.spool import write_atomically
+from pipeline.worker import Worker, WorkerSettings
+from tests.dicomgen import mr_series
+from tests.models import add_model, make_registry
+
+ROUTES = [Route(name="t1", direction="t1-to-t2", destinations=["pacs", "archive"])]
+SETTINGS = WorkerSettings(max_attempts=2, retry_delay_seconds=0)
+
+
+@pytest.fixture
+def node(tmp_path):
+    """(sessions, spool, registry) of a node with tiny models."""
+    return (
+        open_database(f"sqlite:///{tmp_path}/node.sqlite"),
+        tmp_path / "spool",
+        make_registry(tmp_path / "models"),
+    )
+
+
+def receive(node, datasets) -> None:
+    """Store and record instances as the SCP does, then complete the series."""
+    sessions, spool, _ = node
+    for ds in datasets:
+        facts = inspect_instance(ds, "1.2.840.10008.1.2.1")
+        write_atomically(spool / facts.relative_path(), encode(ds))
+        with sessions.begin() as session:
+            record_instance(session, facts, 1, "MRI1")
+    complete_due_series(
+        sessions, ROUTES, CompletionSettings(), now=utcnow() + timedelta(seconds=60)
+    )
+
+
+def worker(node, settings: WorkerSettings = SETTINGS) -> Worker:
+    sessions, spool, registry = node
+    return Worker(sessions, spool, registry, settings, "test")
+
+
+def jobs(node) -> list[Job]:
+    with node[0]() as session:
+        return session.scalars(select(Job).order_by(Job.id)).all()
+
+
+def deliveries(node) -> list[Delivery]:
+    with node[0]() as session:
+        return session.scalars(select(Delivery).order_by(Delivery.id)).all()
+
+
+def test_a_job_writes_one_marked_instance_per_slice_and_queues_deliveries(node):
+    receive(node, mr_series(5))
+    assert worker(node).run_due_jobs() == 1
+    (job,) = jobs(node)
+    assert (job.state, job.model_version, job.device, job.output_count) == ("done", "v1", "cpu", 5)
+    assert len(list((node[1] / job.output_path).glob("*.dcm"))) == 5
+    assert {"load_s", "inference_s", "write_s"} <= set(job.timings)
+    assert [(d.destination, d.state) for d in deliveries(node)] == [
+        ("pacs", "pending"),
+        ("archive", "pending"),
+    ]
+
+
+def test_a_series_that_cannot_be_synthesized_fails_once_with_its_reason(node):
+    receive(node, mr_series(1))
+    worker(node).run_due_jobs()
+    (job,) = jobs(node)
+    assert job.state == "failed" and job.attempts == 1
+    assert "single slice" in job.reason
+    assert deliveries(node) == []
+
+
+def test_a_transient_error_is_retried_then_fails_with_the_count(node):
+    receive(node, mr_series(3))
+    node[1].joinpath("out").write_text("a file where the output folder should be")
+    worker(node).run_due_jobs()
+    (job,) = jobs(node)
+    assert job.state == "failed" and job.attempts == 2
+    assert job.reason.startswith("failed 2 time(s):")
+
+
+def test_an_expired_lease_is_taken_over_and_the_late_result_discarded(node):
+    receive(node, mr_series(3))
+    sessions = node[0]
+    first = claim_job(sessions, "dead-worker", lease_seconds=60)
+    assert claim_job(sessions, "other", lease_seconds=60) is None  # held
+    later = utcnow() + timedelta(seconds=61)
+    second = claim_job(sessions, "other", lease_seconds=60, now=later)
+    assert second.id == first.id and second.attempt == 2
+    assert finish_job(sessions, first.id, "dead-worker", {}) is False
+
+
+def test_a_newly_activated_model_is_used_from_the_next_job(node):
+    receive(node, mr_series(3))
+    runner = worker(node)
+    runner.run_due_jobs()
+    registry: ModelRegistry = node[2]
+    add_model(registry, "t1-to-t2", "v2", seed=1)
+    registry.activate("t1-to-t2", "v2")
+    receive(node, mr_series(3))
+    runner.run_due_jobs()
+    assert [j.model_version for j in jobs(node)] == ["v1", "v2"]
+    assert jobs(node)[0].model_checksum != jobs(node)[1].model_checksum
+
+
+def test_a_reopened_series_does_not_send_its_older_output(node):
+    series = mr_series(4)
+    receive(node, series[:3])  # announced 4; completed by the quiet time
+    runner = worker(node)
+    runner.run_due_jobs()
+    (late,) = mr_series(
+        1, study_uid=series[0].StudyInstanceUID, series_uid=series[0].SeriesInstanceUID
+    )
+    late.FrameOfReferenceUID = series[0].FrameOfReferenceUID
+    late.ImagePositionPatient = series[3].ImagePositionPatient
+    receive(node, [late])
+    runner.run_due_jobs()
+    first, second = jobs(node)
+    assert second.generation == 2 and second.output_count == 4
+    assert second.output_series_uid == first.output_series_uid  # replaces, not duplicates
+    states = {(d.job_id, d.destination): d.state for d in deliveries(node)}
+    assert states[(first.id, "pacs")] == "superseded"
+    assert states[(second.id, "pacs")] == "pending"
