@@ -1,0 +1,103 @@
+"""The admin's commands: route (dry run), translate (offline), check, retry, status."""
+
+from __future__ import annotations
+
+import json
+
+import pydicom
+
+from pipeline.db import Job, JobState, open_database
+from tests.dicomgen import mr_series
+from tests.models import make_registry
+from tests.nodeproc import free_port, run_dicomnode
+from tests.peers import Orthanc
+from tests.test_worker import receive
+
+CONFIG = """
+[node]
+database = "sqlite:///node.sqlite"
+[destinations.pacs]
+ae_title = "{ae}"
+host = "127.0.0.1"
+port = {port}
+[[routes]]
+name = "t1-to-t2"
+direction = "t1-to-t2"
+destinations = ["pacs"]
+[[routes]]
+name = "t2-to-t1"
+direction = "t2-to-t1"
+destinations = ["pacs"]
+"""
+
+
+def config(tmp_path, ae="PACS", port=None):
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG.format(ae=ae, port=port or free_port()))
+    make_registry(tmp_path / "models")
+    return path
+
+
+def test_route_dry_run_explains_every_series(tmp_path, mr_brain):
+    result = run_dicomnode(
+        "route", str(mr_brain / "brats-gli-00001"), "--config", str(config(tmp_path))
+    )
+    assert result.returncode == 0, result.stderr
+    blocks = {b.split("  (")[0].rsplit("/", 1)[-1]: b for b in result.stdout.split("\n/")}
+    assert "route:       t1-to-t2 -> t1-to-t2" in blocks["03_t1"]
+    assert "destination: pacs (PACS@127.0.0.1:" in blocks["03_t1"]
+    assert "route:       t2-to-t1 -> t2-to-t1" in blocks["04_t2"]
+    assert "contrast:    FLAIR" in blocks["05_flair"] and "ignored:" in blocks["05_flair"]
+    assert "contrast:    T1C" in blocks["07_t1c"] and "contrast T1C is not T1" in blocks["07_t1c"]
+
+
+def test_translate_writes_a_marked_series_and_explains_skips(tmp_path, mr_brain):
+    out = tmp_path / "out"
+    result = run_dicomnode(
+        "translate",
+        str(mr_brain / "tcga-fg-6692-native"),
+        str(out),
+        "--config",
+        str(config(tmp_path)),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("wrote ") == 2  # the T1 and the T2 series
+    assert "skipped" in result.stdout and "FLAIR" in result.stdout
+    written = sorted(out.rglob("*.dcm"))
+    assert len(written) == 52
+    descriptions = {pydicom.dcmread(p, stop_before_pixels=True).SeriesDescription for p in written}
+    assert descriptions == {"SYNTHETIC T2 from AX T1 SE", "SYNTHETIC T1 from AX T2 TSE"}
+
+
+def test_check_echoes_each_destination(tmp_path):
+    closed = run_dicomnode("check", "--config", str(config(tmp_path)))
+    assert closed.returncode == 1 and "FAILED: cannot connect" in closed.stdout
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    try:
+        path = config(tmp_path, ae=Orthanc.AE_TITLE, port=orthanc.dicom_port)
+        result = run_dicomnode("check", "--config", str(path))
+        assert result.returncode == 0 and " OK" in result.stdout
+    finally:
+        orthanc.stop()
+
+
+def test_retry_requeues_a_failed_job_and_refuses_the_rest(tmp_path):
+    path = config(tmp_path)
+    sessions = open_database(f"sqlite:///{tmp_path}/node.sqlite")
+    receive((sessions, tmp_path / "spool", None), mr_series(2))
+    with sessions.begin() as session:
+        job = session.get(Job, 1)
+        job.state, job.reason, job.attempts = JobState.FAILED, "single slice", 3
+    result = run_dicomnode("retry", "1", "--config", str(path))
+    assert result.returncode == 0 and "job 1 queued again" in result.stdout
+    with sessions() as session:
+        assert (session.get(Job, 1).state, session.get(Job, 1).attempts) == ("queued", 0)
+    again = run_dicomnode("retry", "1", "--config", str(path))
+    assert again.returncode == 1 and "job 1 is queued" in again.stderr
+    missing = run_dicomnode("retry", "99", "--config", str(path))
+    assert missing.returncode == 1 and "there is no job 99" in missing.stderr
+
+    status = run_dicomnode("status", "--config", str(path))
+    assert "JOBS (newest first)" in status.stdout and "replayed by an admin" in status.stdout
+    data = json.loads(run_dicomnode("status", "--json", "--config", str(path)).stdout)
+    assert set(data) == {"series", "jobs", "deliveries"} and data["jobs"][0]["state"] == "queued"
