@@ -27,6 +27,7 @@ from pathlib import Path
 from pydicom import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, evt
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import EnhancedMRImageStorage, MRImageStorage, Verification
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
@@ -220,7 +221,7 @@ class StorageSCP:
         except Exception as error:
             return 0xA900, f"the data set cannot be parsed: {error}", False
 
-        data = event.encoded_dataset()
+        data = encode_received(event, calling)
         path = self._storage / facts.relative_path()
         try:
             write_atomically(path, data)
@@ -243,6 +244,16 @@ class StorageSCP:
         if outcome.count_reached:
             self._on_count_reached()
         return 0x0000, "", outcome.duplicate
+
+
+def encode_received(event: evt.Event, calling_ae: str) -> bytes:
+    """The instance as received (not decoded and re-encoded), as a Part 10 file whose meta
+    names the calling AE, so recovery after a crash knows who sent it."""
+    meta = event.file_meta
+    meta.SourceApplicationEntityTitle = calling_ae
+    return b"".join(
+        (b"\x00" * 128, b"DICM", encode_file_meta(meta), event.encoded_dataset(include_meta=False))
+    )
 
 
 def _peer(event: evt.Event) -> tuple[str, str]:

@@ -21,7 +21,8 @@ from node.config import Config
 from node.dispatch import Dispatcher
 from node.scp import StorageSCP
 from pipeline.completion import complete_due_series
-from pipeline.db import open_database
+from pipeline.db import open_database, utcnow
+from pipeline.intake import recover_unrecorded
 from pipeline.registry import ModelRegistry
 from pipeline.routing import header_keywords
 from pipeline.spool import remove_partial_files
@@ -73,11 +74,15 @@ class NodeService:
             self.worker.on_job_done = self.dispatcher.wake.set
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._listening_since = utcnow()
 
     def start(self) -> None:
         removed = remove_partial_files(self.config.node.storage)
         if removed:
             log.info("removed %d partial file(s) left by an earlier crash", removed)
+        recover_unrecorded(
+            self.sessions, self.config.node.storage, header_keywords(self.config.routes)
+        )
         self.scheduler.add_job(
             self._complete,
             "interval",
@@ -95,6 +100,7 @@ class NodeService:
             thread = threading.Thread(target=loop, args=(self._stop,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
+        self._listening_since = utcnow()
         self.scp.start()
 
     def stop(self) -> None:
@@ -126,7 +132,12 @@ class NodeService:
 
     def _complete(self) -> None:
         try:
-            done = complete_due_series(self.sessions, self.config.routes, self.config.completion)
+            done = complete_due_series(
+                self.sessions,
+                self.config.routes,
+                self.config.completion,
+                listening_since=self._listening_since,
+            )
             if self.worker is not None and any(c.job_id for c in done):
                 self.worker.wake.set()
         except Exception:

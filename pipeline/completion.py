@@ -2,7 +2,9 @@
 
 A series is complete when it holds the count its header announced (while every instance
 agreed on it), or when no instance has arrived for the quiet time of the route that
-would take it (``[completion] quiet_seconds`` unless the route overrides it).
+would take it (``[completion] quiet_seconds`` unless the route overrides it). The quiet
+time counts only while the node listens: nobody can send to a node that is down, so a
+restart does not complete series whose senders were cut off by it.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def complete_due_series(
     routes: Sequence[Route],
     settings: CompletionSettings,
     now: datetime | None = None,
+    listening_since: datetime | None = None,
 ) -> list[Completed]:
     """Complete and route every receiving series that is due; return what was done."""
     now = now or utcnow()
@@ -54,26 +57,36 @@ def complete_due_series(
         receiving = session.scalars(
             select(Series).where(Series.state == SeriesState.RECEIVING)
         ).all()
-        due_ids = [s.id for s in receiving if _is_due(s, routes, settings, now)]
+        due_ids = [s.id for s in receiving if _is_due(s, routes, settings, now, listening_since)]
     done = []
     for series_id in due_ids:
         # One transaction per series: a late instance for one series cannot hold up others,
         # and the state is re-read under the write lock in case an instance just arrived.
         with sessions.begin() as session:
             series = session.get(Series, series_id)
-            if series.state == SeriesState.RECEIVING and _is_due(series, routes, settings, now):
+            if series.state == SeriesState.RECEIVING and _is_due(
+                series, routes, settings, now, listening_since
+            ):
                 done.append(_complete(session, series, routes, now))
     return done
 
 
-def _is_due(series: Series, routes: Sequence[Route], settings: CompletionSettings, now) -> bool:
+def _is_due(
+    series: Series,
+    routes: Sequence[Route],
+    settings: CompletionSettings,
+    now: datetime,
+    listening_since: datetime | None,
+) -> bool:
     if series.expected_count is not None and series.instance_count >= series.expected_count:
         return True
     decision = select_route(routes, Contrast(series.contrast), series.header, series.calling_ae)
     quiet = settings.quiet_seconds
     if decision.route is not None and decision.route.quiet_seconds is not None:
         quiet = decision.route.quiet_seconds
-    return now - series.last_arrival >= timedelta(seconds=quiet)
+    # Silence from before the node listened is not the sender's.
+    silent_since = max(series.last_arrival, listening_since or series.last_arrival)
+    return now - silent_since >= timedelta(seconds=quiet)
 
 
 def _complete(session: Session, series: Series, routes: Sequence[Route], now) -> Completed:

@@ -15,9 +15,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.contrast import classify
 from pipeline.db import Instance, Job, JobState, Series, SeriesState, utcnow
@@ -315,3 +315,37 @@ def _int_or_none(value: Any) -> int | None:
         return int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
+
+
+def recover_unrecorded(
+    sessions: sessionmaker, storage: Path, extra_keywords: Iterable[str] = ()
+) -> int:
+    """Record every spool file whose row is missing; return how many were recovered.
+
+    A file in the spool was fsynced before its sender heard Success; its row may have been
+    lost with a power failure (the database does not flush every commit). Each file goes
+    through the same checks and recording as when it arrived.
+    """
+    incoming = storage / "incoming"
+    if not incoming.is_dir():
+        return 0
+    with sessions() as session:
+        known = set(session.scalars(select(Instance.path)))
+    recovered = 0
+    for path in sorted(incoming.rglob("*.dcm")):
+        relative = str(path.relative_to(storage))
+        if relative in known:
+            continue
+        try:
+            ds = dcmread(path)
+            facts = inspect_instance(ds, str(ds.file_meta.TransferSyntaxUID), extra_keywords)
+            calling_ae = str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "UNKNOWN")
+            with sessions.begin() as session:
+                record_instance(session, facts, path.stat().st_size, calling_ae.strip())
+        except Exception as error:  # a file that cannot be recorded must not stop the start
+            log.error("spool file %s could not be recovered: %s", relative, error)
+            continue
+        recovered += 1
+    if recovered:
+        log.warning("recovered %d received instance(s) whose rows were lost", recovered)
+    return recovered

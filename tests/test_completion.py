@@ -133,3 +133,17 @@ def test_inconsistent_instance_is_refused_and_not_recorded(sessions):
     with pytest.raises(InstanceRefused, match="size 32x64 differs"):
         receive(sessions, series[1:], t0)
     assert series_row(sessions).instance_count == 1
+
+
+def test_the_quiet_time_counts_only_while_the_node_listens(sessions):
+    t0 = utcnow()
+    receive(sessions, mr_series(3, announce=False), t0)
+    restarted = t0 + timedelta(seconds=60)  # the node was down for a minute
+    later = restarted + timedelta(seconds=9)
+    assert (
+        complete_due_series(sessions, ROUTES, SETTINGS, now=later, listening_since=restarted) == []
+    )
+    done = complete_due_series(
+        sessions, ROUTES, SETTINGS, now=later + timedelta(seconds=1), listening_since=restarted
+    )
+    assert [d.state for d in done] == ["routed"]
