@@ -164,14 +164,20 @@ class StorageSCP:
         with self._lock:
             self._tallies[id(event.assoc)] = _AssociationTally()
         log.info("association from %s (%s) accepted", calling, host)
-        for context in event.assoc.rejected_contexts:
+        refused = sorted({str(c.abstract_syntax) for c in event.assoc.rejected_contexts})
+        if refused:
+            # Generic senders propose every storage class they know (storescu: ~120), so
+            # one line per association, not one per class.
+            named = [f"{UID(uid).name} ({uid})" for uid in refused[:10]]
+            more = f" and {len(refused) - 10} more" if len(refused) > 10 else ""
             log.warning(
-                "association from %s (%s): refused SOP class %s (%s): not a class this node "
-                "accepts, or none of its transfer syntaxes are supported",
+                "association from %s (%s): %d SOP class(es) refused, not accepted by this "
+                "node: %s%s",
                 calling,
                 host,
-                context.abstract_syntax,
-                UID(context.abstract_syntax).name,
+                len(refused),
+                "; ".join(named),
+                more,
             )
 
     def _on_ended(self, event: evt.Event) -> None:

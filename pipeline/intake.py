@@ -89,14 +89,7 @@ def inspect_instance(
     rows, columns = ds.get("Rows"), ds.get("Columns")
     if not rows or not columns:
         raise InstanceRefused(RefusalKind.INVALID, "Rows or Columns is missing or zero")
-    try:
-        # Decoding proves the pixels are usable (and that a decoder for the compressed
-        # syntax is installed) before the sender is told they are safe here.
-        ds.pixel_array  # noqa: B018
-    except Exception as error:  # pydicom raises many types for corrupt pixel data
-        raise InstanceRefused(
-            RefusalKind.UNDECODABLE, f"pixel data cannot be decoded: {error}"
-        ) from None
+    _check_pixels_decode(ds)
     return InstanceFacts(
         sop_instance_uid=uids["SOPInstanceUID"],
         series_uid=uids["SeriesInstanceUID"],
@@ -115,6 +108,31 @@ def inspect_instance(
         description=str(ds.get("SeriesDescription", "") or "")[:64] or None,
         header=extract_header(ds, extra_keywords),
     )
+
+
+def _check_pixels_decode(ds: Dataset) -> None:
+    """Prove the pixels are usable before the sender is told they are safe here."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is not None and not syntax.is_compressed and "PixelData" in ds:
+        # Uncompressed: the length says it all, and is far cheaper than a decode.
+        bits = int(ds.get("BitsAllocated", 0) or 0)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        expected = -(-int(ds.Rows) * int(ds.Columns) * samples * frames * bits // 8)
+        if bits == 0 or len(ds.PixelData) < expected:
+            raise InstanceRefused(
+                RefusalKind.UNDECODABLE,
+                f"pixel data cannot be decoded: {len(ds.PixelData)} bytes, "
+                f"{expected} expected for its size",
+            )
+        return
+    try:
+        # Compressed: decoding also proves a decoder for the syntax is installed.
+        ds.pixel_array  # noqa: B018
+    except Exception as error:  # pydicom raises many types for corrupt pixel data
+        raise InstanceRefused(
+            RefusalKind.UNDECODABLE, f"pixel data cannot be decoded: {error}"
+        ) from None
 
 
 def announced_count(ds: Dataset) -> int | None:

@@ -61,6 +61,16 @@ def test_undecodable_pixel_data(node):
     assert stored_count(node) == 0
 
 
+def test_truncated_uncompressed_pixel_data(node):
+    (ds,) = mr_series(1, rows=32, columns=32)
+    ds.PixelData = ds.PixelData[:1000]
+    ((status, comment),) = send([ds], node.port)
+    assert (status, comment) == (
+        0xC000,
+        "pixel data cannot be decoded: 1000 bytes, 2048 expected for its",
+    )
+
+
 def test_instance_that_disagrees_with_its_series(node):
     series = mr_series(3, rows=32, columns=32)
     (odd,) = mr_series(

@@ -148,6 +148,6 @@ def test_unsupported_sop_class_is_refused_and_logged(node):
     assert accepted == {MRImageStorage}
     node.wait_for(lambda s: "CT Image Storage" in node.log(), timeout=5)
     assert (
-        "association from CTSCAN (127.0.0.1): refused SOP class 1.2.840.10008.5.1.4.1.1.2"
-        in node.log()
-    )
+        "association from CTSCAN (127.0.0.1): 1 SOP class(es) refused, not accepted by this "
+        "node: CT Image Storage (1.2.840.10008.5.1.4.1.1.2)"
+    ) in node.log()
