@@ -17,9 +17,8 @@ from sqlalchemy.engine import make_url
 
 from pipeline.completion import CompletionSettings
 from pipeline.delivery import DeliverySettings
-from pipeline.registry import ModelSettings
 from pipeline.routing import AE_TITLE_PATTERN, Destination, Route
-from pipeline.worker import WorkerSettings
+from pipeline.settings import ModelSettings, WorkerSettings
 
 DEFAULT_CONFIG = Path("config.toml")
 

@@ -17,11 +17,12 @@ import json
 import re
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict
-
-from pipeline.modelfile import ModelCard, load_model
 from pipeline.spool import write_atomically
+
+if TYPE_CHECKING:
+    from pipeline.modelfile import ModelCard
 
 MODEL_SUFFIX = ".pt"
 ACTIVE_FILE = "ACTIVE"
@@ -74,6 +75,8 @@ class ModelRegistry:
         if not path.is_file():
             known = ", ".join(self.versions(name)) or "none"
             raise RegistryError(f"model {name!r} has no version {version!r} (versions: {known})")
+        from pipeline.modelfile import load_model  # torch: only when a model is activated
+
         load_model(path)  # raises ModelFileError for a damaged file: never activate one
         write_atomically(self._folder(name) / ACTIVE_FILE, (version + "\n").encode())
 
@@ -101,12 +104,3 @@ def _check_name(value: str, what: str) -> None:
 def _version_key(version: str) -> tuple[int, str]:
     match = re.fullmatch(r"v(\d+)", version)
     return (int(match.group(1)), "") if match else (10**9, version)
-
-
-class ModelSettings(BaseModel):
-    """``[models]`` in config.toml."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # The registry folder; relative paths are resolved against config.toml's folder.
-    registry: Path = Path("models")

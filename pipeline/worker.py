@@ -15,10 +15,8 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import sessionmaker
 
 from pipeline.derived import write_series
@@ -27,26 +25,11 @@ from pipeline.jobs import ClaimedJob, claim_job, fail_job, finish_job
 from pipeline.modelfile import ModelFileError, describe, load_model
 from pipeline.registry import ModelRegistry, RegistryError
 from pipeline.routing import Direction
+from pipeline.settings import WorkerSettings
 from pipeline.synthesis import synthesize_series
 from pipeline.volume import SeriesError
 
 log = logging.getLogger(__name__)
-
-
-class WorkerSettings(BaseModel):
-    """``[worker]`` in config.toml."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # `dicomnode serve` runs one worker in its own process unless this is false (then run
-    # `dicomnode worker` elsewhere, on the same database and spool).
-    in_process: bool = True
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
-    retry_delay_seconds: Annotated[float, Field(ge=0)] = 30.0
-    # Longer than any job takes; a worker that dies holds its job this long at most.
-    lease_seconds: Annotated[float, Field(gt=0)] = 900.0
-    poll_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
 
 
 def worker_identity() -> str:

@@ -14,8 +14,9 @@ from pipeline.intake import inspect_instance, record_instance
 from pipeline.jobs import claim_job, finish_job
 from pipeline.registry import ModelRegistry
 from pipeline.routing import Route
+from pipeline.settings import WorkerSettings
 from pipeline.spool import write_atomically
-from pipeline.worker import Worker, WorkerSettings
+from pipeline.worker import Worker
 from tests.dicomgen import mr_series
 from tests.models import add_model, make_registry
 
