@@ -17,7 +17,7 @@ if [[ "${1:-}" == "--test" ]]; then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
-  extras=".[test,train]"
+  extras=".[test]"
 else
   extras="."
 fi
