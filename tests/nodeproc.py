@@ -50,22 +50,7 @@ check_interval_seconds = 0.2
         text += f'\n[models]\nregistry = "{models}"\n'
     text += extra
     if "[destinations." not in extra:
-        text += """
-[destinations.pacs]
-ae_title = "PACS"
-host = "127.0.0.1"
-port = 9
-
-[[routes]]
-name = "t1-to-t2"
-direction = "t1-to-t2"
-destinations = ["pacs"]
-
-[[routes]]
-name = "t2-to-t1"
-direction = "t2-to-t1"
-destinations = ["pacs"]
-"""
+        text += routes_toml()
     path = folder / "config.toml"
     path.write_text(text)
     return path
@@ -108,12 +93,7 @@ class NodeProcess:
             self.process.wait(10)
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.process)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -135,6 +115,37 @@ class NodeProcess:
             time.sleep(interval)
             status = self.status()
         return status
+
+
+def stop_process(process: subprocess.Popen | None) -> None:
+    """SIGTERM, then SIGKILL if it has not stopped within 20 s."""
+    if process and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+def routes_toml(ae_title: str = "PACS", port: int = 9) -> str:
+    """A destination "pacs" on loopback and the default two routes to it."""
+    return f"""
+[destinations.pacs]
+ae_title = "{ae_title}"
+host = "127.0.0.1"
+port = {port}
+
+[[routes]]
+name = "t1-to-t2"
+direction = "t1-to-t2"
+destinations = ["pacs"]
+
+[[routes]]
+name = "t2-to-t1"
+direction = "t2-to-t1"
+destinations = ["pacs"]
+"""
 
 
 def dicomnode_status(config: Path) -> dict[str, Any]:

@@ -15,14 +15,6 @@ from tests.nodeproc import NodeProcess, free_port, write_config
 from tests.senders import send
 
 
-@pytest.fixture
-def node(tmp_path):
-    port = free_port()
-    process = NodeProcess(write_config(tmp_path / "node", port), port).start()
-    yield process
-    process.stop()
-
-
 def stored_count(node: NodeProcess) -> int:
     return sum(1 for _ in (node.config.parent / "spool").rglob("*.dcm"))
 

@@ -9,31 +9,16 @@ import pydicom
 from pipeline.db import Job, JobState, open_database
 from tests.dicomgen import mr_series
 from tests.models import make_registry
-from tests.nodeproc import free_port, run_dicomnode
+from tests.nodeproc import free_port, routes_toml, run_dicomnode
 from tests.peers import Orthanc
 from tests.test_worker import receive
-
-CONFIG = """
-[node]
-database = "sqlite:///node.sqlite"
-[destinations.pacs]
-ae_title = "{ae}"
-host = "127.0.0.1"
-port = {port}
-[[routes]]
-name = "t1-to-t2"
-direction = "t1-to-t2"
-destinations = ["pacs"]
-[[routes]]
-name = "t2-to-t1"
-direction = "t2-to-t1"
-destinations = ["pacs"]
-"""
 
 
 def config(tmp_path, ae="PACS", port=None):
     path = tmp_path / "config.toml"
-    path.write_text(CONFIG.format(ae=ae, port=port or free_port()))
+    path.write_text(
+        '[node]\ndatabase = "sqlite:///node.sqlite"\n' + routes_toml(ae, port or free_port())
+    )
     make_registry(tmp_path / "models")
     return path
 

@@ -6,7 +6,7 @@ import pytest
 from pydicom import dcmread
 
 from tests.models import make_registry
-from tests.nodeproc import NodeProcess, free_port, write_config
+from tests.nodeproc import NodeProcess, free_port, routes_toml, write_config
 from tests.peers import Orthanc
 from tests.senders import storescu
 from tests.validators import assert_dciodvfy_finds_no_error
@@ -15,28 +15,10 @@ NATIVE_T1 = "tcga-fg-6692-native/03_t1"  # 26 oblique slices, with the skull
 
 
 def pacs_config(orthanc_port: int) -> str:
-    return f"""
-[delivery]
-backoff_seconds = 0.5
-backoff_max_seconds = 1
-timeout_seconds = 10
-lease_seconds = 40
-
-[destinations.pacs]
-ae_title = "{Orthanc.AE_TITLE}"
-host = "127.0.0.1"
-port = {orthanc_port}
-
-[[routes]]
-name = "t1-to-t2"
-direction = "t1-to-t2"
-destinations = ["pacs"]
-
-[[routes]]
-name = "t2-to-t1"
-direction = "t2-to-t1"
-destinations = ["pacs"]
-"""
+    return (
+        "\n[delivery]\nbackoff_seconds = 0.5\nbackoff_max_seconds = 1\n"
+        "timeout_seconds = 10\nlease_seconds = 40\n"
+    ) + routes_toml(Orthanc.AE_TITLE, orthanc_port)
 
 
 @pytest.fixture

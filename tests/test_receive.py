@@ -6,7 +6,6 @@ import sqlite3
 import subprocess
 import threading
 
-import pytest
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
@@ -14,14 +13,6 @@ from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 from tests.dicomgen import mr_series
 from tests.nodeproc import NodeProcess, free_port, write_config
 from tests.senders import DCMTK_ENV, ECHOSCU, send, storescu
-
-
-@pytest.fixture
-def node(tmp_path):
-    port = free_port()
-    process = NodeProcess(write_config(tmp_path / "node", port), port).start()
-    yield process
-    process.stop()
 
 
 def rows(node: NodeProcess, query: str) -> list[tuple]:
