@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from pydicom import Dataset
 
 from pipeline.derived import ModelIdentity, build_synthetic_series, derived_series_uid
@@ -18,7 +19,12 @@ from pipeline.inference import Synthesizer
 from pipeline.modelfile import ModelFileError, describe
 from pipeline.preprocess import to_stored_pixels
 from pipeline.routing import Direction
-from pipeline.volume import load_series
+from pipeline.volume import SeriesError, Volume, load_series
+
+# The models learn from axial slices. Tilted axial slices (a native study's T2 here is
+# 17 degrees off) are still axial; a sagittal or coronal series is not, and a synthetic
+# image from a plane the model never saw must not reach a radiologist.
+MAX_TILT_FROM_AXIAL_DEGREES = 40.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ def synthesize_series(
         )
     started = time.perf_counter()
     volume = load_series(paths)
+    check_axial(volume)
     loaded = time.perf_counter()
     stored = to_stored_pixels(synthesizer.synthesize(volume.pixels))
     inferred = time.perf_counter()
@@ -68,3 +75,17 @@ def synthesize_series(
             "build_s": round(built - inferred, 3),
         },
     )
+
+
+def check_axial(volume: Volume) -> None:
+    """Raise SeriesError unless the slices are axial within MAX_TILT_FROM_AXIAL_DEGREES."""
+    # The slice normal in patient coordinates (LPS): axial slices have it along S (z).
+    tilt = float(np.degrees(np.arccos(min(1.0, abs(float(volume.slice_normal[2]))))))
+    if tilt > MAX_TILT_FROM_AXIAL_DEGREES:
+        plane = (
+            "sagittal" if abs(volume.slice_normal[0]) > abs(volume.slice_normal[1]) else "coronal"
+        )
+        raise SeriesError(
+            f"the slices are {plane} ({tilt:.0f} degrees from axial); the models synthesize "
+            f"axial slices only (up to {MAX_TILT_FROM_AXIAL_DEGREES:.0f} degrees of tilt)"
+        )

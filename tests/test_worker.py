@@ -135,3 +135,15 @@ def test_a_reopened_series_does_not_send_its_older_output(node):
     states = {(d.job_id, d.destination): d.state for d in deliveries(node)}
     assert states[(first.id, "pacs")] == "superseded"
     assert states[(second.id, "pacs")] == "pending"
+
+
+def test_a_sagittal_series_fails_with_the_reason(node):
+    series = mr_series(4)
+    for index, ds in enumerate(series):
+        ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # sagittal
+        ds.ImagePositionPatient = [float(index * 5), 0, 0]
+    receive(node, series)
+    worker(node).run_due_jobs()
+    (job,) = jobs(node)
+    assert job.state == "failed" and job.attempts == 1
+    assert job.reason.startswith("the slices are sagittal (90 degrees from axial)")
