@@ -1,0 +1,129 @@
+"""`dicomnode models` (list, activate) and how the train/evaluate/models commands are wired."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.modelfile import ModelCard, save_model
+from pipeline.registry import ModelRegistry
+from pipeline.unet import UNet
+from train.commands import add_commands, registry_root
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dicomnode")
+    add_commands(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+def add_version(registry: ModelRegistry, name: str, seed: int) -> ModelCard:
+    torch.manual_seed(seed)
+    arguments = {"in_channels": 3, "base_width": 2, "depth": 1}
+    version = registry.next_version(name)
+    card = ModelCard(
+        name=name,
+        version=version,
+        direction="t1-to-t2",
+        arguments=arguments,
+        normalization="minmax-slice",
+        gradient_channels=True,
+        metrics={
+            "held_out": {
+                "overall": {
+                    "model": {"psnr_head": 20.0 + seed, "ssim_head": 0.5},
+                    "inverted": {"psnr_head": 15.0, "ssim_head": 0.3},
+                }
+            }
+        },
+    )
+    card = save_model(registry.path(name, version), UNet(**arguments), card)
+    registry.write_card(name, card)
+    return card
+
+
+def test_every_subcommand_has_config_and_run() -> None:
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    for argv in (
+        ["train", "DATA", "--direction", "t1-to-t2"],
+        ["evaluate", "MODEL", "DATA"],
+        ["models"],
+        ["models", "list"],
+        ["models", "activate", "t1-to-t2", "v1"],
+    ):
+        args = parser.parse_args(argv)
+        assert args.config == Path("config.toml") and callable(args.run)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "DATA", "--direction", "t1-to-flair"])
+
+
+def test_registry_comes_from_the_option_the_config_or_beside_the_config(tmp_path) -> None:
+    config = tmp_path / "config.toml"
+    assert registry_root(config, None) == tmp_path / "models"  # no file: the default
+    config.write_text('[models]\nregistry = "var/models"\n')
+    assert registry_root(config, None) == tmp_path / "var" / "models"
+    assert registry_root(config, Path("/elsewhere")) == Path("/elsewhere")
+
+
+def test_list_and_activate_roll_back(tmp_path, capsys) -> None:
+    registry = ModelRegistry(tmp_path / "models")
+    first = add_version(registry, "t1-to-t2", seed=1)
+    second = add_version(registry, "t1-to-t2", seed=2)
+    registry.activate("t1-to-t2", "v2")
+    where = ["--registry", str(registry.root)]
+
+    assert run(["models", *where]) == 0
+    listing = capsys.readouterr().out
+    lines = listing.splitlines()
+    assert lines[0].startswith("  t1-to-t2 v1") and f"sha256:{first.checksum[:12]}" in lines[0]
+    assert lines[2].startswith("* t1-to-t2 v2") and f"sha256:{second.checksum[:12]}" in lines[2]
+    assert "PSNR head 22.00 dB" in lines[3] and "inverted input: 15.00 dB" in lines[3]
+
+    assert run(["models", "activate", "t1-to-t2", "v1", *where]) == 0
+    assert capsys.readouterr().out == "t1-to-t2 v1 is now active\n"
+    assert registry.active_version("t1-to-t2") == "v1"
+    run(["models", "list", *where])
+    assert capsys.readouterr().out.splitlines()[0].startswith("* t1-to-t2 v1")
+
+    assert run(["models", "activate", "t1-to-t2", "v9", *where]) == 1
+    assert "no version 'v9' (versions: v1, v2)" in capsys.readouterr().err
+    assert registry.active_version("t1-to-t2") == "v1"
+
+
+def test_a_damaged_version_is_never_activated(tmp_path, capsys) -> None:
+    registry = ModelRegistry(tmp_path / "models")
+    add_version(registry, "t2-to-t1", seed=1)
+    add_version(registry, "t2-to-t1", seed=2)
+    registry.activate("t2-to-t1", "v1")
+    path = registry.path("t2-to-t1", "v2")
+    path.write_bytes(path.read_bytes()[:-200])
+    assert run(["models", "activate", "t2-to-t1", "v2", "--registry", str(registry.root)]) == 1
+    assert "v2.pt" in capsys.readouterr().err
+    assert registry.active_version("t2-to-t1") == "v1"
+
+
+def test_empty_registry(tmp_path, capsys) -> None:
+    assert run(["models", "--registry", str(tmp_path / "none")]) == 0
+    assert "no models in" in capsys.readouterr().out
+
+
+def test_train_refuses_bad_settings_before_reading_data(tmp_path, capsys) -> None:
+    missing = str(tmp_path / "no-such-data")
+    for option, value, message in (
+        ("--loss", "l3", "loss must be one of"),
+        ("--norm", "group", "norm must be one of"),
+        ("--normalization", "zscore", "invalid choice"),
+    ):
+        argv = ["train", missing, "--direction", "t1-to-t2", option, value]
+        if option == "--normalization":
+            with pytest.raises(SystemExit):
+                run(argv)
+        else:
+            assert run([*argv, "--registry", str(tmp_path)]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "t1-to-t2").exists()

@@ -1,0 +1,390 @@
+"""The ML engineer's subcommands of `dicomnode`: train, evaluate, models.
+
+``add_commands`` adds them to the node's command line (node/cli.py). The registry is
+``--registry`` when given, else ``[models] registry`` of config.toml, else ``models/``
+beside config.toml; relative paths resolve against the config file's folder, as the rest
+of the configuration does.
+
+torch, matplotlib and the training modules are imported by the commands that use them, not
+here: every `dicomnode` invocation builds this parser, and `dicomnode status` should not
+pay a second or two of imports for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tomllib
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pipeline.preprocess import NORMALIZATIONS
+from pipeline.routing import Direction
+
+DEFAULT_CONFIG = Path("config.toml")
+DEFAULT_REGISTRY = "models"
+
+
+def add_commands(subparsers: Any) -> None:
+    """Add ``train``, ``evaluate`` and ``models`` to an argparse subparsers object."""
+
+    def command(name: str, run: Any, help: str) -> argparse.ArgumentParser:
+        sub = subparsers.add_parser(name, help=help, description=help)
+        sub.add_argument(
+            "--config",
+            type=Path,
+            default=DEFAULT_CONFIG,
+            help="config.toml (default: ./config.toml)",
+        )
+        sub.set_defaults(run=run)
+        return sub
+
+    train = command("train", _train, "train a model on paired T1/T2 studies and register it")
+    train.add_argument("data", type=Path, nargs="+", metavar="DATA", help="folders of studies")
+    train.add_argument("--direction", choices=[d.value for d in Direction], required=True)
+    train.add_argument("--out", type=Path, help="also write the model file here")
+    train.add_argument("--name", help="registry name (default: the direction)")
+    train.add_argument("--registry", type=Path, help="registry folder (default: from config)")
+    train.add_argument("--no-registry", action="store_true", help="write --out only")
+    train.add_argument(
+        "--force", action="store_true", help="activate even if not better than the active one"
+    )
+    train.add_argument(
+        "--holdout",
+        action="append",
+        default=[],
+        metavar="PATIENT",
+        help="hold this patient out (PatientID or its pseudonym); repeatable",
+    )
+    train.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.2,
+        help="fraction of patients held out when no --holdout is given (default 0.2; 0: none)",
+    )
+    train.add_argument("--epochs", type=int, default=30)
+    train.add_argument("--steps-per-epoch", type=int, default=50)
+    train.add_argument("--batch-size", type=int, default=16)
+    train.add_argument("--crop", type=int, default=128, help="square training crop (pixels)")
+    train.add_argument("--learning-rate", type=float, default=1e-3)
+    train.add_argument(
+        "--loss", default="mse+ssim", help="mse+ssim (default), mse (the paper's) or l1"
+    )
+    train.add_argument(
+        "--normalization",
+        choices=NORMALIZATIONS,
+        default="percentile-volume",
+        help="percentile-volume (default) or minmax-slice (the paper's)",
+    )
+    shipped = " (default: the shipped models', pipeline.unet.DEFAULT_ARGUMENTS)"
+    train.add_argument("--base-width", type=int, help="channels of the first level" + shipped)
+    train.add_argument("--depth", type=int, help="number of poolings" + shipped)
+    train.add_argument("--dropout", type=float, help="dropout probability" + shipped)
+    train.add_argument("--norm", help="batch, instance or none" + shipped)
+    train.add_argument(
+        "--no-gradient-channels", action="store_true", help="plain U-Net baseline (1 channel)"
+    )
+    train.add_argument(
+        "--no-skip-connections", action="store_true", help="encoder-decoder baseline"
+    )
+    train.add_argument("--no-augment", action="store_true")
+    train.add_argument(
+        "--no-register",
+        action="store_true",
+        help="trust the headers: no rigid refinement of pairs on different grids",
+    )
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--checkpoint", type=Path, help="default: var/train/NAME.ckpt beside config.toml"
+    )
+    train.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    train.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    train.add_argument(
+        "--reference-metrics",
+        type=Path,
+        help="JSON of held-out metrics measured elsewhere (the ablation) to put on the card",
+    )
+
+    evaluation = command(
+        "evaluate", _evaluate, "score a model on paired studies, beside the trivial floors"
+    )
+    evaluation.add_argument(
+        "model", metavar="MODEL", help="model file, or registry NAME (active) or NAME:VERSION"
+    )
+    evaluation.add_argument("data", type=Path, nargs="+", metavar="DATA")
+    evaluation.add_argument("--registry", type=Path, help="registry folder (default: from config)")
+    evaluation.add_argument(
+        "--report", type=Path, default=Path("evaluation"), help="folder for JSON and figures"
+    )
+    evaluation.add_argument(
+        "--no-register",
+        action="store_true",
+        help="trust the headers: no rigid refinement of pairs on different grids",
+    )
+
+    models = command("models", _list, "list the registered models, or activate a version")
+    actions = models.add_subparsers(metavar="ACTION")
+    listing = actions.add_parser("list", help="versions, metrics, checksums, which is active")
+    listing.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    listing.set_defaults(run=_list)
+    activate = actions.add_parser("activate", help="make VERSION the one jobs use (rollback)")
+    activate.add_argument("name", metavar="NAME")
+    activate.add_argument("version", metavar="VERSION")
+    activate.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    activate.set_defaults(run=_activate)
+    for parser in (models, listing, activate):
+        parser.add_argument("--registry", type=Path, help="registry folder (default: from config)")
+
+
+def registry_root(config: Path, override: Path | None) -> Path:
+    """The registry folder: ``override``, else config.toml's ``[models] registry``, else
+    ``models`` beside config.toml."""
+    if override is not None:
+        return override
+    folder = config.resolve().parent
+    configured = DEFAULT_REGISTRY
+    if config.is_file():
+        with open(config, "rb") as file:
+            configured = tomllib.load(file).get("models", {}).get("registry", DEFAULT_REGISTRY)
+    return folder / configured
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from pipeline.modelfile import ModelFileError
+    from pipeline.registry import ModelRegistry, RegistryError
+    from pipeline.unet import DEFAULT_ARGUMENTS
+    from train.trainer import TrainSettings, console_progress
+    from train.workflow import TrainRequest, load_reference_metrics, run_training
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    given = {
+        "base_width": args.base_width,
+        "depth": args.depth,
+        "dropout": args.dropout,
+        "norm": args.norm,
+    }
+    arguments = {
+        **DEFAULT_ARGUMENTS,
+        **{key: value for key, value in given.items() if value is not None},
+        "in_channels": 1 if args.no_gradient_channels else 3,
+        "skip_connections": not args.no_skip_connections,
+    }
+    try:
+        settings = TrainSettings(
+            direction=args.direction,
+            normalization=args.normalization,
+            arguments=arguments,
+            epochs=args.epochs,
+            steps_per_epoch=args.steps_per_epoch,
+            batch_size=args.batch_size,
+            crop=args.crop,
+            learning_rate=args.learning_rate,
+            loss=args.loss,
+            augment=not args.no_augment,
+            seed=args.seed,
+        )
+    except (ValueError, TypeError) as error:
+        print(f"train: {error}", file=sys.stderr)
+        return 2
+    registry = (
+        None if args.no_registry else ModelRegistry(registry_root(args.config, args.registry))
+    )
+    if registry is None and args.out is None:
+        print("--no-registry needs --out: the model would be written nowhere", file=sys.stderr)
+        return 2
+    name = args.name or args.direction
+    # var/ is where the node keeps its working state, and it is never committed.
+    checkpoint = args.checkpoint or args.config.resolve().parent / "var" / "train" / f"{name}.ckpt"
+    request = TrainRequest(
+        data=args.data,
+        settings=settings,
+        name=name,
+        holdout=args.holdout,
+        validation_fraction=args.validation_fraction,
+        out=args.out,
+        registry=registry,
+        force=args.force,
+        resume=args.resume,
+        checkpoint=checkpoint,
+        command=shlex.join(["dicomnode", *sys.argv[1:]]),
+        register=not args.no_register,
+        reference_metrics=(
+            load_reference_metrics(args.reference_metrics) if args.reference_metrics else None
+        ),
+    )
+    try:
+        outcome = run_training(request, progress=console_progress)
+    except (ValueError, ModelFileError, RegistryError) as error:
+        print(f"train: {error}", file=sys.stderr)
+        return 1
+    print(
+        f"trained {outcome.card.name} {outcome.card.version} in {outcome.card.training['seconds']}"
+        f" s ({outcome.card.training['samples_per_second']} samples/s); "
+        + ("written to " + ", ".join(map(str, outcome.written)) if outcome.written else "")
+    )
+    return 0 if outcome.shipped else 1
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from pipeline.inference import Synthesizer
+    from pipeline.modelfile import ModelFileError
+    from pipeline.registry import RegistryError
+    from pipeline.volume import SeriesError, load_series
+    from train.evaluate import evaluate, format_table
+    from train.figures import save_comparison
+    from train.metrics import collapse_check
+    from train.pairs import PairedVolume, find_pairs, head_mask, load_pair
+
+    try:
+        model = _load_named_model(args.model, registry_root(args.config, args.registry))
+    except (ModelFileError, RegistryError) as error:
+        print(f"evaluate: {error}", file=sys.stderr)
+        return 1
+    direction = model.card.direction
+    search = find_pairs(args.data)
+    for note in search.notes:
+        print(note)
+    paired: list[PairedVolume] = []
+    for pair in search.pairs:
+        try:
+            paired.append(load_pair(pair, direction, not args.no_register))
+        except SeriesError as error:
+            print(f"{pair.label}: not evaluated: {error}")
+            continue
+        print(paired[-1].summary())
+    paired = [item for item in paired if len(item.slices)]
+    report_folder: Path = args.report
+    stem = f"{model.card.name}-{model.card.version}"
+    report: dict[str, Any] = {"model": stem, "pairs": None, "unpaired": []}
+    collapsed = False
+    if paired:
+        result = evaluate(model, paired)
+        print(format_table(result))
+        report["pairs"] = result.report()
+        collapsed = result.collapsed()
+        for patient in {study.patient for study in result.studies}:
+            studies = [s for s in result.studies if s.patient == patient]
+            # The patient's largest study: the figure should show the most anatomy.
+            study = max(studies, key=lambda s: s.slices)
+            figure = save_comparison(
+                report_folder / f"{stem}-{patient}.png",
+                f"{model.card.name} {model.card.version} ({direction}) on {study.label}",
+                *study.images,
+            )
+            print(f"figure: {figure}")
+    for contrast, series in search.unpaired:
+        if contrast is not Direction(direction).source:
+            continue
+        try:
+            volume = load_series(series.files)
+        except SeriesError as error:
+            print(f"{series.folder}: not evaluated: {error}")
+            continue
+        output = Synthesizer(model).synthesize(volume.pixels)
+        check = collapse_check(output, head_mask(volume.pixels))
+        collapsed = collapsed or bool(check["collapsed"])
+        figure = save_comparison(
+            report_folder / f"{stem}-{series.folder.parent.name}-unpaired.png",
+            f"{model.card.name} {model.card.version} ({direction}) on {series.folder} (no "
+            "real target)",
+            volume.pixels,
+            output,
+        )
+        report["unpaired"].append(
+            {"series": str(series.folder), "collapse": check, "figure": str(figure)}
+        )
+        print(f"{series.folder}: no pair; output spread {check['spread']:.3f}; figure: {figure}")
+    if report["pairs"] is None and not report["unpaired"]:
+        print("evaluate: no pairs and no unpaired source series found", file=sys.stderr)
+        return 1
+    report_folder.mkdir(parents=True, exist_ok=True)
+    path = report_folder / f"{stem}.json"
+    path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(f"report: {path}")
+    return 1 if collapsed else 0
+
+
+def _load_named_model(spec: str, root: Path) -> Any:
+    from pipeline.inference import pick_device
+    from pipeline.modelfile import load_model
+    from pipeline.registry import ModelRegistry
+
+    if Path(spec).is_file():
+        return load_model(Path(spec), pick_device())
+    registry = ModelRegistry(root)
+    name, _, version = spec.partition(":")
+    path = registry.path(name, version) if version else registry.active_path(name)
+    return load_model(path, pick_device())
+
+
+def _list(args: argparse.Namespace) -> int:
+    from pipeline.registry import ModelRegistry, RegistryError
+
+    registry = ModelRegistry(registry_root(args.config, args.registry))
+    names = registry.names()
+    if not names:
+        print(f"no models in {registry.root}")
+        return 0
+    for name in names:
+        try:
+            active = registry.active_version(name)
+        except RegistryError:
+            active = None
+        for version in registry.versions(name):
+            card = _read_card(registry, name, version)
+            marker = "*" if version == active else " "
+            print(
+                f"{marker} {name} {version}  {card.get('direction', '?')}  "
+                f"created {card.get('created', '?')}  sha256:{card.get('checksum', '')[:12]}"
+            )
+            print(f"      {_metrics_line(card.get('metrics', {}))}")
+    print("(* = active)")
+    return 0
+
+
+def _activate(args: argparse.Namespace) -> int:
+    from pipeline.modelfile import ModelFileError
+    from pipeline.registry import ModelRegistry, RegistryError
+
+    registry = ModelRegistry(registry_root(args.config, args.registry))
+    try:
+        registry.activate(args.name, args.version)
+    except (RegistryError, ModelFileError) as error:
+        print(f"models activate: {error}", file=sys.stderr)
+        return 1
+    print(f"{args.name} {args.version} is now active")
+    return 0
+
+
+def _read_card(registry: Any, name: str, version: str) -> dict[str, Any]:
+    from pipeline.modelfile import ModelFileError, load_model
+
+    # The readable copy beside the model; the model file itself when it is missing.
+    readable = registry.path(name, version).with_suffix(".json")
+    if readable.is_file():
+        return json.loads(readable.read_text(encoding="utf-8"))
+    try:
+        loaded = load_model(registry.path(name, version))
+    except ModelFileError as error:
+        return {"direction": f"unreadable: {error}"}
+    return asdict(loaded.card)
+
+
+def _metrics_line(metrics: dict[str, Any]) -> str:
+    for key in ("reference", "held_out", "training_data_only"):
+        overall = (metrics.get(key) or {}).get("overall") or {}
+        if "model" in overall:
+            model, floor = overall["model"], overall.get("inverted", {})
+            nan = float("nan")
+            return (
+                f"{key}: PSNR head {model['psnr_head']:.2f} dB, SSIM head "
+                f"{model['ssim_head']:.3f} (inverted input: {floor.get('psnr_head', nan):.2f} dB, "
+                f"{floor.get('ssim_head', nan):.3f})"
+            )
+    return "no metrics on the card"

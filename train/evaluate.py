@@ -1,0 +1,173 @@
+"""Evaluating a model on paired studies through the node's own inference path.
+
+Every source series goes whole through ``pipeline.inference.Synthesizer`` and
+``pipeline.preprocess.to_stored_pixels``, as a job would, and what the node would send is
+compared with the real target on the usable slices (see
+``train.pairs``): per study, per patient (slices of all its studies pooled) and overall
+(the mean of the patients, so a patient with two studies does not count twice). Beside
+every score stand the trivial floors of ``train.metrics.floors``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.inference import Synthesizer
+from pipeline.modelfile import LoadedModel, describe
+from pipeline.preprocess import normalize_volume, to_stored_pixels
+from train.metrics import collapse_check, floors, mean_metrics, minmax_slices, slice_metrics
+from train.pairs import PairedVolume
+
+PREDICTORS = ("model", "input", "inverted")
+# What "better" means when two models or a model and a floor are compared: the paper's
+# PSNR and SSIM, inside the head, where the anatomy a reader looks at is.
+KEY_METRICS = ("psnr_head", "ssim_head")
+
+
+@dataclass
+class StudyResult:
+    label: str
+    patient: str
+    slices: int
+    dropped: dict[str, int]
+    metrics: dict[str, dict[str, float]]  # predictor -> metric -> mean over slices
+    collapse: dict[str, float | bool]
+    per_slice: dict[str, dict[str, list[float]]] = field(repr=False)
+    # Kept for figures: normalised source, raw output, normalised target (usable slices).
+    images: tuple[np.ndarray, np.ndarray, np.ndarray] = field(repr=False)
+
+
+@dataclass
+class Evaluation:
+    model: str
+    direction: str
+    studies: list[StudyResult]
+
+    def patients(self) -> dict[str, dict[str, dict[str, float]]]:
+        """patient -> predictor -> metric, pooled over the slices of the patient's studies."""
+        pooled: dict[str, dict[str, dict[str, list[float]]]] = {}
+        for study in self.studies:
+            into = pooled.setdefault(study.patient, {})
+            for predictor, values in study.per_slice.items():
+                for key, items in values.items():
+                    into.setdefault(predictor, {}).setdefault(key, []).extend(items)
+        return {
+            patient: {predictor: mean_metrics(values) for predictor, values in by.items()}
+            for patient, by in pooled.items()
+        }
+
+    def overall(self) -> dict[str, dict[str, float]]:
+        """predictor -> metric: the mean over patients."""
+        patients = list(self.patients().values())
+        if not patients:
+            return {}
+        return {
+            predictor: {
+                key: float(np.mean([p[predictor][key] for p in patients]))
+                for key in patients[0][predictor]
+            }
+            for predictor in PREDICTORS
+        }
+
+    def collapsed(self) -> bool:
+        return any(bool(study.collapse["collapsed"]) for study in self.studies)
+
+    def beats_floors(self) -> bool:
+        """Whether the model is better than both floors on every key metric, overall."""
+        overall = self.overall()
+        return bool(overall) and all(
+            overall["model"][key] > overall[floor][key]
+            for key in KEY_METRICS
+            for floor in ("input", "inverted")
+        )
+
+    def report(self) -> dict[str, Any]:
+        """JSON-ready: studies, patients, overall, floors beside the model, collapse check."""
+        return {
+            "model": self.model,
+            "direction": self.direction,
+            "metric_definitions": (
+                "paper eq. 1-3 on per-slice min-max normalised images, PSNR with MAX_I = 1, "
+                "SSIM (Gaussian 11x11, sigma 1.5); *_slice over the whole slice, *_head inside "
+                "the head mask; per-slice values averaged; overall = mean of patients"
+            ),
+            "studies": [
+                {
+                    "study": s.label,
+                    "patient": s.patient,
+                    "slices": s.slices,
+                    "dropped": s.dropped,
+                    "metrics": s.metrics,
+                    "collapse": s.collapse,
+                }
+                for s in self.studies
+            ],
+            "patients": self.patients(),
+            "overall": self.overall(),
+            "collapsed": self.collapsed(),
+            "beats_floors": self.beats_floors(),
+        }
+
+
+def evaluate(model: LoadedModel, paired: list[PairedVolume]) -> Evaluation:
+    """Run ``model`` over the source of every pair and score it against the real target."""
+    synthesizer = Synthesizer(model)
+    studies = []
+    for item in paired:
+        if item.direction != model.card.direction:
+            raise ValueError(
+                f"{item.pair.label} was paired for {item.direction}, the model is "
+                f"{model.card.direction}"
+            )
+        output = synthesizer.synthesize(np.asarray(item.source.pixels))
+        keep = item.slices
+        covered, head = item.covered[keep], item.head[keep]
+        source = minmax_slices(item.source.pixels[keep])
+        real = minmax_slices(item.target[keep])
+        # Scored as the node sends it: clipped to [0, 1] and stored as 12-bit pixels.
+        sent = to_stored_pixels(output).pixels[keep]
+        predictions = {"model": minmax_slices(sent), **floors(source, head)}
+        per_slice = {
+            name: slice_metrics(prediction, real, covered, head)
+            for name, prediction in predictions.items()
+        }
+        # In the network's own space: the spread of its raw output against the target's.
+        target_normalized = normalize_volume(item.target, model.card.normalization)[keep]
+        studies.append(
+            StudyResult(
+                label=item.pair.label,
+                patient=item.pair.patient,
+                slices=len(keep),
+                dropped=item.dropped,
+                metrics={name: mean_metrics(values) for name, values in per_slice.items()},
+                collapse=collapse_check(output[keep], head & covered, target_normalized),
+                per_slice=per_slice,
+                images=(source, output[keep], real),
+            )
+        )
+    return Evaluation(describe(model.card), model.card.direction, studies)
+
+
+def format_table(evaluation: Evaluation) -> str:
+    """The overall and per-patient scores with the floors, as aligned text for a terminal."""
+    columns = ("mse_slice", "mae_slice", "psnr_slice", "ssim_slice", "psnr_head", "ssim_head")
+    lines = [f"{evaluation.model} ({evaluation.direction})"]
+    header = f"{'':28} {'predictor':9} " + " ".join(f"{c:>10}" for c in columns)
+    lines.append(header)
+    rows = [(p, m) for p, m in evaluation.patients().items()] + [("overall", evaluation.overall())]
+    for who, by_predictor in rows:
+        for predictor in PREDICTORS:
+            values = by_predictor[predictor]
+            lines.append(
+                f"{who:28} {predictor:9} " + " ".join(f"{values[c]:10.4f}" for c in columns)
+            )
+    for study in evaluation.studies:
+        lines.append(
+            f"{study.label} ({study.patient}): {study.slices} slices, output spread "
+            f"{study.collapse['spread']:.3f} (target {study.collapse['reference_spread']:.3f})"
+            + ("  COLLAPSED" if study.collapse["collapsed"] else "")
+        )
+    return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""Figures like the paper's: input, synthetic, real and their difference, a few slices per row.
+
+Each image is shown with its own per-slice min-max window (the space the metrics use), so a
+synthetic slice that is too bright or too flat looks it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on a server
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from train.metrics import minmax_slices
+
+FIGURE_SLICES = 4
+
+
+def pick_slices(count: int, wanted: int = FIGURE_SLICES) -> list[int]:
+    """Evenly spread slice indices, avoiding the first and last fifth (tips of the head)."""
+    if count <= wanted:
+        return list(range(count))
+    return sorted({int(i) for i in np.linspace(0.2 * (count - 1), 0.8 * (count - 1), wanted)})
+
+
+def save_comparison(
+    path: Path,
+    title: str,
+    source: np.ndarray,
+    output: np.ndarray,
+    real: np.ndarray | None = None,
+) -> Path:
+    """Write a PNG: one row per picked slice; input, synthetic, and with ``real``, the real
+    target and |synthetic - real|. All stacks are (S, H, W) on the same grid."""
+    picks = pick_slices(source.shape[0])
+    panels = {"input": minmax_slices(source[picks]), "synthetic": minmax_slices(output[picks])}
+    if real is not None:
+        panels["real"] = minmax_slices(real[picks])
+        panels["|synthetic - real|"] = np.abs(panels["synthetic"] - panels["real"])
+    rows, columns = len(picks), len(panels)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(2.4 * columns, 2.4 * rows + 0.4), squeeze=False
+    )
+    for row, index in enumerate(picks):
+        for column, (name, images) in enumerate(panels.items()):
+            axis = axes[row][column]
+            axis.imshow(images[row], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(name, fontsize=9)
+            if column == 0:
+                axis.set_ylabel(f"slice {index}", fontsize=8)
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return path

@@ -1,0 +1,247 @@
+"""Paired T1/T2 studies for training and evaluation, found by header and aligned by geometry.
+
+A pair is a T1 and a T2 series of the same patient, study and frame of reference, each
+classified from its header physics by ``pipeline.contrast.classify`` (FLAIR and
+post-contrast T1 never enter a pair). The target series is resampled onto the source
+series' grid through both series' DICOM geometry, refined by a rigid registration where the
+two were acquired on different grids (``train.registration``), so series with their own
+slab and obliquity (the native study) pair voxel for voxel with what the network sees at
+inference, which is the source series on its own grid.
+
+Patients are named in logs, reports and model cards by a pseudonym (``patient_label``): a
+PatientID identifies a person and must not leave the hospital in a model card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from pipeline.contrast import Contrast, classify
+from pipeline.preprocess import foreground_threshold
+from pipeline.routing import Direction
+from pipeline.seriesfiles import SeriesFiles, scan_series
+from pipeline.volume import SeriesError, Volume, load_series
+from train.registration import Rigid, register_rigid, resample_onto
+
+PAIR_KEYWORDS = ("PatientID", "FrameOfReferenceUID")
+
+# A source slice whose head covers less than this fraction of it is a tip of the skull or
+# empty background: nothing a contrast mapping can learn from or be judged on.
+MIN_HEAD_FRACTION = 0.02
+# Fraction of a source slice's head that the target must cover after resampling; below it
+# the slice lies (partly) outside the target's slab and its pair would be half empty.
+MIN_COVERAGE = 0.95
+
+
+@dataclass(frozen=True)
+class StudyPair:
+    """A T1 and a T2 series that belong together (same patient, study, frame of reference)."""
+
+    label: str  # where the study was found, for people: its folder relative to the data root
+    patient_id: str
+    study_uid: str
+    t1: SeriesFiles
+    t2: SeriesFiles
+
+    @property
+    def patient(self) -> str:
+        return patient_label(self.patient_id)
+
+    def source_and_target(self, direction: str) -> tuple[SeriesFiles, SeriesFiles]:
+        # Direction() raises ValueError naming the known directions.
+        first_is_t1 = Direction(direction).source is Contrast.T1
+        return (self.t1, self.t2) if first_is_t1 else (self.t2, self.t1)
+
+
+@dataclass
+class PairSearch:
+    pairs: list[StudyPair]
+    notes: list[str]  # why a study or series did not become a pair, one line each
+    unpaired: list[tuple[Contrast, SeriesFiles]]  # T1 and T2 series with no partner
+
+
+@dataclass(frozen=True, eq=False)
+class PairedVolume:
+    """A source series with its target resampled onto its grid, and which slices pair up."""
+
+    pair: StudyPair
+    direction: str
+    source: Volume
+    target: np.ndarray  # float32 (S, H, W): target intensities on the source grid
+    covered: np.ndarray  # bool (S, H, W): source pixels that lie inside the target's volume
+    head: np.ndarray  # bool (S, H, W): the head (or brain) in the source, holes filled
+    slices: np.ndarray  # indices of the slices that make usable pairs, ascending
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> number of slices
+    registration: Rigid | None = None  # None: same grid, aligned voxel for voxel by header
+
+    def summary(self) -> str:
+        total = self.source.pixels.shape[0]
+        why = ", ".join(f"{count} {reason}" for reason, count in self.dropped.items())
+        return (
+            f"{self.pair.label} ({self.pair.patient}): {len(self.slices)} of {total} slice "
+            f"pairs"
+            + (f"; dropped {why}" if why else "")
+            + (f"; {self.registration.describe()}" if self.registration else "")
+        )
+
+
+def patient_label(patient_id: str) -> str:
+    """A stable pseudonym for a PatientID, for logs, reports and model cards."""
+    return "patient-" + hashlib.sha256(patient_id.encode()).hexdigest()[:8]
+
+
+def find_pairs(roots: Sequence[Path]) -> PairSearch:
+    """Every T1/T2 pair under ``roots``, by header classification, never by file names.
+
+    Series are grouped by (PatientID, StudyInstanceUID, FrameOfReferenceUID). A group with
+    several T1 or T2 series pairs the one with the most slices of each and notes the rest.
+    """
+    roots = [Path(root) for root in roots]
+    found = scan_series(roots, PAIR_KEYWORDS)
+    notes = [f"skipped {path}: {reason}" for path, reason in found.unreadable]
+    groups: dict[tuple[str, str, str], dict[Contrast, list[SeriesFiles]]] = {}
+    for series in found.series:
+        contrast = classify(series.header).contrast
+        if contrast not in (Contrast.T1, Contrast.T2):
+            continue
+        patient = str(series.header.get("PatientID", ""))
+        frame = str(series.header.get("FrameOfReferenceUID", ""))
+        where = _label(series.folder, roots)
+        if not patient or not frame:
+            notes.append(f"{where}: {contrast} series without PatientID or FrameOfReferenceUID")
+            continue
+        key = (patient, series.study_uid, frame)
+        groups.setdefault(key, {}).setdefault(contrast, []).append(series)
+
+    pairs, unpaired = [], []
+    for (patient, study, _), by_contrast in groups.items():
+        t1s, t2s = by_contrast.get(Contrast.T1, []), by_contrast.get(Contrast.T2, [])
+        if not t1s or not t2s:
+            lonely = (t1s or t2s)[0]
+            missing = "T2" if t1s else "T1"
+            unpaired += [(Contrast.T1 if t1s else Contrast.T2, s) for s in t1s or t2s]
+            notes.append(
+                f"{_label(lonely.folder.parent, roots)}: no {missing} series in the same study "
+                "and frame of reference; not paired"
+            )
+            continue
+        t1 = max(t1s, key=lambda s: len(s.files))
+        t2 = max(t2s, key=lambda s: len(s.files))
+        for extra in [s for s in t1s + t2s if s is not t1 and s is not t2]:
+            notes.append(f"{_label(extra.folder, roots)}: another series of the pair's contrast")
+        label = _label(_common_folder(t1.folder, t2.folder), roots)
+        pairs.append(StudyPair(label, patient, study, t1, t2))
+    pairs.sort(key=lambda p: p.label)
+    return PairSearch(pairs, notes, unpaired)
+
+
+def load_pair(pair: StudyPair, direction: str, register: bool = True) -> PairedVolume:
+    """Read both series and resample the target onto the source's grid.
+
+    Series on different grids are placed by their DICOM geometry and then, with
+    ``register``, refined by ``train.registration.register_rigid``; series on the same
+    grid (co-registered) are taken voxel for voxel. Raises SeriesError when a series cannot
+    be read, or when the target's slices are unevenly spaced (its affine would misplace them).
+    """
+    source_files, target_files = pair.source_and_target(direction)
+    source = load_series(source_files.files)
+    target = load_series(target_files.files)
+    if not target.uniform_spacing:
+        raise SeriesError(f"{pair.label}: target series has unevenly spaced slices")
+    head = head_mask(source.pixels)
+    rigid = None
+    if register and not _same_grid(source, target):
+        target, rigid = register_rigid(target, source, head)
+    resampled, covered = resample_onto(target, source)
+    slices, dropped = _usable_slices(head, covered, resampled)
+    return PairedVolume(pair, direction, source, resampled, covered, head, slices, dropped, rigid)
+
+
+def _same_grid(first: Volume, second: Volume) -> bool:
+    return first.pixels.shape == second.pixels.shape and np.allclose(
+        first.affine(), second.affine(), atol=1e-3
+    )
+
+
+def head_mask(pixels: np.ndarray) -> np.ndarray:
+    """The head (or skull-stripped brain) of a volume: above the foreground threshold, holes
+    filled slice by slice so that dark CSF and tumour cores inside the head count as head."""
+    above = pixels > foreground_threshold(pixels)
+    return np.stack([ndimage.binary_fill_holes(image) for image in above])
+
+
+def _usable_slices(
+    head: np.ndarray, covered: np.ndarray, target: np.ndarray
+) -> tuple[np.ndarray, dict[str, int]]:
+    reasons: Counter[str] = Counter()
+    keep = []
+    pixels_per_slice = head[0].size
+    target_head = target > foreground_threshold(target[covered]) if covered.any() else covered
+    for index in range(head.shape[0]):
+        area = int(head[index].sum())
+        if area < MIN_HEAD_FRACTION * pixels_per_slice:
+            reasons["with (almost) no head in the source"] += 1
+        elif covered[index][head[index]].mean() < MIN_COVERAGE:
+            reasons["outside the target's slab (no overlap)"] += 1
+        elif target_head[index].sum() < MIN_HEAD_FRACTION * pixels_per_slice:
+            reasons["with (almost) no head in the target"] += 1
+        else:
+            keep.append(index)
+    return np.array(keep, dtype=int), dict(reasons)
+
+
+def _common_folder(first: Path, second: Path) -> Path:
+    parts = []
+    for a, b in zip(first.parts, second.parts, strict=False):
+        if a != b:
+            break
+        parts.append(a)
+    return Path(*parts)
+
+
+def _label(folder: Path, roots: Sequence[Path]) -> str:
+    for root in roots:
+        base = root if root.is_dir() else root.parent
+        try:
+            relative = folder.relative_to(base)
+        except ValueError:
+            continue
+        return str(relative) if relative.parts else base.name
+    return str(folder)
+
+
+def split_by_patient(
+    pairs: list[StudyPair], holdout: Sequence[str], validation_fraction: float, seed: int
+) -> tuple[list[StudyPair], list[StudyPair]]:
+    """(training pairs, held-out pairs), split by patient, never by slice or study.
+
+    ``holdout`` names patients by PatientID or by pseudonym; without it a seeded random
+    ``validation_fraction`` of the patients (rounded, at least one when the fraction is
+    positive and two or more patients exist) is held out. Raises ValueError for a held-out
+    patient that has no pair.
+    """
+    patients = sorted({pair.patient_id for pair in pairs})
+    if holdout:
+        chosen = set()
+        for wanted in holdout:
+            matches = [p for p in patients if wanted in (p, patient_label(p))]
+            if not matches:
+                raise ValueError(f"--holdout {wanted}: no paired study of that patient")
+            chosen.update(matches)
+    elif validation_fraction > 0 and len(patients) >= 2:
+        count = min(len(patients) - 1, max(1, round(validation_fraction * len(patients))))
+        order = np.random.default_rng(seed).permutation(len(patients))
+        chosen = {patients[i] for i in order[:count]}
+    else:
+        chosen = set()
+    return (
+        [pair for pair in pairs if pair.patient_id not in chosen],
+        [pair for pair in pairs if pair.patient_id in chosen],
+    )
