@@ -13,8 +13,18 @@ from node.config import DEFAULT_CONFIG, Config, ConfigError, check_models, load_
 log = logging.getLogger("dicomnode")
 
 
+# The ML engineer's commands load torch and the training stack (seconds); the admin's
+# quick commands must not wait for that, so these are built only when asked for.
+TRAINING_COMMANDS = {
+    "train": "train a model on paired T1/T2 studies and register it",
+    "evaluate": "score a model on paired studies, beside the trivial floors",
+    "models": "list the registered models, or activate a version",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser(training=bool(argv) and argv[0] in TRAINING_COMMANDS)
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
         parser.print_help()
@@ -26,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(training: bool) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dicomnode",
         description="DICOM node (AE SYNTH) that synthesizes T2 from T1 and T1 from T2 MR series.",
@@ -69,6 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     translate.add_argument(
         "--model", type=Path, help="model file (default: the registry's active model)"
     )
+
+    if training:
+        from train.commands import add_commands
+
+        add_commands(commands)
+    else:
+        for name, text in TRAINING_COMMANDS.items():
+            commands.add_parser(name, help=text)
 
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(metavar="ACTION")

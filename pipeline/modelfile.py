@@ -62,8 +62,11 @@ class LoadedModel:
 
 
 def describe(card: ModelCard) -> str:
-    """One-line identity of a model for logs: ``name vN (sha256:abcd1234)``."""
-    return f"{card.name} v{card.version} (sha256:{card.checksum[:8]})"
+    """One-line identity of a model for logs: ``name version (sha256:abcd1234)``.
+
+    Versions carry their own form ("v2" in the registry), so nothing is prefixed.
+    """
+    return f"{card.name} {card.version} (sha256:{card.checksum[:8]})"
 
 
 def weights_checksum(state_dict: dict[str, torch.Tensor]) -> str:

@@ -25,7 +25,7 @@ ARGUMENTS = {"in_channels": 3, "base_width": 4, "depth": 2}
 def make_card(**changes: object) -> ModelCard:
     card = ModelCard(
         name="t1-to-t2",
-        version="3",
+        version="v3",
         direction="t1-to-t2",
         arguments=dict(ARGUMENTS),
         normalization="percentile-volume",
