@@ -19,6 +19,7 @@ from pipeline.completion import CompletionSettings
 from pipeline.delivery import DeliverySettings
 from pipeline.routing import AE_TITLE_PATTERN, Destination, Route
 from pipeline.settings import ModelSettings, WorkerSettings
+from train.settings import RefreshSettings
 
 DEFAULT_CONFIG = Path("config.toml")
 
@@ -102,6 +103,7 @@ class Config(BaseModel):
     models: ModelSettings = ModelSettings()
     worker: WorkerSettings = WorkerSettings()
     delivery: DeliverySettings = DeliverySettings()
+    refresh: RefreshSettings = RefreshSettings()
     destinations: dict[str, Destination] = {}
     routes: list[Route] = []
 
@@ -118,6 +120,19 @@ def load_config(path: Path = DEFAULT_CONFIG) -> Config:
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(path, [f"cannot be read: {error}"]) from None
     return parse_config(raw, path)
+
+
+def check_refresh(config: Config) -> list[str]:
+    """A scheduled refresh needs its data folders."""
+    if not config.refresh.enabled:
+        return []
+    if not config.refresh.data:
+        return ["refresh.data: empty, but refresh is enabled (give folders of paired studies)"]
+    return [
+        f"refresh.data: {folder} is not a folder"
+        for folder in config.refresh.data
+        if not folder.is_dir()
+    ]
 
 
 def check_models(config: Config) -> list[str]:
@@ -150,7 +165,11 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     problems = _cross_section_problems(config)
     if problems:
         raise ConfigError(path, problems)
-    return _resolve_paths(config, path.resolve().parent)
+    config = _resolve_paths(config, path.resolve().parent)
+    problems = check_refresh(config)
+    if problems:
+        raise ConfigError(path, problems)
+    return config
 
 
 def _cross_section_problems(config: Config) -> list[str]:
@@ -182,7 +201,8 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         update={"storage": storage, "database": url.render_as_string(hide_password=False)}
     )
     models = config.models.model_copy(update={"registry": registry})
-    return config.model_copy(update={"node": node, "models": models})
+    refresh = config.refresh.model_copy(update={"data": [base / p for p in config.refresh.data]})
+    return config.model_copy(update={"node": node, "models": models, "refresh": refresh})
 
 
 def _describe(error: dict[str, Any]) -> str:

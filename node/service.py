@@ -5,6 +5,7 @@ Stages (each with its own lifecycle; all state in the database, pixels in the sp
   complete  - an APScheduler tick completes due series and routes them into jobs
   process   - the worker synthesizes queued jobs (in this process unless configured off)
   dispatch  - the dispatcher sends finished jobs to their destinations, with retries
+  refresh   - optionally, a daily retraining from the hospital's paired studies
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from tzlocal import get_localzone
 
 from node.config import Config
 from node.dispatch import Dispatcher
@@ -92,6 +95,16 @@ class NodeService:
             coalesce=True,
             next_run_time=datetime.now(UTC),
         )
+        if self.config.refresh.enabled:
+            refresh = self.config.refresh
+            self.scheduler.add_job(
+                self._refresh,
+                CronTrigger(hour=refresh.hour, minute=refresh.minute, timezone=get_localzone()),
+                id="refresh",
+                max_instances=1,
+                coalesce=True,
+            )
+            log.info("model refresh scheduled daily at %s (local time)", refresh.time)
         self.scheduler.start()
         loops = [("dispatch", self.dispatcher.run_forever)]
         if self.worker is not None:
@@ -129,6 +142,17 @@ class NodeService:
             self.scheduler.modify_job(COMPLETION_JOB, next_run_time=datetime.now(UTC))
         except Exception:  # shutting down; the next start completes it
             log.debug("completion not woken", exc_info=True)
+
+    def _refresh(self) -> None:
+        from train.refresh import refresh_models  # torch and the training stack: only now
+
+        try:
+            for line in refresh_models(
+                self.config.refresh, ModelRegistry(self.config.models.registry)
+            ):
+                log.info("model refresh: %s", line)
+        except Exception:
+            log.exception("model refresh failed; the active models are unchanged")
 
     def _complete(self) -> None:
         try:

@@ -113,3 +113,14 @@ def test_a_missing_or_wrong_model_stops_serve_at_start(tmp_path):
     result = run_dicomnode("config", "check", "--config", str(config))
     assert result.returncode == 2
     assert "synthesizes t2-to-t1, but the route's direction is t1-to-t2" in result.stderr
+
+
+def test_refresh_settings_are_checked_and_resolved(tmp_path):
+    found = problems(tmp_path, VALID + '\n[refresh]\nenabled = true\ntime = "25:00"\n')
+    assert found == ["refresh.time = '25:00': '25:00' is not a time of day HH:MM (e.g. \"02:00\")"]
+    found = problems(tmp_path, VALID + '\n[refresh]\nenabled = true\ndata = ["studies"]\n')
+    assert found == [f"refresh.data: {tmp_path / 'studies'} is not a folder"]
+    (tmp_path / "studies").mkdir()
+    path = tmp_path / "config.toml"
+    config = load_config(path)
+    assert config.refresh.data == [tmp_path / "studies"] and config.refresh.time == "02:00"

@@ -6,7 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from pipeline.registry import ModelRegistry
-from train.refresh import RefreshSettings, refresh_models
+from train.refresh import refresh_models
+from train.settings import RefreshSettings
 
 
 def test_settings_defaults_and_validation() -> None:

@@ -1,0 +1,57 @@
+"""Settings of the training side that config.toml holds.
+
+Kept apart from the training code so that reading config.toml does not import torch.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pipeline.routing import Direction
+
+DIRECTIONS = tuple(d.value for d in Direction)
+
+
+class RefreshSettings(BaseModel):
+    """``[refresh]`` in config.toml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    data: list[Path] = []  # folders of paired studies (a PACS export, the spool's incoming/)
+    time: str = "02:00"  # daily, local time, HH:MM
+    directions: list[str] = [d.value for d in Direction]
+    epochs: Annotated[int, Field(ge=1)] = 30
+    steps_per_epoch: Annotated[int, Field(ge=1)] = 50
+    # Held-out patients are what the activation rule compares on: without any, a refreshed
+    # model never replaces an active one.
+    validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    seed: int = 0
+
+    @field_validator("time")
+    @classmethod
+    def _is_time_of_day(cls, value: str) -> str:
+        match = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", value.strip())
+        if not match:
+            raise ValueError(f'{value!r} is not a time of day HH:MM (e.g. "02:00")')
+        return f"{int(match.group(1)):02d}:{match.group(2)}"
+
+    @field_validator("directions")
+    @classmethod
+    def _known_directions(cls, values: list[str]) -> list[str]:
+        unknown = [value for value in values if value not in DIRECTIONS]
+        if unknown:
+            raise ValueError(f"unknown direction(s) {unknown}; known: {', '.join(DIRECTIONS)}")
+        return values
+
+    @property
+    def hour(self) -> int:
+        return int(self.time.split(":")[0])
+
+    @property
+    def minute(self) -> int:
+        return int(self.time.split(":")[1])
