@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -64,7 +64,14 @@ class InstanceFacts:
     instance_number: int | None
     series_number: int | None
     description: str | None
-    header: dict[str, Any]
+    # Kept to extract the routing header from, which only a series' first instance needs:
+    # extracting it costs more than every other check of an instance together.
+    dataset: Dataset = field(repr=False, compare=False)
+    header_keywords: tuple[str, ...] = ()
+
+    def header(self) -> dict[str, Any]:
+        """The header fields routing and classification read (see pipeline.header)."""
+        return extract_header(self.dataset, self.header_keywords)
 
     def relative_path(self) -> Path:
         """Where the file goes under the spool; the UIDs were validated for this."""
@@ -106,7 +113,8 @@ def inspect_instance(
         instance_number=_int_or_none(ds.get("InstanceNumber")),
         series_number=_int_or_none(ds.get("SeriesNumber")),
         description=str(ds.get("SeriesDescription", "") or "")[:64] or None,
-        header=extract_header(ds, extra_keywords),
+        dataset=ds,
+        header_keywords=tuple(extra_keywords),
     )
 
 
@@ -216,7 +224,8 @@ def record_instance(
 
 
 def _new_series(facts: InstanceFacts, calling_ae: str, now: datetime) -> Series:
-    classification = classify(facts.header)
+    header = facts.header()
+    classification = classify(header)
     return Series(
         series_uid=facts.series_uid,
         study_uid=facts.study_uid,
@@ -235,7 +244,7 @@ def _new_series(facts: InstanceFacts, calling_ae: str, now: datetime) -> Series:
         instance_count=0,
         first_arrival=now,
         last_arrival=now,
-        header=facts.header,
+        header=header,
         contrast=classification.contrast,
         contrast_reason=classification.reason,
         state=SeriesState.RECEIVING,
