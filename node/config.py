@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 
 from pipeline.completion import CompletionSettings
 from pipeline.delivery import DeliverySettings
+from pipeline.retention import RetentionSettings
 from pipeline.routing import AE_TITLE_PATTERN, Destination, Route
 from pipeline.settings import ModelSettings, WorkerSettings
 from train.settings import RefreshSettings
@@ -104,6 +105,7 @@ class Config(BaseModel):
     worker: WorkerSettings = WorkerSettings()
     delivery: DeliverySettings = DeliverySettings()
     refresh: RefreshSettings = RefreshSettings()
+    retention: RetentionSettings = RetentionSettings()
     destinations: dict[str, Destination] = {}
     routes: list[Route] = []
 

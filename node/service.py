@@ -5,6 +5,7 @@ Stages (each with its own lifecycle; all state in the database, pixels in the sp
   complete  - an APScheduler tick completes due series and routes them into jobs
   process   - the worker synthesizes queued jobs (in this process unless configured off)
   dispatch  - the dispatcher sends finished jobs to their destinations, with retries
+  clean     - hourly, files of finished series past their retention are removed
   refresh   - optionally, a daily retraining from the hospital's paired studies
 """
 
@@ -27,6 +28,7 @@ from pipeline.completion import complete_due_series
 from pipeline.db import open_database, utcnow
 from pipeline.intake import recover_unrecorded
 from pipeline.registry import ModelRegistry
+from pipeline.retention import purge_finished
 from pipeline.routing import header_keywords
 from pipeline.spool import remove_partial_files
 from pipeline.worker import Worker
@@ -95,6 +97,9 @@ class NodeService:
             coalesce=True,
             next_run_time=datetime.now(UTC),
         )
+        self.scheduler.add_job(
+            self._clean, "interval", hours=1, id="clean", max_instances=1, coalesce=True
+        )
         if self.config.refresh.enabled:
             refresh = self.config.refresh
             self.scheduler.add_job(
@@ -142,6 +147,12 @@ class NodeService:
             self.scheduler.modify_job(COMPLETION_JOB, next_run_time=datetime.now(UTC))
         except Exception:  # shutting down; the next start completes it
             log.debug("completion not woken", exc_info=True)
+
+    def _clean(self) -> None:
+        try:
+            purge_finished(self.sessions, self.config.node.storage, self.config.retention)
+        except Exception:
+            log.exception("clean stage failed; files are kept and it runs again in an hour")
 
     def _refresh(self) -> None:
         from train.refresh import refresh_models  # torch and the training stack: only now

@@ -36,6 +36,7 @@ def collect_status(sessions: sessionmaker, limit: int = 200) -> dict[str, Any]:
                     "expected": s.expected_count,
                     "calling_ae": s.calling_ae,
                     "generation": s.generation,
+                    "purged_at": _iso(s.purged_at),
                     "first_arrival": _iso(s.first_arrival),
                     "last_arrival": _iso(s.last_arrival),
                 }

@@ -80,6 +80,8 @@ class Series(Base):
     # Incremented each time late instances re-open a completed series.
     generation: Mapped[int] = mapped_column(default=1)
     completed_at: Mapped[datetime | None]
+    # When the clean stage removed its files (pipeline.retention); the rows stay as history.
+    purged_at: Mapped[datetime | None]
 
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
     jobs: Mapped[list[Job]] = relationship(back_populates="series")

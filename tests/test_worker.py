@@ -13,6 +13,7 @@ from pipeline.derived import encode
 from pipeline.intake import inspect_instance, record_instance
 from pipeline.jobs import claim_job, finish_job
 from pipeline.registry import ModelRegistry
+from pipeline.retention import RetentionSettings, purge_finished
 from pipeline.routing import Route
 from pipeline.settings import WorkerSettings
 from pipeline.spool import write_atomically
@@ -147,3 +148,25 @@ def test_a_sagittal_series_fails_with_the_reason(node):
     (job,) = jobs(node)
     assert job.state == "failed" and job.attempts == 1
     assert job.reason.startswith("the slices are sagittal (90 degrees from axial)")
+
+
+def test_the_clean_stage_removes_only_finished_series_after_the_retention(node):
+    sessions, spool, _ = node
+    receive(node, mr_series(3))  # will be delivered
+    receive(node, mr_series(3))  # its delivery stays pending
+    worker(node).run_due_jobs()
+    done, pending = jobs(node)
+    with sessions.begin() as session:
+        for delivery in session.scalars(select(Delivery).where(Delivery.job_id == done.id)):
+            delivery.state = "sent"
+    keep = RetentionSettings(keep_days=30)
+    assert purge_finished(sessions, spool, keep) == 0  # too recent
+    later = utcnow() + timedelta(days=31)
+    assert purge_finished(sessions, spool, keep, now=later) == 1
+    assert not (spool / done.output_path).exists()
+    assert (spool / pending.output_path).exists()
+    with sessions() as session:
+        pending_uid = session.get(Job, pending.id).series.series_uid
+    incoming = [p.parent.name for p in (spool / "incoming").rglob("*.dcm")]
+    assert set(incoming) == {pending_uid}
+    assert purge_finished(sessions, spool, RetentionSettings(keep_days=0), now=later) == 0
