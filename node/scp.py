@@ -247,6 +247,8 @@ class StorageSCP:
         except Exception:
             log.exception("unexpected error recording instance %s", facts.sop_instance_uid)
             return PROCESSING_FAILURE, "unexpected error; see the node's log", False
+        if outcome.orphaned_file:
+            path.unlink(missing_ok=True)  # the stored copy, under its first UIDs, stays
         if outcome.count_reached:
             self._on_count_reached()
         return 0x0000, "", outcome.duplicate

@@ -167,6 +167,9 @@ class RecordOutcome:
     duplicate: bool  # the instance was already stored; nothing changed
     reopened: bool  # a completed series received a late instance
     count_reached: bool  # the announced count is now reached: completion need not wait
+    # For a duplicate that claims another study or series than the stored instance, the
+    # new file lies elsewhere in the spool and nothing refers to it: the caller removes it.
+    orphaned_file: bool = False
 
 
 def record_instance(
@@ -177,11 +180,19 @@ def record_instance(
     Raises InstanceRefused(INCONSISTENT) when the instance disagrees with its series.
     """
     now = now or utcnow()
-    existing = session.scalar(
-        select(Instance.series_id).where(Instance.sop_instance_uid == facts.sop_instance_uid)
-    )
+    existing = session.execute(
+        select(Instance.series_id, Instance.path).where(
+            Instance.sop_instance_uid == facts.sop_instance_uid
+        )
+    ).first()
     if existing is not None:
-        return RecordOutcome(existing, duplicate=True, reopened=False, count_reached=False)
+        return RecordOutcome(
+            existing.series_id,
+            duplicate=True,
+            reopened=False,
+            count_reached=False,
+            orphaned_file=existing.path != str(facts.relative_path()),
+        )
 
     series = session.scalar(select(Series).where(Series.series_uid == facts.series_uid))
     reopened = False
@@ -368,11 +379,14 @@ def recover_unrecorded(
             facts = inspect_instance(ds, str(ds.file_meta.TransferSyntaxUID), extra_keywords)
             calling_ae = str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "UNKNOWN")
             with sessions.begin() as session:
-                record_instance(session, facts, path.stat().st_size, calling_ae.strip())
+                outcome = record_instance(session, facts, path.stat().st_size, calling_ae.strip())
         except Exception as error:  # a file that cannot be recorded must not stop the start
             log.error("spool file %s could not be recovered: %s", relative, error)
             continue
-        recovered += 1
+        if outcome.orphaned_file:
+            path.unlink(missing_ok=True)
+        else:
+            recovered += not outcome.duplicate
     if recovered:
         log.warning("recovered %d received instance(s) whose rows were lost", recovered)
     return recovered

@@ -96,6 +96,19 @@ def test_echo_and_duplicate(node, tmp_path):
     assert rows(node, "select count(*) from instance") == [(3,)]
 
 
+def test_a_duplicate_under_other_series_uids_leaves_no_second_file(node):
+    (original,) = mr_series(1)
+    assert send([original], node.port) == [(0, "")]
+    moved = mr_series(1)[0]
+    moved.SOPInstanceUID = original.SOPInstanceUID  # re-sent with other study/series UIDs
+    moved.file_meta.MediaStorageSOPInstanceUID = original.SOPInstanceUID
+    assert send([moved], node.port) == [(0, "")]
+    spool = node.config.parent / "spool"
+    (stored,) = list(spool.rglob("*.dcm"))
+    assert original.SeriesInstanceUID in str(stored)
+    assert rows(node, "select count(*) from instance") == [(1,)]
+
+
 def test_unknown_calling_ae_and_wrong_called_ae_are_rejected(tmp_path):
     port = free_port()
     config = write_config(tmp_path, port, allowed_callers=["MRI1", "PACS@127.0.0.1", "CT@10.9.9.9"])
