@@ -108,21 +108,27 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
-def _load_checked(path: Path, models: bool = True) -> Config:
-    """The config, and (with ``models``) the models its routes name: a missing or damaged
-    model stops the command now instead of failing the first job."""
+def _load_checked(path: Path) -> Config:
+    """The config and the models its routes name: a missing or damaged model stops the
+    command now instead of failing the first job."""
     config = load_config(path)
-    problems = check_models(config) if models else []
+    _raise_model_problems(config, path)
+    return config
+
+
+def _raise_model_problems(config: Config, path: Path) -> None:
+    problems = check_models(config)
     if problems:
         raise ConfigError(path, problems)
-    return config
 
 
 def _serve(args: argparse.Namespace) -> int:
     from node.service import NodeService
 
+    config = load_config(args.config)
     # Without an in-process worker, the models are checked by `dicomnode worker`.
-    config = _load_checked(args.config, models=load_config(args.config).worker.in_process)
+    if config.worker.in_process:
+        _raise_model_problems(config, args.config)
     _setup_logging(config.node.log_level)
     NodeService(config).run_until_signalled()
     return 0
@@ -192,6 +198,7 @@ def _translate(args: argparse.Namespace) -> int:
     _setup_logging("WARNING")
     registry = ModelRegistry(load_config(args.config).models.registry) if not args.model else None
     found = scan_series([args.input])
+    synthesizers: dict[Path, Synthesizer] = {}  # each model loaded once, not per series
     failures = 0
     for entry in found.series:
         classification = classify(entry.header)
@@ -207,8 +214,11 @@ def _translate(args: argparse.Namespace) -> int:
             continue
         try:
             path = args.model or registry.active_path(direction.value)
-            synthesizer = Synthesizer(load_model(path, pick_device()))
-            result = synthesize_series(entry.files, synthesizer, direction, software_version())
+            if path not in synthesizers:
+                synthesizers[path] = Synthesizer(load_model(path, pick_device()))
+            result = synthesize_series(
+                entry.files, synthesizers[path], direction, software_version()
+            )
         except (SeriesError, ModelFileError, RegistryError) as error:
             print(f"failed  {label}: {error}")
             failures += 1
