@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from pipeline.modelfile import LoadedModel
-from pipeline.preprocess import model_input, normalize_volume
+from pipeline.preprocess import head_mask, model_input, normalize_volume
 
 # CPU batches: the first level's feature maps of one batch should stay within about this
 # many bytes, so that a convolution's output is still in cache when the next one reads it.
@@ -78,6 +78,9 @@ class Synthesizer:
     def synthesize(self, volume: np.ndarray) -> np.ndarray:
         """Network output (S, H, W) float32, in the target's normalised space, for a volume.
 
+        Outside the source's head the output is 0: air is dark in every MR contrast, and a
+        network shown background it never learnt from (the orbits' fat of a native scan,
+        say, beside skull-stripped training data) can paint it grey or with a pattern.
         ``volume`` is the rescaled float32 source series (slices, rows, columns). Raises
         ValueError for a volume that cannot be normalised (not 3-D, no contrast).
         """
@@ -91,4 +94,5 @@ class Synthesizer:
                 chunk = inputs[start : start + batch].to(self.device)
                 result = self._network(chunk.contiguous(memory_format=torch.channels_last))
                 output[start : start + batch] = result[:, 0].float().cpu().numpy()
+        output[~head_mask(volume)] = 0.0
         return output

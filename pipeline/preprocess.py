@@ -53,6 +53,14 @@ def foreground_threshold(volume: np.ndarray) -> float:
     return float(low + 0.1 * (high - low))
 
 
+def head_mask(volume: np.ndarray) -> np.ndarray:
+    """The head (or skull-stripped brain) of a volume (S, H, W): above the foreground
+    threshold, holes filled slice by slice so that dark CSF, air sinuses and tumour cores
+    inside the head count as head."""
+    above = volume > foreground_threshold(volume)
+    return np.stack([ndimage.binary_fill_holes(image) for image in above])
+
+
 def normalize_volume(volume: np.ndarray, method: str) -> np.ndarray:
     """Map a rescaled float volume (slices, H, W) to the [0, 1] space the network works in.
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from pipeline.contrast import Contrast, classify
+from pipeline.preprocess import head_mask
 from pipeline.volume import Volume, load_series
-from train.pairs import find_pairs, head_mask, load_pair, patient_label, split_by_patient
+from train.pairs import find_pairs, load_pair, patient_label, split_by_patient
 from train.registration import moved, register_rigid, resample_onto
 
 

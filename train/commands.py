@@ -234,12 +234,13 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from pipeline.inference import Synthesizer
     from pipeline.modelfile import ModelFileError
+    from pipeline.preprocess import head_mask
     from pipeline.registry import RegistryError
     from pipeline.volume import SeriesError, load_series
     from train.evaluate import evaluate, format_table
     from train.figures import save_comparison
     from train.metrics import collapse_check
-    from train.pairs import PairedVolume, find_pairs, head_mask, load_pair
+    from train.pairs import PairedVolume, find_pairs, load_pair
 
     try:
         model = _load_named_model(args.model, registry_root(args.config, args.registry))

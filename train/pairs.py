@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from pipeline.contrast import Contrast, classify
-from pipeline.preprocess import foreground_threshold
+from pipeline.preprocess import foreground_threshold, head_mask
 from pipeline.routing import Direction
 from pipeline.seriesfiles import SeriesFiles, scan_series
 from pipeline.volume import SeriesError, Volume, load_series
@@ -168,13 +167,6 @@ def _same_grid(first: Volume, second: Volume) -> bool:
     return first.pixels.shape == second.pixels.shape and np.allclose(
         first.affine(), second.affine(), atol=1e-3
     )
-
-
-def head_mask(pixels: np.ndarray) -> np.ndarray:
-    """The head (or skull-stripped brain) of a volume: above the foreground threshold, holes
-    filled slice by slice so that dark CSF and tumour cores inside the head count as head."""
-    above = pixels > foreground_threshold(pixels)
-    return np.stack([ndimage.binary_fill_holes(image) for image in above])
 
 
 def _usable_slices(
