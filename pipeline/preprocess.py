@@ -11,20 +11,26 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-NORMALIZATIONS = ("minmax-slice", "percentile-volume")
+NORMALIZATIONS = ("minmax-slice", "percentile-volume", "scale-volume")
 
-# percentile-volume maps these percentiles of the foreground to 0 and 1: robust to the few
-# hot voxels (vessels, fat, artefacts) that would set the scale of a plain min-max.
+# percentile-volume maps these percentiles of the foreground to 0 and 1, scale-volume the
+# high one to 1: robust to the few hot voxels (vessels, fat, artefacts) that would set the
+# scale of a plain min-max.
 LOW_PERCENTILE = 0.5
 HIGH_PERCENTILE = 99.5
+
+# The top of the normalised range, and of what the network's output is stored as. Fluid,
+# oedema and fat lie above the foreground's 99.5th percentile (up to 2.0 times it in the
+# shared studies); scale-volume keeps them distinct instead of flattening them to one value.
+OUTPUT_CEILING = 2.0
 
 # Sobel's kernel is a [1, 2, 1] smoothing (sum 4) times a [-1, 0, 1] difference over two
 # pixels; dividing by 8 makes it the intensity change per pixel, so a channel stays within
 # [-0.5, 0.5] for an image in [0, 1] and has the scale of the image channel.
 SOBEL_SCALE = 1.0 / 8.0
 
-# Stored pixels: [0, 1] maps linearly onto 0..4095 (BitsStored 12, the depth of most MR
-# scanners' images), so a stored value is 4095 times the normalised output.
+# Stored pixels: [0, OUTPUT_CEILING] maps linearly onto 0..4095 (BitsStored 12, the depth of
+# most MR scanners' images).
 BITS_STORED = 12
 STORED_MAX = 2**BITS_STORED - 1
 
@@ -62,11 +68,15 @@ def head_mask(volume: np.ndarray) -> np.ndarray:
 
 
 def normalize_volume(volume: np.ndarray, method: str) -> np.ndarray:
-    """Map a rescaled float volume (slices, H, W) to the [0, 1] space the network works in.
+    """Map a rescaled float volume (slices, H, W) to the space the network works in.
 
-    ``minmax-slice``: the paper's per-slice min-max (a constant slice becomes zeros).
+    ``minmax-slice``: the paper's per-slice min-max to [0, 1] (a constant slice becomes zeros).
     ``percentile-volume``: the foreground's 0.5th..99.5th percentiles of the whole volume
     map to 0..1, clipped, so every slice of a series is scaled alike.
+    ``scale-volume``: the volume divided by its foreground's 99.5th percentile, clipped to
+    [0, OUTPUT_CEILING]. No offset: an MR magnitude image's zero is physical (no signal), so
+    air stays at 0 and the darkest tissue keeps its contrast against it, where an offset
+    pushes the background below 0 and the clip makes a slice's minimum arbitrary.
 
     Raises ValueError for an unknown method, a volume that is not 3-D, or one with no contrast.
     """
@@ -85,9 +95,18 @@ def normalize_volume(volume: np.ndarray, method: str) -> np.ndarray:
 
     foreground = volume[volume > foreground_threshold(volume)]
     low, high = np.percentile(foreground, [LOW_PERCENTILE, HIGH_PERCENTILE])
+    if method == "scale-volume":
+        if high <= 0:
+            raise ValueError("the volume's foreground has no positive signal")
+        return np.clip(volume / high, 0.0, OUTPUT_CEILING).astype(np.float32)
     if high <= low:
         raise ValueError("the volume's foreground has no contrast")
     return np.clip((volume - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+def normalized_ceiling(method: str) -> float:
+    """The largest value ``normalize_volume(..., method)`` gives."""
+    return OUTPUT_CEILING if method == "scale-volume" else 1.0
 
 
 def model_input(normalized: np.ndarray, gradient_channels: bool) -> np.ndarray:
@@ -109,15 +128,15 @@ def model_input(normalized: np.ndarray, gradient_channels: bool) -> np.ndarray:
 
 
 def to_stored_pixels(output: np.ndarray) -> StoredPixels:
-    """Map network output (S, H, W), nominally in [0, 1], to 12-bit stored pixel values.
+    """Map network output (S, H, W), in a normalised space, to 12-bit stored pixel values.
 
-    Values outside [0, 1] are clipped. The window spans the foreground's 0.5th..99.5th
+    Values outside [0, OUTPUT_CEILING] are clipped. The window spans the foreground's 0.5th..99.5th
     percentiles, so the viewer opens the tissue with full contrast and the background black.
     Raises ValueError for NaN or infinite output, the sign of a broken model.
     """
     if not np.isfinite(output).all():
         raise ValueError("the network's output contains NaN or infinite values")
-    scaled = np.clip(output, 0.0, 1.0) * STORED_MAX
+    scaled = np.clip(output, 0.0, OUTPUT_CEILING) * (STORED_MAX / OUTPUT_CEILING)
     pixels = np.rint(scaled).astype(np.uint16)
     foreground = pixels[pixels > foreground_threshold(pixels)]
     if foreground.size == 0:

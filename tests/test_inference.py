@@ -13,6 +13,7 @@ from pipeline.inference import Synthesizer, pick_device, slices_per_batch
 from pipeline.modelfile import LoadedModel, ModelCard, load_model, save_model
 from pipeline.preprocess import (
     NORMALIZATIONS,
+    OUTPUT_CEILING,
     STORED_MAX,
     head_mask,
     model_input,
@@ -124,18 +125,36 @@ def test_stored_pixels_range_and_window(stripped_t2: np.ndarray) -> None:
     normalized = normalize_volume(stripped_t2, "percentile-volume")
     # Tissue in [0.2, 0.7], background 0, and a few values a linear output can reach.
     output = np.where(normalized > 0, 0.2 + 0.5 * normalized, 0.0).astype(np.float32)
-    output[0, 0, 0], output[0, 0, 1] = -0.3, 1.4
+    output[0, 0, 0], output[0, 0, 1], output[0, 0, 2] = -0.3, OUTPUT_CEILING + 0.4, 1.0
     stored = to_stored_pixels(output)
     assert stored.pixels.dtype == np.uint16 and stored.pixels.shape == output.shape
     assert stored.bits_stored == 12
     assert stored.pixels[0, 0, 0] == 0 and stored.pixels[0, 0, 1] == STORED_MAX
     assert stored.pixels.max() == STORED_MAX
+    # Linear: a value of 1 is stored as 1 / OUTPUT_CEILING of the range.
+    assert stored.pixels[0, 0, 2] == round(STORED_MAX / OUTPUT_CEILING)
     low = stored.window_center - stored.window_width / 2
     high = stored.window_center + stored.window_width / 2
     # The window opens on the tissue, not on the stored range: it spans nearly all of it.
     tissue = stored.pixels[(output > 0) & (output <= 1)]
-    assert 0.2 * STORED_MAX - 1 <= low < high <= 0.7 * STORED_MAX + 1
+    scale = STORED_MAX / OUTPUT_CEILING
+    assert 0.2 * scale - 1 <= low < high <= 0.7 * scale + 1
     assert np.mean((tissue >= low) & (tissue <= high)) > 0.95
+
+
+def test_scale_normalisation_keeps_air_at_zero_and_bright_fluid_distinct(
+    stripped_t2: np.ndarray,
+) -> None:
+    normalized = normalize_volume(stripped_t2, "scale-volume")
+    assert normalized.dtype == np.float32
+    # No offset: what had no signal still has none, and scaling is one factor for all.
+    np.testing.assert_array_equal(normalized[stripped_t2 == 0], 0.0)
+    inside = stripped_t2 > 0
+    ratio = normalized[inside] / stripped_t2[inside]
+    np.testing.assert_allclose(ratio, ratio[0], rtol=1e-5)
+    # Fluid brighter than the 99.5th percentile stays brighter, not flattened at 1.
+    assert 0.001 < np.mean(normalized[inside] > 1.0) < 0.02
+    assert 1.05 < normalized.max() <= OUTPUT_CEILING
 
 
 def test_stored_pixels_of_an_empty_or_broken_output() -> None:

@@ -51,8 +51,12 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         {**_PAPER, "normalization": "percentile-volume"},
     ),
     "percentile-ssim": (
-        "paper + percentile normalisation + MSE/SSIM loss (the shipped recipe)",
+        "paper + percentile normalisation + MSE/SSIM loss",
         {"normalization": "percentile-volume", "loss": "mse+ssim"},
+    ),
+    "scale-ssim": (
+        "paper + per-volume scaling without offset + MSE/SSIM loss (the shipped recipe)",
+        {"normalization": "scale-volume", "loss": "mse+ssim"},
     ),
 }
 TABLE_METRICS = ("mse_slice", "mae_slice", "psnr_slice", "ssim_slice", "psnr_head", "ssim_head")

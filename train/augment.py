@@ -29,6 +29,7 @@ class AugmentSettings:
     noise: float = 0.04  # largest Rician noise sigma, in normalised units
     blur: float = 1.2  # largest Gaussian blur sigma per axis, pixels
     probability: float = 0.8  # of each intensity augmentation
+    ceiling: float = 1.0  # the top of the normalised range (preprocess.normalized_ceiling)
 
 
 def crop_pair(
@@ -76,7 +77,8 @@ def _intensity(
 ) -> np.ndarray:
     image = np.clip(image, 0.0, None)
     if rng.random() < settings.probability:
-        image = image ** math.exp(rng.uniform(-settings.gamma, settings.gamma))
+        gamma = math.exp(rng.uniform(-settings.gamma, settings.gamma))
+        image = settings.ceiling * (image / settings.ceiling) ** gamma
     if rng.random() < settings.probability:
         image = image * _bias_field(image.shape, settings.bias_field, rng)
     if rng.random() < settings.probability:
@@ -87,9 +89,9 @@ def _intensity(
         real = image + rng.normal(0.0, sigma, image.shape)
         imaginary = rng.normal(0.0, sigma, image.shape)
         image = np.hypot(real, imaginary)
-    # Inference sees [0, 1] inputs (both normalisations end there): so must training.
+    # Inference sees inputs within [0, ceiling]: so must training.
     peak = image.max()
-    return image / peak if peak > 1.0 else image
+    return image * (settings.ceiling / peak) if peak > settings.ceiling else image
 
 
 def _bias_field(shape: tuple[int, ...], amplitude: float, rng: np.random.Generator) -> np.ndarray:

@@ -30,6 +30,8 @@ DEFAULT_REGISTRY = "models"
 
 def add_commands(subparsers: Any) -> None:
     """Add ``train``, ``evaluate`` and ``models`` to an argparse subparsers object."""
+    # torch comes with it: the CLI builds these commands only when one of them is run.
+    from train.trainer import TrainSettings
 
     def command(name: str, run: Any, help: str) -> argparse.ArgumentParser:
         sub = subparsers.add_parser(name, help=help, description=help)
@@ -65,10 +67,13 @@ def add_commands(subparsers: Any) -> None:
         default=0.2,
         help="fraction of patients held out when no --holdout is given (default 0.2; 0: none)",
     )
-    train.add_argument("--epochs", type=int, default=30)
-    train.add_argument("--steps-per-epoch", type=int, default=50)
-    train.add_argument("--batch-size", type=int, default=16)
-    train.add_argument("--crop", type=int, default=128, help="square training crop (pixels)")
+    recipe = TrainSettings(direction=Direction.T1_TO_T2.value)  # the shipped recipe's size
+    train.add_argument("--epochs", type=int, default=recipe.epochs)
+    train.add_argument("--steps-per-epoch", type=int, default=recipe.steps_per_epoch)
+    train.add_argument("--batch-size", type=int, default=recipe.batch_size)
+    train.add_argument(
+        "--crop", type=int, default=recipe.crop, help="square training crop (pixels)"
+    )
     train.add_argument("--learning-rate", type=float, default=1e-3)
     train.add_argument(
         "--loss", default="mse+ssim", help="mse+ssim (default), mse (the paper's) or l1"
@@ -76,8 +81,8 @@ def add_commands(subparsers: Any) -> None:
     train.add_argument(
         "--normalization",
         choices=NORMALIZATIONS,
-        default="percentile-volume",
-        help="percentile-volume (default) or minmax-slice (the paper's)",
+        default="scale-volume",
+        help="scale-volume (default), percentile-volume or minmax-slice (the paper's)",
     )
     shipped = " (default: the shipped models', pipeline.unet.DEFAULT_ARGUMENTS)"
     train.add_argument("--base-width", type=int, help="channels of the first level" + shipped)
