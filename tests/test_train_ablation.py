@@ -16,7 +16,8 @@ from train.trainer import TrainSettings
 
 def test_configurations_change_one_thing_each() -> None:
     base = TrainSettings(direction="t1-to-t2")
-    assert settings_for("scale-ssim", base) == base  # the defaults are the shipped recipe
+    assert settings_for("percentile-ssim", base) == base  # the defaults are the shipped recipe
+    assert settings_for("scale-ssim", base).normalization == "scale-volume"
     paper = settings_for("paper", base)
     assert (paper.normalization, paper.loss, paper.arguments) == (
         "minmax-slice",

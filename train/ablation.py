@@ -51,11 +51,11 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         {**_PAPER, "normalization": "percentile-volume"},
     ),
     "percentile-ssim": (
-        "paper + percentile normalisation + MSE/SSIM loss",
+        "paper + percentile normalisation + MSE/SSIM loss (the shipped recipe)",
         {"normalization": "percentile-volume", "loss": "mse+ssim"},
     ),
     "scale-ssim": (
-        "paper + per-volume scaling without offset + MSE/SSIM loss (the shipped recipe)",
+        "paper + per-volume scaling without offset + MSE/SSIM loss (the shipped t2-to-t1 recipe)",
         {"normalization": "scale-volume", "loss": "mse+ssim"},
     ),
 }
@@ -161,10 +161,18 @@ def summary(results: dict[str, Any], direction: str, configuration: str) -> dict
         }
         for predictor in PREDICTORS
     }
+    described, changes = CONFIGURATIONS[configuration]
+    # The run's base settings without what the configuration sets itself, so that nothing
+    # on a card reads as the opposite of what was trained.
+    base = dict(results["protocol"]["base_settings"])
+    if "arguments" in base:
+        network = base["arguments"]
+        base["arguments"] = {**network, **{k: v for k, v in changes.items() if k in network}}
+    base = {k: v for k, v in base.items() if k not in changes and k != "direction"}
     return {
         "protocol": (
-            f"leave-one-patient-out ablation, configuration {configuration!r} "
-            f"({CONFIGURATIONS[configuration][0]}), {results['protocol']['base_settings']}"
+            f"leave-one-patient-out ablation, {direction}, configuration {configuration!r} "
+            f"({described}): {changes}, other settings {base}"
         ),
         "overall": overall,
         "patients": runs,

@@ -81,8 +81,8 @@ def add_commands(subparsers: Any) -> None:
     train.add_argument(
         "--normalization",
         choices=NORMALIZATIONS,
-        default="scale-volume",
-        help="scale-volume (default), percentile-volume or minmax-slice (the paper's)",
+        default="percentile-volume",
+        help="percentile-volume (default), scale-volume or minmax-slice (the paper's)",
     )
     shipped = " (default: the shipped models', pipeline.unet.DEFAULT_ARGUMENTS)"
     train.add_argument("--base-width", type=int, help="channels of the first level" + shipped)

@@ -25,8 +25,9 @@ class RefreshSettings(BaseModel):
     data: list[Path] = []  # folders of paired studies (a PACS export, the spool's incoming/)
     time: str = "02:00"  # daily, local time, HH:MM
     directions: list[str] = [d.value for d in Direction]
-    epochs: Annotated[int, Field(ge=1)] = 30
-    steps_per_epoch: Annotated[int, Field(ge=1)] = 50
+    # The shipped recipe's length (train.trainer.TrainSettings; this module stays torch-free).
+    epochs: Annotated[int, Field(ge=1)] = 12
+    steps_per_epoch: Annotated[int, Field(ge=1)] = 150
     # Held-out patients are what the activation rule compares on: without any, a refreshed
     # model never replaces an active one.
     validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
