@@ -55,7 +55,7 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         {"normalization": "percentile-volume", "loss": "mse+ssim"},
     ),
     "scale-ssim": (
-        "paper + per-volume scaling without offset + MSE/SSIM loss (the shipped t2-to-t1 recipe)",
+        "paper + per-volume scaling without offset + MSE/SSIM loss",
         {"normalization": "scale-volume", "loss": "mse+ssim"},
     ),
 }

@@ -67,22 +67,25 @@ def add_commands(subparsers: Any) -> None:
         default=0.2,
         help="fraction of patients held out when no --holdout is given (default 0.2; 0: none)",
     )
-    recipe = TrainSettings(direction=Direction.T1_TO_T2.value)  # the shipped recipe's size
-    train.add_argument("--epochs", type=int, default=recipe.epochs)
-    train.add_argument("--steps-per-epoch", type=int, default=recipe.steps_per_epoch)
-    train.add_argument("--batch-size", type=int, default=recipe.batch_size)
+    # The shipped recipe's defaults, read from TrainSettings so they are written once.
+    train.add_argument("--epochs", type=int, default=TrainSettings.epochs)
+    train.add_argument("--steps-per-epoch", type=int, default=TrainSettings.steps_per_epoch)
+    train.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
     train.add_argument(
-        "--crop", type=int, default=recipe.crop, help="square training crop (pixels)"
+        "--crop", type=int, default=TrainSettings.crop, help="square training crop (pixels)"
     )
-    train.add_argument("--learning-rate", type=float, default=1e-3)
+    train.add_argument("--learning-rate", type=float, default=TrainSettings.learning_rate)
     train.add_argument(
-        "--loss", default="mse+ssim", help="mse+ssim (default), mse (the paper's) or l1"
+        "--loss",
+        default=TrainSettings.loss,
+        help=f"mse+ssim, mse (the paper's) or l1 (default {TrainSettings.loss})",
     )
     train.add_argument(
         "--normalization",
         choices=NORMALIZATIONS,
-        default="percentile-volume",
-        help="percentile-volume (default), scale-volume or minmax-slice (the paper's)",
+        default=TrainSettings.normalization,
+        help="percentile-volume, scale-volume or minmax-slice (the paper's) "
+        f"(default {TrainSettings.normalization})",
     )
     shipped = " (default: the shipped models', pipeline.unet.DEFAULT_ARGUMENTS)"
     train.add_argument("--base-width", type=int, help="channels of the first level" + shipped)
