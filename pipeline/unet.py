@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 NORMS = ("batch", "instance", "none")
+UPSAMPLINGS = ("transpose", "bilinear")
 
 # What the shipped models use. Depth 4 gives a receptive field of about 140 pixels, enough to
 # see most of a brain slice, which a contrast mapping needs. Base width 8 (a 2 MB file) trains
@@ -34,6 +35,7 @@ DEFAULT_ARGUMENTS: dict[str, Any] = {
     "dropout": 0.1,
     "skip_connections": True,
     "norm": "batch",
+    "upsampling": "transpose",
 }
 
 
@@ -62,6 +64,18 @@ class _DoubleConv(nn.Sequential):
         )
 
 
+def _upsampling_layer(upsampling: str, in_channels: int, out_channels: int) -> nn.Module:
+    if upsampling == "transpose":
+        return nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)
+    # A 1x1 convolution commutes with bilinear interpolation (both are linear, one across
+    # channels, one across pixels), so running it first gives the same layer at a quarter
+    # of the cost.
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1),
+        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+    )
+
+
 class UNet(nn.Module):
     """U-Net (or encoder-decoder) mapping (N, in_channels, H, W) to (N, out_channels, H, W).
 
@@ -81,6 +95,12 @@ class UNet(nn.Module):
             (instance normalisation re-scales every slice by its own content, which makes the
             intensity of the synthetic series flicker from slice to slice, and costs a pass
             over every feature map). "instance" stays available for cross-site experiments.
+        upsampling: "transpose" (the paper's 2x2 stride-2 transposed convolution) or
+            "bilinear" (a 1x1 convolution, then bilinear interpolation). A 2x2 stride-2
+            transposed convolution gives each of the four pixels it makes from one input
+            pixel its own weights; where the input is unlike the training data (orbits,
+            scalp, another scanner), what those weights disagree on shows as a 2-pixel
+            checkerboard. Interpolation has no such period.
 
     The output is linear (no sigmoid): with a sigmoid the model collapsed to a constant image
     in this project's trials. Weights use He initialisation, which trained where PyTorch's
@@ -96,10 +116,13 @@ class UNet(nn.Module):
         dropout: float = 0.1,
         skip_connections: bool = True,
         norm: str = "batch",
+        upsampling: str = "transpose",
     ) -> None:
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, not {norm!r}")
+        if upsampling not in UPSAMPLINGS:
+            raise ValueError(f"upsampling must be one of {UPSAMPLINGS}, not {upsampling!r}")
         if depth < 1 or base_width < 1 or in_channels < 1 or out_channels < 1:
             raise ValueError("depth, base_width, in_channels and out_channels must be >= 1")
         if not 0.0 <= dropout < 1.0:
@@ -119,23 +142,26 @@ class UNet(nn.Module):
         self.up = nn.ModuleList()
         for level in reversed(range(depth)):
             width = widths[level]
-            self.upsample.append(nn.ConvTranspose2d(widths[level + 1], width, 2, stride=2))
+            self.upsample.append(_upsampling_layer(upsampling, widths[level + 1], width))
             joined = 2 * width if skip_connections else width
             self.up.append(_DoubleConv(joined, width, dropout, norm))
         self.head = nn.Conv2d(widths[0], out_channels, 1)
         self._initialise()
 
     def _initialise(self) -> None:
+        upsampling = set(self.upsample.modules())
         for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-            elif isinstance(module, nn.ConvTranspose2d):
-                # Each output pixel of a stride-2 2x2 transposed convolution sees one tap of
-                # every input channel, so its fan-in is in_channels; torch's fan calculation
-                # reads the weight as a plain convolution's and gets it wrong. No ReLU
-                # follows, hence gain 1.
+            if not isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
+                continue
+            if module in upsampling:
+                # Each output pixel of an upsampling (a stride-2 2x2 transposed convolution,
+                # or a 1x1 convolution) sees one tap of every input channel, so its fan-in is
+                # in_channels; torch's fan calculation reads a transposed weight as a plain
+                # convolution's and gets it wrong. No ReLU follows, hence gain 1.
                 nn.init.normal_(module.weight, std=1.0 / math.sqrt(module.in_channels))
-            if isinstance(module, nn.Conv2d | nn.ConvTranspose2d) and module.bias is not None:
+            else:
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            if module.bias is not None:
                 nn.init.zeros_(module.bias)
         # The output is linear: He initialisation with gain 1.
         nn.init.kaiming_normal_(self.head.weight, nonlinearity="linear")

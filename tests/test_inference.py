@@ -164,9 +164,10 @@ def test_stored_pixels_of_an_empty_or_broken_output() -> None:
         to_stored_pixels(np.full((2, 4, 4), np.nan, np.float32))
 
 
-def test_synthesize_matches_the_network_as_loaded(native_t1: np.ndarray) -> None:
+@pytest.mark.parametrize("upsampling", ["transpose", "bilinear"])
+def test_synthesize_matches_the_network_as_loaded(native_t1: np.ndarray, upsampling: str) -> None:
     # The Synthesizer folds batch norms and changes memory layout; the numbers must not move.
-    model = make_model()
+    model = make_model(upsampling=upsampling)
     output = Synthesizer(model).synthesize(native_t1)
     inputs = model_input(normalize_volume(native_t1, "percentile-volume"), True)
     with torch.inference_mode():
@@ -188,9 +189,10 @@ def test_synthesize_leaves_the_air_around_the_head_black(native_t1: np.ndarray) 
 
 @pytest.mark.parametrize("size", [(240, 240), (255, 129)])
 @pytest.mark.parametrize("norm", ["batch", "instance", "none"])
-def test_synthesize_any_size_and_norm(size: tuple[int, int], norm: str) -> None:
+@pytest.mark.parametrize("upsampling", ["transpose", "bilinear"])
+def test_synthesize_any_size_and_norm(size: tuple[int, int], norm: str, upsampling: str) -> None:
     volume = np.random.default_rng(1).uniform(0, 900, (3, *size)).astype(np.float32)
-    synthesizer = Synthesizer(make_model(norm, in_channels=1))
+    synthesizer = Synthesizer(make_model(norm, in_channels=1, upsampling=upsampling))
     output = synthesizer.synthesize(volume)
     assert output.shape == volume.shape and np.isfinite(output).all()
     np.testing.assert_array_equal(synthesizer.synthesize(volume), output)

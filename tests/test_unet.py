@@ -77,6 +77,21 @@ def test_output_is_linear_and_initialisation_is_he() -> None:
     assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / fan_in), rel=0.1)
 
 
+@pytest.mark.parametrize(("upsampling", "patterned"), [("transpose", True), ("bilinear", False)])
+def test_transposed_convolutions_paint_a_pattern_on_flat_input(
+    upsampling: str, patterned: bool
+) -> None:
+    # Far from the borders a flat input gives every position the same features, so any
+    # variation of the output there comes from the upsampling's own period: the checkerboard
+    # seen on orbits and scalp. Bilinear upsampling must have none.
+    torch.manual_seed(4)
+    network = UNet(base_width=4, depth=2, upsampling=upsampling).eval()
+    with torch.inference_mode():
+        output = network(torch.full((1, 3, 96, 96), 0.5))[0, 0, 40:56, 40:56]
+    spread = (output.max() - output.min()).item()
+    assert (spread > 1e-3 * output.abs().mean().item()) == patterned
+
+
 def test_it_learns_a_contrast_inversion() -> None:
     # The failure seen in this project was a network stuck at a constant image; a few steps
     # on an inversion task must already bring the loss well below a constant's.
@@ -96,7 +111,7 @@ def test_it_learns_a_contrast_inversion() -> None:
 
 @pytest.mark.parametrize(
     "arguments",
-    [{"norm": "layer"}, {"depth": 0}, {"dropout": 1.0}, {"base_width": 0}],
+    [{"norm": "layer"}, {"depth": 0}, {"dropout": 1.0}, {"base_width": 0}, {"upsampling": "cubic"}],
 )
 def test_bad_arguments_are_refused(arguments: dict[str, object]) -> None:
     with pytest.raises(ValueError):

@@ -54,6 +54,10 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         "paper + percentile normalisation + MSE/SSIM loss (the shipped recipe)",
         {"normalization": "percentile-volume", "loss": "mse+ssim"},
     ),
+    "bilinear-ssim": (
+        "the shipped recipe with bilinear upsampling instead of transposed convolutions",
+        {"normalization": "percentile-volume", "loss": "mse+ssim", "upsampling": "bilinear"},
+    ),
     "scale-ssim": (
         "paper + per-volume scaling without offset + MSE/SSIM loss",
         {"normalization": "scale-volume", "loss": "mse+ssim"},
@@ -66,7 +70,7 @@ def settings_for(configuration: str, base: TrainSettings) -> TrainSettings:
     """``base`` (the run's size, seed and budget) changed as ``configuration`` says."""
     changes = dict(CONFIGURATIONS[configuration][1])
     arguments = dict(base.arguments)
-    for key in ("in_channels", "skip_connections"):
+    for key in ("in_channels", "skip_connections", "upsampling"):
         if key in changes:
             arguments[key] = changes.pop(key)
     return replace(base, arguments=arguments, **changes)

@@ -92,6 +92,7 @@ def add_commands(subparsers: Any) -> None:
     train.add_argument("--depth", type=int, help="number of poolings" + shipped)
     train.add_argument("--dropout", type=float, help="dropout probability" + shipped)
     train.add_argument("--norm", help="batch, instance or none" + shipped)
+    train.add_argument("--upsampling", help="transpose (the paper's) or bilinear" + shipped)
     train.add_argument(
         "--no-gradient-channels", action="store_true", help="plain U-Net baseline (1 channel)"
     )
@@ -176,6 +177,7 @@ def _train(args: argparse.Namespace) -> int:
         "depth": args.depth,
         "dropout": args.dropout,
         "norm": args.norm,
+        "upsampling": args.upsampling,
     }
     arguments = {
         **DEFAULT_ARGUMENTS,
