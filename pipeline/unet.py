@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 NORMS = ("batch", "instance", "none")
-UPSAMPLINGS = ("transpose", "bilinear")
+UPSAMPLINGS = ("transpose", "transpose-icnr", "bilinear")
 
 # What the shipped models use. Depth 4 gives a receptive field of about 140 pixels, enough to
 # see most of a brain slice, which a contrast mapping needs. Base width 8 (a 2 MB file) trains
@@ -65,7 +65,7 @@ class _DoubleConv(nn.Sequential):
 
 
 def _upsampling_layer(upsampling: str, in_channels: int, out_channels: int) -> nn.Module:
-    if upsampling == "transpose":
+    if upsampling.startswith("transpose"):
         return nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)
     # A 1x1 convolution commutes with bilinear interpolation (both are linear, one across
     # channels, one across pixels), so running it first gives the same layer at a quarter
@@ -95,12 +95,14 @@ class UNet(nn.Module):
             (instance normalisation re-scales every slice by its own content, which makes the
             intensity of the synthetic series flicker from slice to slice, and costs a pass
             over every feature map). "instance" stays available for cross-site experiments.
-        upsampling: "transpose" (the paper's 2x2 stride-2 transposed convolution) or
-            "bilinear" (a 1x1 convolution, then bilinear interpolation). A 2x2 stride-2
-            transposed convolution gives each of the four pixels it makes from one input
-            pixel its own weights; where the input is unlike the training data (orbits,
-            scalp, another scanner), what those weights disagree on shows as a 2-pixel
-            checkerboard. Interpolation has no such period.
+        upsampling: "transpose" (the paper's 2x2 stride-2 transposed convolution),
+            "transpose-icnr" (the same layer initialised with its four taps equal, i.e. as
+            nearest-neighbour upsampling; Aitken et al. 2017) or "bilinear" (a 1x1
+            convolution, then bilinear interpolation). A 2x2 stride-2 transposed convolution
+            gives each of the four pixels it makes from one input pixel its own weights;
+            where the input is unlike the training data (orbits, scalp, another scanner),
+            what those weights disagree on shows as a 2-pixel checkerboard. Interpolation
+            has no such period; ICNR starts without one and keeps the paper's layer.
 
     The output is linear (no sigmoid): with a sigmoid the model collapsed to a constant image
     in this project's trials. Weights use He initialisation, which trained where PyTorch's
@@ -146,9 +148,9 @@ class UNet(nn.Module):
             joined = 2 * width if skip_connections else width
             self.up.append(_DoubleConv(joined, width, dropout, norm))
         self.head = nn.Conv2d(widths[0], out_channels, 1)
-        self._initialise()
+        self._initialise(upsampling)
 
-    def _initialise(self) -> None:
+    def _initialise(self, upsampling_kind: str) -> None:
         upsampling = set(self.upsample.modules())
         for module in self.modules():
             if not isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
@@ -159,6 +161,9 @@ class UNet(nn.Module):
                 # in_channels; torch's fan calculation reads a transposed weight as a plain
                 # convolution's and gets it wrong. No ReLU follows, hence gain 1.
                 nn.init.normal_(module.weight, std=1.0 / math.sqrt(module.in_channels))
+                if upsampling_kind == "transpose-icnr":
+                    with torch.no_grad():
+                        module.weight.copy_(module.weight[..., :1, :1].expand_as(module.weight))
             else:
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
             if module.bias is not None:

@@ -77,13 +77,16 @@ def test_output_is_linear_and_initialisation_is_he() -> None:
     assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / fan_in), rel=0.1)
 
 
-@pytest.mark.parametrize(("upsampling", "patterned"), [("transpose", True), ("bilinear", False)])
+@pytest.mark.parametrize(
+    ("upsampling", "patterned"),
+    [("transpose", True), ("transpose-icnr", False), ("bilinear", False)],
+)
 def test_transposed_convolutions_paint_a_pattern_on_flat_input(
     upsampling: str, patterned: bool
 ) -> None:
     # Far from the borders a flat input gives every position the same features, so any
     # variation of the output there comes from the upsampling's own period: the checkerboard
-    # seen on orbits and scalp. Bilinear upsampling must have none.
+    # seen on orbits and scalp. Bilinear upsampling must have none, nor an untrained ICNR one.
     torch.manual_seed(4)
     network = UNet(base_width=4, depth=2, upsampling=upsampling).eval()
     with torch.inference_mode():

@@ -58,6 +58,10 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         "the shipped recipe with bilinear upsampling instead of transposed convolutions",
         {"normalization": "percentile-volume", "loss": "mse+ssim", "upsampling": "bilinear"},
     ),
+    "icnr-ssim": (
+        "the shipped recipe with its transposed convolutions initialised as nearest upsampling",
+        {"normalization": "percentile-volume", "loss": "mse+ssim", "upsampling": "transpose-icnr"},
+    ),
     "scale-ssim": (
         "paper + per-volume scaling without offset + MSE/SSIM loss",
         {"normalization": "scale-volume", "loss": "mse+ssim"},

@@ -92,7 +92,9 @@ def add_commands(subparsers: Any) -> None:
     train.add_argument("--depth", type=int, help="number of poolings" + shipped)
     train.add_argument("--dropout", type=float, help="dropout probability" + shipped)
     train.add_argument("--norm", help="batch, instance or none" + shipped)
-    train.add_argument("--upsampling", help="transpose (the paper's) or bilinear" + shipped)
+    train.add_argument(
+        "--upsampling", help="transpose (the paper's), transpose-icnr or bilinear" + shipped
+    )
     train.add_argument(
         "--no-gradient-channels", action="store_true", help="plain U-Net baseline (1 channel)"
     )
