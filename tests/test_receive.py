@@ -69,15 +69,20 @@ def test_four_concurrent_associations_lose_nothing(node, mr_brain):
     files = sorted((mr_brain / "brats-met-00110").rglob("*.dcm"))
     shares = [files[i::4] for i in range(4)]
     results: list[list] = [[] for _ in shares]
+    errors: list[BaseException] = []
 
     def sender(index: int) -> None:
-        results[index] = send(shares[index], node.port, calling_ae=f"MOD{index}")
+        try:
+            results[index] = send(shares[index], node.port, calling_ae=f"MOD{index}")
+        except BaseException as error:  # reported below: a thread's exception is otherwise lost
+            errors.append(error)
 
     threads = [threading.Thread(target=sender, args=(i,)) for i in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    assert not errors, errors
     assert [len(r) for r in results] == [len(s) for s in shares]
     assert all(status == 0 for r in results for status, _ in r)
     status = node.wait_for(lambda s: len(s["jobs"]) == 2)
