@@ -246,7 +246,7 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from pipeline.inference import Synthesizer
     from pipeline.modelfile import ModelFileError
-    from pipeline.preprocess import head_mask
+    from pipeline.preprocess import head_mask, to_stored_pixels
     from pipeline.registry import RegistryError
     from pipeline.volume import SeriesError, load_series
     from train.evaluate import evaluate, format_table
@@ -307,7 +307,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             f"{model.card.name} {model.card.version} ({direction}) on {series.folder} (no "
             "real target)",
             volume.pixels,
-            output,
+            to_stored_pixels(output).pixels,
         )
         report["unpaired"].append(
             {"series": str(series.folder), "collapse": check, "figure": str(figure)}

@@ -145,7 +145,8 @@ def evaluate(model: LoadedModel, paired: list[PairedVolume]) -> Evaluation:
                 metrics={name: mean_metrics(values) for name, values in per_slice.items()},
                 collapse=collapse_check(output[keep], head & covered, target_normalized),
                 per_slice=per_slice,
-                images=(source, output[keep], real),
+                # The figure shows what the node sends, as the scores do.
+                images=(source, predictions["model"], real),
             )
         )
     return Evaluation(describe(model.card), model.card.direction, studies)
