@@ -42,6 +42,7 @@ from train.workflow import load_reference_metrics
 # name -> (what it is, its settings beyond the run's size). Every entry names its
 # normalisation and loss, so that no configuration depends on TrainSettings' defaults.
 _PAPER = {"normalization": "minmax-slice", "loss": "mse"}
+_RECIPE = {"normalization": "percentile-volume", "loss": "mse+ssim"}
 CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "paper": ("the paper's U-Net: image + Sobel x/y, per-slice min-max, MSE", _PAPER),
     "plain-unet": ("baseline: U-Net without gradient channels", {**_PAPER, "in_channels": 1}),
@@ -52,19 +53,19 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "percentile-ssim": (
         "paper + percentile normalisation + MSE/SSIM loss (the shipped recipe)",
-        {"normalization": "percentile-volume", "loss": "mse+ssim"},
+        _RECIPE,
     ),
     "bilinear-ssim": (
         "the shipped recipe with bilinear upsampling instead of transposed convolutions",
-        {"normalization": "percentile-volume", "loss": "mse+ssim", "upsampling": "bilinear"},
+        {**_RECIPE, "upsampling": "bilinear"},
     ),
     "icnr-ssim": (
         "the shipped recipe with its transposed convolutions initialised as nearest upsampling",
-        {"normalization": "percentile-volume", "loss": "mse+ssim", "upsampling": "transpose-icnr"},
+        {**_RECIPE, "upsampling": "transpose-icnr"},
     ),
     "scale-ssim": (
         "paper + per-volume scaling without offset + MSE/SSIM loss",
-        {"normalization": "scale-volume", "loss": "mse+ssim"},
+        {**_RECIPE, "normalization": "scale-volume"},
     ),
 }
 TABLE_METRICS = ("mse_slice", "mae_slice", "psnr_slice", "ssim_slice", "psnr_head", "ssim_head")
