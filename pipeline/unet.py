@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 NORMS = ("batch", "instance", "none")
-UPSAMPLINGS = ("transpose", "transpose-icnr", "bilinear")
+UPSAMPLINGS = ("transpose", "transpose-icnr", "bilinear", "nearest-conv")
 
 # What the shipped models use. Depth 4 gives a receptive field of about 140 pixels, enough to
 # see most of a brain slice, which a contrast mapping needs. Base width 8 (a 2 MB file) trains
@@ -67,6 +67,11 @@ class _DoubleConv(nn.Sequential):
 def _upsampling_layer(upsampling: str, in_channels: int, out_channels: int) -> nn.Module:
     if upsampling.startswith("transpose"):
         return nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)
+    if upsampling == "nearest-conv":
+        return nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="nearest"),
+            nn.Conv2d(in_channels, out_channels, 3, padding=1),
+        )
     # A 1x1 convolution commutes with bilinear interpolation (both are linear, one across
     # channels, one across pixels), so running it first gives the same layer at a quarter
     # of the cost.
@@ -97,12 +102,15 @@ class UNet(nn.Module):
             over every feature map). "instance" stays available for cross-site experiments.
         upsampling: "transpose" (the paper's 2x2 stride-2 transposed convolution),
             "transpose-icnr" (the same layer initialised with its four taps equal, i.e. as
-            nearest-neighbour upsampling; Aitken et al. 2017) or "bilinear" (a 1x1
-            convolution, then bilinear interpolation). A 2x2 stride-2 transposed convolution
-            gives each of the four pixels it makes from one input pixel its own weights;
-            where the input is unlike the training data (orbits, scalp, another scanner),
-            what those weights disagree on shows as a 2-pixel checkerboard. Interpolation
-            has no such period; ICNR starts without one and keeps the paper's layer.
+            nearest-neighbour upsampling; Aitken et al. 2017), "bilinear" (a 1x1
+            convolution, then bilinear interpolation) or "nearest-conv" (nearest-neighbour
+            upsampling, then a 3x3 convolution: the resize-convolution of Odena et al.
+            2016). A 2x2 stride-2 transposed convolution gives each of the four pixels it
+            makes from one input pixel its own weights; where the input is unlike the
+            training data (orbits, scalp, another scanner), what those weights disagree on
+            shows as a 2-pixel checkerboard. Interpolation has no such period; ICNR starts
+            without one and keeps the paper's layer; a resize-convolution has none and,
+            unlike the bilinear kind, sees a 3x3 neighbourhood where it upsamples.
 
     The output is linear (no sigmoid): with a sigmoid the model collapsed to a constant image
     in this project's trials. Weights use He initialisation, which trained where PyTorch's
@@ -155,7 +163,10 @@ class UNet(nn.Module):
         for module in self.modules():
             if not isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
                 continue
-            if module in upsampling:
+            if module in upsampling and module.kernel_size == (3, 3):
+                # A resize-convolution's 3x3 convolution: an ordinary fan-in; no ReLU follows.
+                nn.init.kaiming_normal_(module.weight, nonlinearity="linear")
+            elif module in upsampling:
                 # Each output pixel of an upsampling (a stride-2 2x2 transposed convolution,
                 # or a 1x1 convolution) sees one tap of every input channel, so its fan-in is
                 # in_channels; torch's fan calculation reads a transposed weight as a plain

@@ -164,7 +164,7 @@ def test_stored_pixels_of_an_empty_or_broken_output() -> None:
         to_stored_pixels(np.full((2, 4, 4), np.nan, np.float32))
 
 
-@pytest.mark.parametrize("upsampling", ["transpose", "bilinear"])
+@pytest.mark.parametrize("upsampling", ["transpose", "bilinear", "nearest-conv"])
 def test_synthesize_matches_the_network_as_loaded(native_t1: np.ndarray, upsampling: str) -> None:
     # The Synthesizer folds batch norms and changes memory layout; the numbers must not move.
     model = make_model(upsampling=upsampling)
@@ -189,7 +189,7 @@ def test_synthesize_leaves_the_air_around_the_head_black(native_t1: np.ndarray) 
 
 @pytest.mark.parametrize("size", [(240, 240), (255, 129)])
 @pytest.mark.parametrize("norm", ["batch", "instance", "none"])
-@pytest.mark.parametrize("upsampling", ["transpose", "bilinear"])
+@pytest.mark.parametrize("upsampling", ["transpose", "bilinear", "nearest-conv"])
 def test_synthesize_any_size_and_norm(size: tuple[int, int], norm: str, upsampling: str) -> None:
     volume = np.random.default_rng(1).uniform(0, 900, (3, *size)).astype(np.float32)
     synthesizer = Synthesizer(make_model(norm, in_channels=1, upsampling=upsampling))

@@ -79,14 +79,14 @@ def test_output_is_linear_and_initialisation_is_he() -> None:
 
 @pytest.mark.parametrize(
     ("upsampling", "patterned"),
-    [("transpose", True), ("transpose-icnr", False), ("bilinear", False)],
+    [("transpose", True), ("transpose-icnr", False), ("bilinear", False), ("nearest-conv", False)],
 )
 def test_transposed_convolutions_paint_a_pattern_on_flat_input(
     upsampling: str, patterned: bool
 ) -> None:
     # Far from the borders a flat input gives every position the same features, so any
     # variation of the output there comes from the upsampling's own period: the checkerboard
-    # seen on orbits and scalp. Bilinear upsampling must have none, nor an untrained ICNR one.
+    # seen on orbits and scalp. Interpolation must have none, nor an untrained ICNR layer.
     torch.manual_seed(4)
     network = UNet(base_width=4, depth=2, upsampling=upsampling).eval()
     with torch.inference_mode():

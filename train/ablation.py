@@ -63,6 +63,10 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         "the shipped recipe with its transposed convolutions initialised as nearest upsampling",
         {**_RECIPE, "upsampling": "transpose-icnr"},
     ),
+    "resize-ssim": (
+        "the shipped recipe with resize-convolutions (nearest, then 3x3) instead of transposed",
+        {**_RECIPE, "upsampling": "nearest-conv"},
+    ),
     "scale-ssim": (
         "paper + per-volume scaling without offset + MSE/SSIM loss",
         {**_RECIPE, "normalization": "scale-volume"},

@@ -93,7 +93,8 @@ def add_commands(subparsers: Any) -> None:
     train.add_argument("--dropout", type=float, help="dropout probability" + shipped)
     train.add_argument("--norm", help="batch, instance or none" + shipped)
     train.add_argument(
-        "--upsampling", help="transpose (the paper's), transpose-icnr or bilinear" + shipped
+        "--upsampling",
+        help="transpose (the paper's), transpose-icnr, bilinear or nearest-conv" + shipped,
     )
     train.add_argument(
         "--no-gradient-channels", action="store_true", help="plain U-Net baseline (1 channel)"
