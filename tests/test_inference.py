@@ -57,6 +57,9 @@ def make_model(norm: str = "batch", **arguments: object) -> LoadedModel:
                 module.running_var.uniform_(0.5, 2.0)
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.2, 0.2)
+        if network.shortcut is not None:
+            network.shortcut.weight.fill_(-0.7)
+            network.shortcut.bias.fill_(0.4)
     card = ModelCard(
         name="test",
         version="1",
@@ -164,10 +167,20 @@ def test_stored_pixels_of_an_empty_or_broken_output() -> None:
         to_stored_pixels(np.full((2, 4, 4), np.nan, np.float32))
 
 
-@pytest.mark.parametrize("upsampling", ["transpose", "bilinear", "nearest-conv"])
-def test_synthesize_matches_the_network_as_loaded(native_t1: np.ndarray, upsampling: str) -> None:
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {"upsampling": "transpose"},
+        {"upsampling": "bilinear"},
+        {"upsampling": "nearest-conv"},
+        {"input_shortcut": True},
+    ],
+)
+def test_synthesize_matches_the_network_as_loaded(
+    native_t1: np.ndarray, arguments: dict[str, object]
+) -> None:
     # The Synthesizer folds batch norms and changes memory layout; the numbers must not move.
-    model = make_model(upsampling=upsampling)
+    model = make_model(**arguments)
     output = Synthesizer(model).synthesize(native_t1)
     inputs = model_input(normalize_volume(native_t1, "percentile-volume"), True)
     with torch.inference_mode():

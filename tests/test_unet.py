@@ -95,6 +95,23 @@ def test_transposed_convolutions_paint_a_pattern_on_flat_input(
     assert (spread > 1e-3 * output.abs().mean().item()) == patterned
 
 
+def test_the_input_shortcut_adds_an_affine_map_of_the_image_channel() -> None:
+    torch.manual_seed(5)
+    plain = UNet(base_width=4, depth=2).eval()
+    torch.manual_seed(5)
+    shortcut = UNet(base_width=4, depth=2, input_shortcut=True).eval()
+    inputs = torch.rand(2, 3, 37, 50)
+    with torch.inference_mode():
+        # Untrained, the shortcut is zero: the same network as without it.
+        torch.testing.assert_close(shortcut(inputs), plain(inputs))
+        shortcut.shortcut.weight.fill_(-2.0)
+        shortcut.shortcut.bias.fill_(0.5)
+        shortcut.head.weight.zero_()
+        shortcut.head.bias.zero_()
+        # Only the image channel (0), not the gradient channels, and cropped like the rest.
+        torch.testing.assert_close(shortcut(inputs), 0.5 - 2.0 * inputs[:, :1])
+
+
 def test_it_learns_a_contrast_inversion() -> None:
     # The failure seen in this project was a network stuck at a constant image; a few steps
     # on an inversion task must already bring the loss well below a constant's.

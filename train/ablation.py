@@ -67,6 +67,10 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         "the shipped recipe with resize-convolutions (nearest, then 3x3) instead of transposed",
         {**_RECIPE, "upsampling": "nearest-conv"},
     ),
+    "shortcut-ssim": (
+        "the shipped recipe plus a learnt affine map of the input added to the output",
+        {**_RECIPE, "input_shortcut": True},
+    ),
     "scale-ssim": (
         "paper + per-volume scaling without offset + MSE/SSIM loss",
         {**_RECIPE, "normalization": "scale-volume"},
@@ -79,7 +83,7 @@ def settings_for(configuration: str, base: TrainSettings) -> TrainSettings:
     """``base`` (the run's size, seed and budget) changed as ``configuration`` says."""
     changes = dict(CONFIGURATIONS[configuration][1])
     arguments = dict(base.arguments)
-    for key in ("in_channels", "skip_connections", "upsampling"):
+    for key in ("in_channels", "skip_connections", "upsampling", "input_shortcut"):
         if key in changes:
             arguments[key] = changes.pop(key)
     return replace(base, arguments=arguments, **changes)
