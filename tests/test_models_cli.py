@@ -10,8 +10,8 @@ import torch
 
 from pipeline.modelfile import ModelCard, save_model
 from pipeline.registry import ModelRegistry
-from pipeline.unet import UNet
-from train.commands import add_commands, registry_root
+from pipeline.unet import DEFAULT_ARGUMENTS, UNet
+from train.commands import add_commands, network_arguments, registry_root
 
 
 def run(argv: list[str]) -> int:
@@ -60,6 +60,27 @@ def test_every_subcommand_has_config_and_run() -> None:
         assert args.config == Path("config.toml") and callable(args.run)
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "DATA", "--direction", "t1-to-flair"])
+
+
+def test_train_options_reach_the_network_and_the_rest_stay_the_shipped_models() -> None:
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+
+    def arguments(*options: str) -> dict[str, object]:
+        argv = ["train", "DATA", "--direction", "t1-to-t2", *options]
+        return network_arguments(parser.parse_args(argv))
+
+    assert arguments() == DEFAULT_ARGUMENTS
+    changed = arguments("--base-width", "4", "--upsampling", "bilinear", "--no-skip-connections")
+    assert changed == {
+        **DEFAULT_ARGUMENTS,
+        "base_width": 4,
+        "upsampling": "bilinear",
+        "skip_connections": False,
+    }
+    assert arguments("--input-shortcut")["input_shortcut"] is True
+    assert arguments("--no-input-shortcut")["input_shortcut"] is False
+    assert arguments("--no-gradient-channels")["in_channels"] == 1
 
 
 def test_registry_comes_from_the_option_the_config_or_beside_the_config(tmp_path) -> None:

@@ -97,6 +97,11 @@ def add_commands(subparsers: Any) -> None:
         help="transpose (the paper's), transpose-icnr, bilinear or nearest-conv" + shipped,
     )
     train.add_argument(
+        "--input-shortcut",
+        action=argparse.BooleanOptionalAction,
+        help="add a learnt affine map of the input image to the output" + shipped,
+    )
+    train.add_argument(
         "--no-gradient-channels", action="store_true", help="plain U-Net baseline (1 channel)"
     )
     train.add_argument(
@@ -164,35 +169,41 @@ def registry_root(config: Path, override: Path | None) -> Path:
     return folder / configured
 
 
-def _train(args: argparse.Namespace) -> int:
-    import torch
-
-    from pipeline.modelfile import ModelFileError
-    from pipeline.registry import ModelRegistry, RegistryError
+def network_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The U-Net's arguments: the shipped models' (DEFAULT_ARGUMENTS) with the options given."""
     from pipeline.unet import DEFAULT_ARGUMENTS
-    from train.trainer import TrainSettings, console_progress
-    from train.workflow import TrainRequest, load_reference_metrics, run_training
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     given = {
         "base_width": args.base_width,
         "depth": args.depth,
         "dropout": args.dropout,
         "norm": args.norm,
         "upsampling": args.upsampling,
+        "input_shortcut": args.input_shortcut,
     }
-    arguments = {
+    return {
         **DEFAULT_ARGUMENTS,
         **{key: value for key, value in given.items() if value is not None},
         "in_channels": 1 if args.no_gradient_channels else 3,
         "skip_connections": not args.no_skip_connections,
     }
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from pipeline.modelfile import ModelFileError
+    from pipeline.registry import ModelRegistry, RegistryError
+    from train.trainer import TrainSettings, console_progress
+    from train.workflow import TrainRequest, load_reference_metrics, run_training
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         settings = TrainSettings(
             direction=args.direction,
             normalization=args.normalization,
-            arguments=arguments,
+            arguments=network_arguments(args),
             epochs=args.epochs,
             steps_per_epoch=args.steps_per_epoch,
             batch_size=args.batch_size,
