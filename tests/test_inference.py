@@ -93,6 +93,29 @@ def test_normalisation_ignores_the_scanner_gain(native_t1: np.ndarray, method: s
     np.testing.assert_allclose(normalize_volume(native_t1 * 3.7, method), normalized, atol=1e-5)
 
 
+def test_median_normalisation_puts_a_brain_at_the_same_level_with_or_without_its_skull(
+    mr_brain: Path, native_t1: np.ndarray
+) -> None:
+    # tcga-fg-6692 is the native study's T1 skull-stripped and resampled, intensities kept:
+    # the brain's own quartiles, in raw units, must land alike in both normalised volumes.
+    stripped = read_series(mr_brain / "tcga-fg-6692" / "03_t1")
+    brain = np.percentile(stripped[stripped > 0], [25, 50, 75])
+
+    def levels(volume: np.ndarray, method: str) -> np.ndarray:
+        # The normalisation is a monotone map: look up where the brain's quartiles went.
+        order = np.argsort(volume, axis=None)
+        values, normalized = volume.ravel()[order], normalize_volume(volume, method).ravel()[order]
+        return np.interp(brain, values, normalized)
+
+    np.testing.assert_allclose(
+        levels(native_t1, "median-volume"), levels(stripped, "median-volume"), atol=0.05
+    )
+    # What it replaces: percentile-volume's scale is set by the scalp's fat.
+    assert np.all(
+        levels(native_t1, "percentile-volume") < 0.5 * levels(stripped, "percentile-volume")
+    )
+
+
 def test_minmax_slice_spans_each_slice_and_zeroes_an_empty_one(native_t1: np.ndarray) -> None:
     volume = np.concatenate([native_t1, np.zeros_like(native_t1[:1])])
     normalized = normalize_volume(volume, "minmax-slice")

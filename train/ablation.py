@@ -71,6 +71,10 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         "the shipped recipe plus a learnt affine map of the input added to the output",
         {**_RECIPE, "input_shortcut": True},
     ),
+    "median-ssim": (
+        "the shipped recipe with each volume divided by twice its foreground's median",
+        {**_RECIPE, "normalization": "median-volume"},
+    ),
     "scale-ssim": (
         "paper + per-volume scaling without offset + MSE/SSIM loss",
         {**_RECIPE, "normalization": "scale-volume"},
