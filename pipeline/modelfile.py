@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,8 @@ class ModelCard:
 
     ``gradient_channels`` is stated on its own although ``arguments["in_channels"]`` implies
     it (3 with the Sobel channels, 1 without): preprocessing reads it, and the card is
-    rejected where the two disagree.
+    rejected where the two disagree. ``normalization`` is the input's; the output is in
+    ``target_normalization``'s space (the targets' in training), None meaning the same.
     """
 
     name: str
@@ -45,11 +46,16 @@ class ModelCard:
     arguments: dict[str, Any]
     normalization: str
     gradient_channels: bool
+    target_normalization: str | None = None
     architecture: str = "unet"
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     checksum: str = ""
+
+    @property
+    def output_normalization(self) -> str:
+        return self.target_normalization or self.normalization
 
 
 @dataclass(frozen=True)
@@ -143,9 +149,15 @@ def load_model(path: Path, device: torch.device | str | None = None) -> LoadedMo
 
 def _card_from_dict(values: Any, path: Path) -> ModelCard:
     names = {item.name for item in fields(ModelCard)}
+    # Fields with a default may be absent: cards written before the field existed.
+    required = {
+        item.name
+        for item in fields(ModelCard)
+        if item.default is MISSING and item.default_factory is MISSING
+    }
     if not isinstance(values, dict):
         raise ModelFileError(f"{path}: the model card is not a mapping")
-    missing = sorted(names - values.keys())
+    missing = sorted(required - values.keys())
     unknown = sorted(values.keys() - names)
     if missing or unknown:
         raise ModelFileError(
@@ -166,6 +178,7 @@ def _check_card(card: ModelCard, path: Path) -> None:
         raise ModelFileError(f"{path}: the card's arguments are not a mapping")
     reject("architecture", card.architecture, ARCHITECTURES)
     reject("normalization", card.normalization, NORMALIZATIONS)
+    reject("target_normalization", card.output_normalization, NORMALIZATIONS)
     reject("direction", card.direction, DIRECTIONS)
     expected = 3 if card.gradient_channels else 1
     in_channels = card.arguments.get("in_channels", 3)

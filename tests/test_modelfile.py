@@ -137,7 +137,12 @@ def test_a_newer_format_is_refused_by_name(saved: tuple[Path, UNet, ModelCard]) 
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("architecture", "resnet"), ("normalization", "zscore"), ("direction", "t1-to-flair")],
+    [
+        ("architecture", "resnet"),
+        ("normalization", "zscore"),
+        ("target_normalization", "zscore"),
+        ("direction", "t1-to-flair"),
+    ],
 )
 def test_unknown_card_values_are_refused_by_name(
     saved: tuple[Path, UNet, ModelCard], field: str, value: str
@@ -151,6 +156,25 @@ def test_unknown_card_values_are_refused_by_name(
     write_payload(path, payload)
     with pytest.raises(ModelFileError, match=f"unknown {field} '{value}'"):
         load_model(path)
+
+
+def test_the_output_space_is_the_input_normalisation_unless_the_card_names_its_own(
+    saved: tuple[Path, UNet, ModelCard], tmp_path: Path
+) -> None:
+    # Cards written before target_normalization existed have no such key.
+    path, network, card = saved
+    fields = asdict(card)
+    del fields["target_normalization"]
+    write_payload(path, {"format": FORMAT, "card": fields, "state_dict": network.state_dict()})
+    assert load_model(path).card.output_normalization == "percentile-volume"
+    split = make_card(normalization="median-volume", target_normalization="percentile-volume")
+    other = save_model(tmp_path / "split.pt", trained_network(), split)
+    loaded = load_model(tmp_path / "split.pt").card
+    assert loaded == other
+    assert (loaded.normalization, loaded.output_normalization) == (
+        "median-volume",
+        "percentile-volume",
+    )
 
 
 def test_a_card_with_missing_fields_is_refused(saved: tuple[Path, UNet, ModelCard]) -> None:

@@ -70,6 +70,16 @@ def test_crops_leave_the_slice_as_zero_weight() -> None:
     assert source[:15, :15].max() == 0
 
 
+def test_source_and_target_can_be_normalised_apart(mr_brain: Path) -> None:
+    search = find_pairs([mr_brain / "tcga-fg-6692-native"])
+    paired = load_pair(search.pairs[0], "t1-to-t2", register=False)
+    split = prepare_study(paired, "median-volume", "percentile-volume")
+    same = prepare_study(paired, "median-volume")
+    np.testing.assert_array_equal(split.source, same.source)
+    # percentile-volume tops out at 1; the median-scaled T2's fluid lies above it.
+    assert split.target.max() == 1.0 < same.target.max()
+
+
 def test_batches_are_centred_on_the_head(native) -> None:
     inputs, targets, weights = sample_batch(
         [native], 6, 32, True, AugmentSettings(), np.random.default_rng(0)

@@ -75,6 +75,10 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         "the shipped recipe with each volume divided by twice its foreground's median",
         {**_RECIPE, "normalization": "median-volume"},
     ),
+    "median-input-ssim": (
+        "the shipped recipe with the input divided by twice its foreground's median",
+        {**_RECIPE, "normalization": "median-volume", "target_normalization": "percentile-volume"},
+    ),
     "scale-ssim": (
         "paper + per-volume scaling without offset + MSE/SSIM loss",
         {**_RECIPE, "normalization": "scale-volume"},
@@ -113,18 +117,19 @@ def run_ablation(
     for direction in directions:
         paired = [load_pair(pair, direction) for pair in search.pairs]
         paired = [item for item in paired if len(item.slices)]
-        prepared: dict[str, list[TrainingStudy]] = {}
+        prepared: dict[tuple[str, str | None], list[TrainingStudy]] = {}
         for held_out in patients:
             for configuration in configurations:
                 key = f"{direction}/{held_out}/{configuration}"
                 if key in results["runs"]:
                     continue
                 settings = replace(settings_for(configuration, base), direction=direction)
-                if settings.normalization not in prepared:
-                    prepared[settings.normalization] = [
-                        prepare_study(item, settings.normalization) for item in paired
+                normalizations = settings.normalization, settings.target_normalization
+                if normalizations not in prepared:
+                    prepared[normalizations] = [
+                        prepare_study(item, *normalizations) for item in paired
                     ]
-                studies = prepared[settings.normalization]
+                studies = prepared[normalizations]
                 training = [s for s in studies if s.patient != held_out]
                 test = [item for item in paired if item.pair.patient == held_out]
                 print(f"{key}: training on {len(training)} studies", file=sys.stderr)
@@ -273,6 +278,7 @@ def _in_memory(network: torch.nn.Module, settings: TrainSettings, name: str) -> 
         direction=settings.direction,
         arguments=settings.arguments,
         normalization=settings.normalization,
+        target_normalization=settings.target_normalization,
         gradient_channels=settings.gradient_channels,
         checksum=weights_checksum(network.state_dict()),
     )

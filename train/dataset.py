@@ -2,7 +2,7 @@
 
 The source is normalised over its whole series, exactly as ``pipeline.inference`` does
 before it runs the network, and only then are the usable slices picked; the target is
-normalised the same way, so the network learns to emit the target's normalised space.
+normalised over its whole series too, with the normalisation the model's output is in.
 """
 
 from __future__ import annotations
@@ -26,10 +26,13 @@ class TrainingStudy:
     head: np.ndarray  # bool (K, H, W)
 
 
-def prepare_study(paired: PairedVolume, normalization: str) -> TrainingStudy:
-    """The usable slices of ``paired``, normalised with ``normalization``."""
+def prepare_study(
+    paired: PairedVolume, normalization: str, target_normalization: str | None = None
+) -> TrainingStudy:
+    """The usable slices of ``paired``: the source normalised with ``normalization``, the
+    target with ``target_normalization`` (None: the same)."""
     source = normalize_volume(paired.source.pixels, normalization)
-    target = normalize_volume(paired.target, normalization)
+    target = normalize_volume(paired.target, target_normalization or normalization)
     keep = paired.slices
     return TrainingStudy(
         label=paired.pair.label,

@@ -135,7 +135,7 @@ def evaluate(model: LoadedModel, paired: list[PairedVolume]) -> Evaluation:
             for name, prediction in predictions.items()
         }
         # In the network's own space: the spread of its raw output against the target's.
-        target_normalized = normalize_volume(item.target, model.card.normalization)[keep]
+        target_normalized = normalize_volume(item.target, model.card.output_normalization)[keep]
         studies.append(
             StudyResult(
                 label=item.pair.label,

@@ -51,6 +51,8 @@ class TrainSettings:
     # The defaults are the shipped recipe; docs/ablation.md has the held-out numbers that
     # chose it over the paper's per-slice min-max and plain MSE, and over scale-volume.
     normalization: str = "percentile-volume"
+    # The targets' normalisation, i.e. the output's space; None: the same as the input's.
+    target_normalization: str | None = None
     arguments: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ARGUMENTS))
     epochs: int = 12
     steps_per_epoch: int = 150
@@ -66,9 +68,15 @@ class TrainSettings:
         Direction(self.direction)
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}")
+        if self.output_normalization not in NORMALIZATIONS:
+            raise ValueError(f"target_normalization must be one of {NORMALIZATIONS}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, not {self.loss!r}")
         UNet(**self.arguments)  # raises ValueError or TypeError for bad arguments
+
+    @property
+    def output_normalization(self) -> str:
+        return self.target_normalization or self.normalization
 
     @property
     def gradient_channels(self) -> bool:

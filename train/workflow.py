@@ -89,8 +89,9 @@ def run_training(
     if not training:
         raise ValueError("no training pairs: every paired patient is held out")
 
-    studies = [prepare_study(item, settings.normalization) for item in training]
-    validation = [prepare_study(item, settings.normalization) for item in held_out]
+    normalizations = settings.normalization, settings.target_normalization
+    studies = [prepare_study(item, *normalizations) for item in training]
+    validation = [prepare_study(item, *normalizations) for item in held_out]
     result = train_network(
         studies, validation, settings, request.checkpoint, request.resume, progress
     )
@@ -102,6 +103,7 @@ def run_training(
         direction=settings.direction,
         arguments=dict(settings.arguments),
         normalization=settings.normalization,
+        target_normalization=settings.target_normalization,
         gradient_channels=settings.gradient_channels,
         training={
             "data": [_describe_pair(item) for item in training],
