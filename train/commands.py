@@ -84,8 +84,14 @@ def add_commands(subparsers: Any) -> None:
         "--normalization",
         choices=NORMALIZATIONS,
         default=TrainSettings.normalization,
-        help="percentile-volume, scale-volume or minmax-slice (the paper's) "
-        f"(default {TrainSettings.normalization})",
+        help="of the input: percentile-volume, scale-volume, median-volume or minmax-slice "
+        f"(the paper's) (default {TrainSettings.normalization})",
+    )
+    train.add_argument(
+        "--target-normalization",
+        choices=NORMALIZATIONS,
+        help="of the targets, i.e. the space the model's output is in "
+        "(default: the same as --normalization)",
     )
     shipped = " (default: the shipped models', pipeline.unet.DEFAULT_ARGUMENTS)"
     train.add_argument("--base-width", type=int, help="channels of the first level" + shipped)
@@ -203,6 +209,7 @@ def _train(args: argparse.Namespace) -> int:
         settings = TrainSettings(
             direction=args.direction,
             normalization=args.normalization,
+            target_normalization=args.target_normalization,
             arguments=network_arguments(args),
             epochs=args.epochs,
             steps_per_epoch=args.steps_per_epoch,
