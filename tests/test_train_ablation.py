@@ -16,14 +16,15 @@ from train.trainer import TrainSettings
 
 def test_configurations_change_one_thing_each() -> None:
     base = TrainSettings(direction="t1-to-t2")
-    assert settings_for("percentile-ssim", base) == base  # the defaults are the shipped recipe
+    assert settings_for("median-input-ssim", base) == base  # the defaults are the shipped recipe
     assert settings_for("scale-ssim", base).normalization == "scale-volume"
     median_input = settings_for("median-input-ssim", base)
     assert (median_input.normalization, median_input.output_normalization) == (
         "median-volume",
         "percentile-volume",
     )
-    assert base.output_normalization == base.normalization
+    v3 = settings_for("percentile-ssim", base)
+    assert v3.output_normalization == v3.normalization == "percentile-volume"
     paper = settings_for("paper", base)
     assert (paper.normalization, paper.loss, paper.arguments) == (
         "minmax-slice",

@@ -41,8 +41,11 @@ from train.workflow import load_reference_metrics
 
 # name -> (what it is, its settings beyond the run's size). Every entry names its
 # normalisation and loss, so that no configuration depends on TrainSettings' defaults.
-_PAPER = {"normalization": "minmax-slice", "loss": "mse"}
-_RECIPE = {"normalization": "percentile-volume", "loss": "mse+ssim"}
+# target_normalization None: the targets are normalised like the input.
+_PAPER = {"normalization": "minmax-slice", "target_normalization": None, "loss": "mse"}
+# The recipe of the v3 models, which the upsampling, shortcut and normalisation variants
+# were measured against.
+_V3 = {"normalization": "percentile-volume", "target_normalization": None, "loss": "mse+ssim"}
 CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "paper": ("the paper's U-Net: image + Sobel x/y, per-slice min-max, MSE", _PAPER),
     "plain-unet": ("baseline: U-Net without gradient channels", {**_PAPER, "in_channels": 1}),
@@ -52,36 +55,36 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         {**_PAPER, "normalization": "percentile-volume"},
     ),
     "percentile-ssim": (
-        "paper + percentile normalisation + MSE/SSIM loss (the shipped recipe)",
-        _RECIPE,
+        "paper + percentile normalisation + MSE/SSIM loss (v3's recipe)",
+        _V3,
     ),
     "bilinear-ssim": (
-        "the shipped recipe with bilinear upsampling instead of transposed convolutions",
-        {**_RECIPE, "upsampling": "bilinear"},
+        "v3's recipe with bilinear upsampling instead of transposed convolutions",
+        {**_V3, "upsampling": "bilinear"},
     ),
     "icnr-ssim": (
-        "the shipped recipe with its transposed convolutions initialised as nearest upsampling",
-        {**_RECIPE, "upsampling": "transpose-icnr"},
+        "v3's recipe with its transposed convolutions initialised as nearest upsampling",
+        {**_V3, "upsampling": "transpose-icnr"},
     ),
     "resize-ssim": (
-        "the shipped recipe with resize-convolutions (nearest, then 3x3) instead of transposed",
-        {**_RECIPE, "upsampling": "nearest-conv"},
+        "v3's recipe with resize-convolutions (nearest, then 3x3) instead of transposed",
+        {**_V3, "upsampling": "nearest-conv"},
     ),
     "shortcut-ssim": (
-        "the shipped recipe plus a learnt affine map of the input added to the output",
-        {**_RECIPE, "input_shortcut": True},
+        "v3's recipe plus a learnt affine map of the input added to the output",
+        {**_V3, "input_shortcut": True},
     ),
     "median-ssim": (
-        "the shipped recipe with each volume divided by twice its foreground's median",
-        {**_RECIPE, "normalization": "median-volume"},
+        "v3's recipe with each volume divided by twice its foreground's median",
+        {**_V3, "normalization": "median-volume"},
     ),
     "median-input-ssim": (
-        "the shipped recipe with the input divided by twice its foreground's median",
-        {**_RECIPE, "normalization": "median-volume", "target_normalization": "percentile-volume"},
+        "v3's recipe with the input divided by twice its foreground's median (the shipped, v4)",
+        {**_V3, "normalization": "median-volume", "target_normalization": "percentile-volume"},
     ),
     "scale-ssim": (
         "paper + per-volume scaling without offset + MSE/SSIM loss",
-        {**_RECIPE, "normalization": "scale-volume"},
+        {**_V3, "normalization": "scale-volume"},
     ),
 }
 TABLE_METRICS = ("mse_slice", "mae_slice", "psnr_slice", "ssim_slice", "psnr_head", "ssim_head")

@@ -90,8 +90,9 @@ def add_commands(subparsers: Any) -> None:
     train.add_argument(
         "--target-normalization",
         choices=NORMALIZATIONS,
+        default=TrainSettings.target_normalization,
         help="of the targets, i.e. the space the model's output is in "
-        "(default: the same as --normalization)",
+        f"(default {TrainSettings.target_normalization})",
     )
     shipped = " (default: the shipped models', pipeline.unet.DEFAULT_ARGUMENTS)"
     train.add_argument("--base-width", type=int, help="channels of the first level" + shipped)

@@ -49,10 +49,12 @@ VALIDATION_SLICES = 12
 class TrainSettings:
     direction: str
     # The defaults are the shipped recipe; docs/ablation.md has the held-out numbers that
-    # chose it over the paper's per-slice min-max and plain MSE, and over scale-volume.
-    normalization: str = "percentile-volume"
+    # chose it over the paper's per-slice min-max and plain MSE, over scale-volume, and
+    # over percentile-volume inputs (v3): the input is median-scaled, so a brain lands at
+    # one level with or without its skull; the targets stay in percentile-volume's space.
+    normalization: str = "median-volume"
     # The targets' normalisation, i.e. the output's space; None: the same as the input's.
-    target_normalization: str | None = None
+    target_normalization: str | None = "percentile-volume"
     arguments: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ARGUMENTS))
     epochs: int = 12
     steps_per_epoch: int = 150
