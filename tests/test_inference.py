@@ -131,6 +131,11 @@ def test_normalisation_refuses_what_it_cannot_scale() -> None:
         normalize_volume(np.random.rand(4, 8, 8).astype(np.float32), "zscore")
     with pytest.raises(ValueError, match="slices, rows, columns"):
         normalize_volume(np.random.rand(8, 8).astype(np.float32), "minmax-slice")
+    # Contrast, but no signal above zero (a wrong rescale intercept): nothing to scale by.
+    negative = -np.random.default_rng(2).uniform(10, 100, (4, 8, 8)).astype(np.float32)
+    for method in ("scale-volume", "median-volume"):
+        with pytest.raises(ValueError, match="no positive signal"):
+            normalize_volume(negative, method)
 
 
 def test_model_input_gradients_are_per_slice_and_per_pixel() -> None:
