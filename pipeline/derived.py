@@ -1,5 +1,9 @@
 """Building and writing the synthetic series: one MR Image instance per source slice.
 
+A multi-frame (Enhanced MR) source gives one classic MR Image per frame, each naming its
+frame in its Source Image Sequence: every PACS and viewer takes classic images, and the
+synthetic slices stay beside the frames they were computed from.
+
 ``build_synthetic_series`` is the one place that decides every attribute of the output, so
 that what a viewer, a PACS or a validator sees can be read in one function. The choices:
 
@@ -179,11 +183,15 @@ def derived_series_uid(source_series_uid: str, model: ModelIdentity) -> str:
     return _derived_uid("series", source_series_uid, model.name, model.version, model.checksum)
 
 
-def derived_instance_uid(source_sop_instance_uid: str, model: ModelIdentity) -> str:
-    """The synthetic instance's UID: the same for the same source instance and model."""
-    return _derived_uid(
-        "instance", source_sop_instance_uid, model.name, model.version, model.checksum
-    )
+def derived_instance_uid(
+    source_sop_instance_uid: str, model: ModelIdentity, frame: int | None = None
+) -> str:
+    """The synthetic instance's UID: the same for the same source instance (and frame, in a
+    multi-frame source) and model."""
+    names = ["instance", source_sop_instance_uid, model.name, model.version, model.checksum]
+    if frame is not None:
+        names.append(f"frame {frame}")
+    return _derived_uid(*names)
 
 
 def _derived_uid(*names: str) -> str:
@@ -216,14 +224,15 @@ def build_synthetic_series(
     source_description = _describe(first)
     lossy = any(_was_lossy_compressed(header) for header in source.headers)
     numbers = _instance_numbers(source.headers)
+    frames = source.frames or (None,) * len(source.headers)
     datasets = []
-    for index, header in enumerate(source.headers):
+    for index, (header, frame) in enumerate(zip(source.headers, frames, strict=True)):
         ds = Dataset()
 
         # SOP Common
         _copy(ds, header, ("SpecificCharacterSet", "TimezoneOffsetFromUTC"))
         ds.SOPClassUID = MRImageStorage
-        ds.SOPInstanceUID = derived_instance_uid(header.SOPInstanceUID, model)
+        ds.SOPInstanceUID = derived_instance_uid(header.SOPInstanceUID, model, frame)
         ds.InstanceCreationDate = now.strftime("%Y%m%d")
         ds.InstanceCreationTime = now.strftime("%H%M%S")
         ds.ContributingEquipmentSequence = DicomSequence(
@@ -275,7 +284,7 @@ def build_synthetic_series(
         ds.ImageComments = (
             f"SYNTHETIC {target_contrast}: computed by {model.name} {model.version}, not acquired"
         )
-        ds.SourceImageSequence = DicomSequence([_source_image(header)])
+        ds.SourceImageSequence = DicomSequence([_source_image(header, frame)])
         ds.BurnedInAnnotation = "NO"
         # A synthetic image is not itself compressed, but lossy loss in its input carries over.
         ds.LossyImageCompression = "01" if lossy else "00"
@@ -453,8 +462,10 @@ def _acquisition_equipment(header: Dataset) -> Dataset:
     return item
 
 
-def _source_image(header: Dataset) -> Dataset:
+def _source_image(header: Dataset, frame: int | None) -> Dataset:
     item = _referenced_instance(header)
+    if frame is not None:
+        item.ReferencedFrameNumber = frame
     item.PurposeOfReferenceCodeSequence = DicomSequence(
         [_code("121322", "DCM", "Source image for image processing operation")]
     )

@@ -1,9 +1,10 @@
-"""Reading one series of single-frame images into a volume ordered in space.
+"""Reading one series of images into a volume ordered in space.
 
 Slices are ordered by where they are, not by how they are numbered: ImagePositionPatient
 projected onto the slice normal (the cross product of the two direction cosines of
 ImageOrientationPatient). InstanceNumber runs in acquisition order, which is descending,
-interleaved or restarted on many scanners.
+interleaved or restarted on many scanners. A multi-frame (Enhanced MR) file gives one slice
+per frame, placed by its functional groups (``pipeline.multiframe``).
 
 Pixel values are the stored values with RescaleSlope/RescaleIntercept applied, slice by slice
 (Philips varies the slope between slices). Neither MR Real World Value Mapping nor Philips'
@@ -25,6 +26,8 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+
+from pipeline.multiframe import is_multi_frame, split_frames
 
 # Direction cosines are written with 4 to 8 decimals depending on the vendor; 1e-3 (about
 # 0.06 degrees) absorbs that rounding and nothing a real tilted slice would produce.
@@ -56,6 +59,9 @@ class Volume:
     orientation: np.ndarray  # (6,) row direction cosines, then column direction cosines
     pixel_spacing: np.ndarray  # (2,) PixelSpacing: between rows, between columns (mm)
     slice_normal: np.ndarray  # (3,) unit vector, row x column; slices ascend along it
+    # Each slice's frame number (from 1) in its multi-frame instance, None for a single-frame
+    # instance; empty for a volume not read from files.
+    frames: tuple[int | None, ...] = ()
 
     @property
     def slice_offsets(self) -> np.ndarray:
@@ -102,18 +108,17 @@ class Volume:
 def load_series(paths: Sequence[Path]) -> Volume:
     """Read the files of one series into a Volume ordered along the slice normal.
 
-    Raises SeriesError when the files do not make one volume of parallel slices on one
-    grid, naming the first offending file.
+    A multi-frame (Enhanced MR) file gives one slice per frame. Raises SeriesError when the
+    files do not make one volume of parallel slices on one grid, naming the first offending
+    file (and frame).
     """
     if not paths:
         raise SeriesError("series has no slices; synthesis needs at least 2")
-    names = [Path(path).name for path in paths]
-    datasets = [_read(Path(path)) for path in paths]
-    for name, dataset in zip(names, datasets, strict=True):
-        _check_image(name, dataset)
-    # Checked after reading: a whole Enhanced MR series is one file, and deserves its own reason.
-    if len(datasets) < 2:
+    slices = [piece for path in paths for piece in _slices(Path(path))]
+    if len(slices) < 2:
         raise SeriesError("series has a single slice; synthesis needs at least 2")
+    names = [piece.name for piece in slices]
+    datasets = [piece.header for piece in slices]
     _check_same(names, datasets, "SeriesInstanceUID", "files belong to different series")
     _check_same(names, datasets, "FrameOfReferenceUID", "slices have different frames of reference")
     _check_same_size(names, datasets)
@@ -139,18 +144,49 @@ def load_series(paths: Sequence[Path]) -> Volume:
     order = np.argsort(offsets, kind="stable")
     _check_no_duplicates([names[i] for i in order], offsets[order])
 
-    pixels = np.stack([_pop_pixels(names[i], datasets[i]) for i in order])
+    pixels = np.stack([_rescaled(slices[i]) for i in order])
     if pixels.min() == pixels.max():
         raise SeriesError("all slices are blank (every pixel has the same value)")
-    headers = [datasets[i] for i in order]
     return Volume(
         pixels=_read_only(pixels),
-        headers=headers,
+        headers=[datasets[i] for i in order],
         positions=_read_only(positions[order]),
         orientation=_read_only(orientation),
         pixel_spacing=_read_only(pixel_spacing),
         slice_normal=_read_only(normal),
+        frames=tuple(slices[i].frame for i in order),
     )
+
+
+@dataclass(frozen=True, eq=False)
+class _Slice:
+    name: str  # the file, and for a multi-frame file the frame: for messages
+    header: Dataset  # single-frame: the file's dataset; multi-frame: the frame's header
+    frame: int | None  # from 1, in a multi-frame file
+    stored: np.ndarray | None  # a frame's stored values; None: decode the header's PixelData
+
+
+def _slices(path: Path) -> list[_Slice]:
+    dataset = _read(path)
+    _check_image(path.name, dataset)
+    try:
+        if not is_multi_frame(dataset):
+            return [_Slice(path.name, dataset, None, None)]
+        frames = split_frames(dataset)
+    except ValueError as error:
+        raise SeriesError(f"instance {path.name} has {error}") from error
+    stored = _decode(path.name, dataset)
+    if stored.ndim == 2:
+        stored = stored[None]
+    if stored.ndim != 3 or stored.shape[0] != len(frames):
+        raise SeriesError(
+            f"instance {path.name} has {len(frames)} frames but pixel data of shape {stored.shape}"
+        )
+    del dataset.PixelData
+    return [
+        _Slice(f"{path.name} frame {number}", header, number, stored[number - 1])
+        for number, header in frames
+    ]
 
 
 def _read(path: Path) -> Dataset:
@@ -163,11 +199,6 @@ def _read(path: Path) -> Dataset:
 
 
 def _check_image(name: str, dataset: Dataset) -> None:
-    frames = dataset.get("NumberOfFrames")
-    if (
-        frames not in (None, "") and int(frames) > 1
-    ) or "PerFrameFunctionalGroupsSequence" in dataset:
-        raise SeriesError("multi-frame (Enhanced MR) series are not supported yet")
     if "PixelData" not in dataset:
         raise SeriesError(f"instance {name} has no pixel data")
     photometric = dataset.get("PhotometricInterpretation", "")
@@ -258,12 +289,29 @@ def _check_no_duplicates(names: list[str], offsets: np.ndarray) -> None:
         )
 
 
-def _pop_pixels(name: str, dataset: Dataset) -> np.ndarray:
-    """The slice's rescaled float32 pixels; its PixelData is dropped to halve peak memory."""
+def _rescaled(piece: _Slice) -> np.ndarray:
+    """The slice's float32 pixels with its rescale applied. A single-frame file's PixelData
+    is dropped once decoded, to halve peak memory."""
+    stored = piece.stored
+    if stored is None:
+        stored = _decode(piece.name, piece.header)
+        del piece.header.PixelData
+    if stored.ndim != 2:
+        raise SeriesError(
+            f"instance {piece.name} holds {stored.ndim}-D pixel data; expected one grayscale frame"
+        )
+    slope = _float_or(piece.header.get("RescaleSlope"), 1.0)
+    intercept = _float_or(piece.header.get("RescaleIntercept"), 0.0)
+    if slope == 0:
+        raise SeriesError(f"instance {piece.name} has RescaleSlope 0, which would blank the image")
+    return stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+
+
+def _decode(name: str, dataset: Dataset) -> np.ndarray:
     try:
         # Honours PixelRepresentation and BitsStored (sign extension of signed values) and
         # decodes compressed transfer syntaxes through the installed pylibjpeg plugins.
-        stored = dataset.pixel_array
+        return dataset.pixel_array
     # The decoders raise whatever their C libraries report; any failure means the same thing.
     except Exception as error:
         syntax = dataset.file_meta.get("TransferSyntaxUID", "unknown transfer syntax")
@@ -271,16 +319,6 @@ def _pop_pixels(name: str, dataset: Dataset) -> np.ndarray:
         raise SeriesError(
             f"pixel data of {name} cannot be decoded ({name_of_syntax}): {error}"
         ) from error
-    if stored.ndim != 2:
-        raise SeriesError(
-            f"instance {name} holds {stored.ndim}-D pixel data; expected one grayscale frame"
-        )
-    slope = _float_or(dataset.get("RescaleSlope"), 1.0)
-    intercept = _float_or(dataset.get("RescaleIntercept"), 0.0)
-    if slope == 0:
-        raise SeriesError(f"instance {name} has RescaleSlope 0, which would blank the image")
-    del dataset.PixelData
-    return stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 
 def _float_or(value: object, default: float) -> float:

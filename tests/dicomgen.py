@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    EnhancedMRImageStorage,
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+    generate_uid,
+)
 
 
 def mr_series(
@@ -75,3 +82,89 @@ def write(datasets: list[Dataset], folder: Path) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+# Classic attributes that an Enhanced MR instance keeps per frame or in its functional groups.
+_PER_FRAME_IN_ENHANCED = (
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "SliceLocation",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "RescaleType",
+    "RepetitionTime",
+    "EchoTime",
+    "FlipAngle",
+    "EchoTrainLength",
+    "InversionTime",
+    "ImagesInAcquisition",
+    "WindowCenter",
+    "WindowWidth",
+    "ScanningSequence",
+    "SequenceVariant",
+    "ScanOptions",
+)
+
+
+def enhanced_mr(slices: list[Dataset], frame_order: list[int] | None = None) -> Dataset:
+    """One Enhanced MR instance holding ``slices`` (single-frame MR) as its frames.
+
+    As a Siemens XA or Philips scanner writes it: orientation, spacing and the sequence's
+    timing shared by all frames, each frame's position and rescale in its own functional
+    groups, none of them where a classic image has them. ``frame_order`` lists which slice
+    each frame holds (default: the slices' order).
+    """
+    order = list(range(len(slices))) if frame_order is None else frame_order
+    first = slices[0]
+    ds = Dataset()
+    for element in first:
+        if element.keyword not in (*_PER_FRAME_IN_ENHANCED, "PixelData"):
+            ds.add(copy.deepcopy(element))
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = EnhancedMRImageStorage
+    ds.SOPClassUID = EnhancedMRImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.InstanceNumber = 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+    ds.NumberOfFrames = len(order)
+
+    shared = Dataset()
+    shared.PixelMeasuresSequence = Sequence([_item(first, "PixelSpacing", "SliceThickness")])
+    shared.PlaneOrientationSequence = Sequence([_item(first, "ImageOrientationPatient")])
+    timing = _item(first, "RepetitionTime", "FlipAngle", "EchoTrainLength")
+    shared.MRTimingAndRelatedParametersSequence = Sequence([timing])
+    echo = Dataset()
+    if "EchoTime" in first:
+        echo.EffectiveEchoTime = float(first.EchoTime)
+    shared.MREchoSequence = Sequence([echo])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+
+    frames = []
+    for index in order:
+        groups = Dataset()
+        groups.PlanePositionSequence = Sequence([_item(slices[index], "ImagePositionPatient")])
+        transform = _item(slices[index], "RescaleSlope", "RescaleIntercept")
+        if len(transform):
+            transform.RescaleType = "US"
+            groups.PixelValueTransformationSequence = Sequence([transform])
+        content = Dataset()
+        content.InStackPositionNumber = index + 1
+        groups.FrameContentSequence = Sequence([content])
+        frames.append(groups)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    stored = "<i2" if first.get("PixelRepresentation") == 1 else "<u2"
+    ds.PixelData = b"".join(slices[index].pixel_array.astype(stored).tobytes() for index in order)
+    return ds
+
+
+def _item(source: Dataset, *keywords: str) -> Dataset:
+    item = Dataset()
+    for keyword in keywords:
+        if keyword in source:
+            item[keyword] = copy.deepcopy(source[keyword])
+    return item

@@ -21,6 +21,7 @@ from pipeline.derived import (
 )
 from pipeline.spool import InvalidUID, check_uid
 from pipeline.volume import Volume, load_series
+from tests.dicomgen import enhanced_mr
 from tests.validators import assert_dciodvfy_finds_no_error
 
 MODEL = ModelIdentity(name="unet-t1-to-t2", version="1.2.0", checksum="9f" * 32)
@@ -101,6 +102,12 @@ def test_uids_are_deterministic_valid_and_change_with_the_model():
     for uid in (series, instance):
         assert uid.startswith("2.25.")
         assert check_uid(uid, "derived UID") == uid
+    # Pinned: another value would make every re-run a second series in the PACS.
+    assert series == "2.25.161116029478537518269151725368762636255"
+    assert instance == "2.25.121200424293559436104835231351198915559"
+    # The frames of one multi-frame source instance each get their own.
+    frames = {derived_instance_uid(source, MODEL, frame) for frame in (1, 2)}
+    assert len(frames) == 2 and instance not in frames
 
 
 def test_a_rerun_gives_the_same_uids_and_a_new_model_new_ones(native_t1):
@@ -259,6 +266,31 @@ def test_a_dataset_whose_uid_could_escape_the_folder_is_not_written(native_t1, t
     with pytest.raises(InvalidUID):
         write_series([ds], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_enhanced_source_gives_classic_images_that_name_their_frames(
+    mr_brain, native_t1, tmp_path
+):
+    files = sorted((mr_brain / "tcga-fg-6692-native" / "03_t1").glob("*.dcm"))
+    enhanced = enhanced_mr([pydicom.dcmread(path) for path in files], list(range(26))[::-1])
+    enhanced.save_as(tmp_path / "enhanced.dcm", enforce_file_format=True)
+    volume = load_series([tmp_path / "enhanced.dcm"])
+
+    datasets = build(volume)
+
+    assert len({ds.SOPInstanceUID for ds in datasets}) == len(datasets) == 26
+    assert volume.frames == tuple(range(26, 0, -1))  # frame 1 holds the top slice
+    for ds, frame in zip(datasets, volume.frames, strict=True):
+        assert ds.SOPClassUID == pydicom.uid.MRImageStorage
+        (source,) = ds.SourceImageSequence
+        assert source.ReferencedSOPClassUID == pydicom.uid.EnhancedMRImageStorage
+        assert source.ReferencedSOPInstanceUID == enhanced.SOPInstanceUID
+        assert source.ReferencedFrameNumber == frame
+    classic = build(native_t1)
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        assert [ds[keyword].value for ds in datasets] == [ds[keyword].value for ds in classic]
+    assert [ds.SliceThickness for ds in datasets] == [ds.SliceThickness for ds in classic]
+    assert_dciodvfy_finds_no_error(write_series(datasets, tmp_path / "out"))
 
 
 def test_written_files_read_back_and_pass_dciodvfy(native_t1, tmp_path):

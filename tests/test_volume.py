@@ -12,6 +12,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from pipeline.volume import SeriesError, load_series
+from tests.dicomgen import enhanced_mr
 
 AXIAL = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 SERIES_UID = generate_uid()
@@ -216,7 +217,7 @@ def _other_series(ds: Dataset) -> None:
         (_truncate_pixels, "cannot be decoded"),
         (
             lambda ds: setattr(ds, "NumberOfFrames", 2),
-            "multi-frame (Enhanced MR) series are not supported",
+            "2 frames but no per-frame functional groups; its frames cannot be placed in space",
         ),
         (lambda ds: setattr(ds, "PhotometricInterpretation", "MONOCHROME1"), "only MONOCHROME2"),
         (lambda ds: setattr(ds, "PhotometricInterpretation", "RGB"), "only MONOCHROME2"),
@@ -243,11 +244,85 @@ def test_single_slice_is_refused(tmp_path):
         load_series([])
 
 
-def test_single_file_enhanced_series_is_named_as_multi_frame(tmp_path):
-    ds = make_slice(0.0)
-    ds.NumberOfFrames = 3
-    with pytest.raises(SeriesError, match="multi-frame"):
-        load_series(write([ds], tmp_path))
+def test_an_enhanced_mr_file_gives_the_volume_of_its_classic_slices(tmp_path):
+    classic = [make_slice(z) for z in (0.0, 2.0, 4.0, 6.0)]
+    for index, ds in enumerate(classic):  # Philips varies the rescale from slice to slice
+        ds.RescaleSlope, ds.RescaleIntercept = 1.0 + index, -float(index)
+    enhanced = enhanced_mr(classic, frame_order=[2, 0, 3, 1])
+    (tmp_path / "classic").mkdir()
+    (tmp_path / "enhanced").mkdir()
+
+    expected = load_series(write(classic, tmp_path / "classic"))
+    volume = load_series(write([enhanced], tmp_path / "enhanced"))
+
+    np.testing.assert_array_equal(volume.pixels, expected.pixels)
+    np.testing.assert_allclose(volume.positions, expected.positions)
+    np.testing.assert_allclose(volume.orientation, expected.orientation)
+    np.testing.assert_allclose(volume.pixel_spacing, expected.pixel_spacing)
+    assert volume.frames == (2, 4, 1, 3)  # the frames that hold slices 0, 1, 2, 3
+    assert expected.frames == (None, None, None, None)
+    assert {header.SOPInstanceUID for header in volume.headers} == {enhanced.SOPInstanceUID}
+    assert [float(h.RescaleSlope) for h in volume.headers] == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_enhanced_mr_files_of_one_frame_each_make_one_volume(tmp_path):
+    # Some scanners send an Enhanced MR series as one single-frame instance per slice.
+    classic = [make_slice(z) for z in (0.0, 1.0, 2.0)]
+    volume = load_series(write([enhanced_mr([ds]) for ds in classic], tmp_path))
+    assert volume.frames == (1, 1, 1)
+    assert volume.pixels[:, 0, 0].tolist() == [100, 110, 120]
+
+
+def _drop_frame_position(ds: Dataset) -> None:
+    del ds.PerFrameFunctionalGroupsSequence[1].PlanePositionSequence
+
+
+def _drop_a_frame_item(ds: Dataset) -> None:
+    del ds.PerFrameFunctionalGroupsSequence[2]
+
+
+def _second_echo_at_the_first_position(ds: Dataset) -> None:
+    first = ds.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0]
+    ds.PerFrameFunctionalGroupsSequence[1].PlanePositionSequence[
+        0
+    ].ImagePositionPatient = first.ImagePositionPatient
+
+
+def _short_pixel_data(ds: Dataset) -> None:
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+
+
+@pytest.mark.parametrize(
+    ("spoil", "reason"),
+    [
+        (_drop_frame_position, "instance frames.dcm frame 2 has no ImagePositionPatient"),
+        (_drop_a_frame_item, "instance frames.dcm has 3 frames but 2 per-frame functional group"),
+        (_second_echo_at_the_first_position, "frames.dcm frame 1 and frames.dcm frame 2 are at"),
+        (_short_pixel_data, "pixel data of frames.dcm cannot be decoded"),
+    ],
+)
+def test_inconsistent_enhanced_mr_is_refused_naming_file_and_frame(tmp_path, spoil, reason):
+    enhanced = enhanced_mr([make_slice(z) for z in (0.0, 1.0, 2.0)])
+    spoil(enhanced)
+    path = tmp_path / "frames.dcm"
+    enhanced.save_as(path, enforce_file_format=True)
+
+    with pytest.raises(SeriesError) as raised:
+        load_series([path])
+
+    assert reason in str(raised.value)
+
+
+def test_enhanced_mr_with_an_unreadable_frame_count_is_refused_by_name(tmp_path):
+    path = tmp_path / "frames.dcm"
+    enhanced_mr([make_slice(z) for z in (0.0, 1.0)]).save_as(path, enforce_file_format=True)
+    # (0028,0008) IS "2 " becomes "many": pydicom will not write such a value itself.
+    element = b"\x28\x00\x08\x00IS\x02\x002 "
+    assert path.read_bytes().count(element) == 1
+    path.write_bytes(path.read_bytes().replace(element, b"\x28\x00\x08\x00IS\x04\x00many"))
+
+    with pytest.raises(SeriesError, match=r"instance frames\.dcm has an unreadable NumberOfFrames"):
+        load_series([path])
 
 
 def test_unreadable_file_is_named(tmp_path):

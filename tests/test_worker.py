@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from pydicom import dcmread
 from sqlalchemy import select
 
 from pipeline.completion import CompletionSettings, complete_due_series
@@ -18,7 +19,7 @@ from pipeline.routing import Route
 from pipeline.settings import WorkerSettings
 from pipeline.spool import write_atomically
 from pipeline.worker import Worker
-from tests.dicomgen import mr_series
+from tests.dicomgen import enhanced_mr, mr_series
 from tests.models import add_model, make_registry
 
 ROUTES = [Route(name="t1", direction="t1-to-t2", destinations=["pacs", "archive"])]
@@ -74,6 +75,17 @@ def test_a_job_writes_one_marked_instance_per_slice_and_queues_deliveries(node):
         ("pacs", "pending"),
         ("archive", "pending"),
     ]
+
+
+def test_an_enhanced_mr_series_gives_one_synthetic_image_per_frame(node):
+    # Siemens XA and Philips send a whole series as one multi-frame instance.
+    receive(node, [enhanced_mr(mr_series(5), frame_order=[4, 2, 0, 1, 3])])
+    assert worker(node).run_due_jobs() == 1
+    (job,) = jobs(node)
+    assert (job.state, job.output_count) == ("done", 5), job.reason
+    outputs = [dcmread(path) for path in (node[1] / job.output_path).glob("*.dcm")]
+    frames = sorted(ds.SourceImageSequence[0].ReferencedFrameNumber for ds in outputs)
+    assert frames == [1, 2, 3, 4, 5]
 
 
 def test_a_series_that_cannot_be_synthesized_fails_once_with_its_reason(node):

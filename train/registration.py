@@ -12,7 +12,7 @@ sit in the same places in T1 and T2, whose tissue contrasts are inverted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage, optimize
@@ -52,12 +52,10 @@ def moved(
     """``volume`` with its geometry turned about ``centre`` and shifted (pixels unchanged)."""
     matrix = Rotation.from_rotvec(np.radians(rotation_degrees)).as_matrix()
     orientation = np.concatenate([matrix @ volume.orientation[:3], matrix @ volume.orientation[3:]])
-    return Volume(
-        pixels=volume.pixels,
-        headers=volume.headers,
+    return replace(
+        volume,
         positions=(volume.positions - centre) @ matrix.T + centre + translation,
         orientation=orientation,
-        pixel_spacing=volume.pixel_spacing,
         slice_normal=matrix @ volume.slice_normal,
     )
 
