@@ -142,6 +142,11 @@ def enhanced_mr(slices: list[Dataset], frame_order: list[int] | None = None) -> 
     if "EchoTime" in first:
         echo.EffectiveEchoTime = float(first.EchoTime)
     shared.MREchoSequence = Sequence([echo])
+    if first.get("InversionTime"):
+        modifier = Dataset()
+        modifier.InversionRecovery = "YES"
+        modifier.InversionTimes = [float(first.InversionTime)]
+        shared.MRModifierSequence = Sequence([modifier])
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
 
     frames = []

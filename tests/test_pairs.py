@@ -6,10 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom import dcmread
 
 from pipeline.contrast import Contrast, classify
 from pipeline.preprocess import head_mask
 from pipeline.volume import Volume, load_series
+from tests.dicomgen import enhanced_mr
 from train.pairs import find_pairs, load_pair, patient_label, split_by_patient
 from train.registration import moved, register_rigid, resample_onto
 
@@ -76,6 +78,24 @@ def test_native_pair_is_placed_by_geometry(search) -> None:
     reverse = load_pair(pair, "t2-to-t1", register=False)
     assert reverse.target.shape == (26, 256, 224)
     assert paired.registration is None
+
+
+def test_an_enhanced_mr_export_pairs_like_its_classic_one(search, mr_brain, tmp_path) -> None:
+    # Siemens XA and Philips export each series as one multi-frame file.
+    native = mr_brain / "tcga-fg-6692-native"
+    for name in ("03_t1", "04_t2", "05_flair", "07_t1c"):
+        classic = [dcmread(path) for path in sorted((native / name).glob("*.dcm"))]
+        (tmp_path / "export").mkdir(exist_ok=True)
+        enhanced_mr(classic).save_as(tmp_path / "export" / f"{name}.dcm", enforce_file_format=True)
+
+    (pair,) = find_pairs([tmp_path]).pairs
+    paired = load_pair(pair, "t1-to-t2", register=False)
+
+    expected = load_pair(by_label(search, "tcga-fg-6692-native"), "t1-to-t2", register=False)
+    assert pair.patient == expected.pair.patient
+    np.testing.assert_array_equal(paired.source.pixels, expected.source.pixels)
+    np.testing.assert_allclose(paired.target, expected.target, atol=1e-3)
+    np.testing.assert_array_equal(paired.slices, expected.slices)
 
 
 def _volume(shape, origin, row, column, spacing, step) -> Volume:
