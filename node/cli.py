@@ -226,7 +226,8 @@ def _translate(args: argparse.Namespace) -> int:
         folder = args.output / result.series_uid
         write_series(result.datasets, folder)
         print(
-            f"wrote   {folder}: {len(result.datasets)} synthetic {direction.target} slice(s) "
+            f"wrote   {folder}: {len(result.datasets)} {result.source_plane} synthetic "
+            f"{direction.target} slice(s) "
             f"from {label}"
         )
     for path, reason in found.unreadable:

@@ -11,20 +11,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from pydicom import Dataset
 
 from pipeline.derived import ModelIdentity, build_synthetic_series, derived_series_uid
 from pipeline.inference import Synthesizer
 from pipeline.modelfile import ModelFileError, describe
 from pipeline.preprocess import to_stored_pixels
+from pipeline.reformat import axial_view
 from pipeline.routing import Direction
-from pipeline.volume import SeriesError, Volume, load_series
-
-# The models learn from axial slices. Tilted axial slices (a native study's T2 here is
-# 17 degrees off) are still axial; a sagittal or coronal series is not, and a synthetic
-# image from a plane the model never saw must not reach a radiologist.
-MAX_TILT_FROM_AXIAL_DEGREES = 40.0
+from pipeline.volume import load_series
 
 
 @dataclass(frozen=True)
@@ -32,6 +27,7 @@ class SynthesisResult:
     datasets: list[Dataset]
     series_uid: str
     timings: dict[str, float]  # load_s, inference_s, build_s
+    source_plane: str  # axial, or sagittal/coronal for a 3D series synthesized as axial
 
 
 def synthesize_series(
@@ -50,9 +46,11 @@ def synthesize_series(
         )
     started = time.perf_counter()
     volume = load_series(paths)
-    check_axial(volume)
+    # The models learnt axial slices: a synthetic image from a plane they never saw must not
+    # reach a radiologist, so a 3D series is shown to them as axial, and a 2D one refused.
+    view = axial_view(volume)
     loaded = time.perf_counter()
-    stored = to_stored_pixels(synthesizer.synthesize(volume.pixels))
+    stored = to_stored_pixels(view.to_source(synthesizer.synthesize(view.pixels)))
     inferred = time.perf_counter()
     identity = ModelIdentity(card.name, card.version, card.checksum)
     datasets = build_synthetic_series(
@@ -74,18 +72,5 @@ def synthesize_series(
             "inference_s": round(inferred - loaded, 3),
             "build_s": round(built - inferred, 3),
         },
+        view.plane,
     )
-
-
-def check_axial(volume: Volume) -> None:
-    """Raise SeriesError unless the slices are axial within MAX_TILT_FROM_AXIAL_DEGREES."""
-    # The slice normal in patient coordinates (LPS): axial slices have it along S (z).
-    tilt = float(np.degrees(np.arccos(min(1.0, abs(float(volume.slice_normal[2]))))))
-    if tilt > MAX_TILT_FROM_AXIAL_DEGREES:
-        plane = (
-            "sagittal" if abs(volume.slice_normal[0]) > abs(volume.slice_normal[1]) else "coronal"
-        )
-        raise SeriesError(
-            f"the slices are {plane} ({tilt:.0f} degrees from axial); the models synthesize "
-            f"axial slices only (up to {MAX_TILT_FROM_AXIAL_DEGREES:.0f} degrees of tilt)"
-        )

@@ -125,10 +125,11 @@ class Worker:
         }
         card = synthesizer.card
         log.info(
-            "job %d: %d slice(s) synthesized with %s on %s (load %.2fs, inference %.2fs, "
+            "job %d: %d %s slice(s) synthesized with %s on %s (load %.2fs, inference %.2fs, "
             "write %.2fs)",
             job.id,
             len(result.datasets),
+            result.source_plane,
             describe(card),
             synthesizer.device,
             timings["load_s"],

@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence
@@ -15,6 +16,8 @@ from pydicom.uid import (
     MRImageStorage,
     generate_uid,
 )
+
+from pipeline.volume import Volume
 
 
 def mr_series(
@@ -173,3 +176,34 @@ def _item(source: Dataset, *keywords: str) -> Dataset:
         if keyword in source:
             item[keyword] = copy.deepcopy(source[keyword])
     return item
+
+
+def as_sagittal_files(axial: Volume, folder: Path) -> list[Path]:
+    """An axial 3D series (read by load_series) written again as sagittal slices, as most
+    scanners send a 3D T1: rows run to the back, columns from the head to the feet."""
+    folder.mkdir(parents=True)
+    affine = axial.affine()
+    top = axial.pixels.shape[0] - 1
+    stored = axial.pixels.astype(np.uint16)
+    assert np.array_equal(stored, axial.pixels), "written without rescale: whole numbers only"
+    paths = []
+    for x in range(axial.pixels.shape[2]):
+        ds = pydicom.dcmread(axial.headers[0].filename)
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.InstanceNumber = x + 1
+        ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in affine[:3] @ [top, 0, x, 1]]
+        ds.PixelSpacing = [f"{axial.slice_spacing:.4f}", f"{axial.pixel_spacing[0]:.4f}"]
+        image = stored[::-1, :, x]  # rows from the top slice down, columns front to back
+        ds.Rows, ds.Columns = image.shape
+        ds.PixelData = np.ascontiguousarray(image).tobytes()
+        for keyword in ("SliceLocation", "RescaleSlope", "RescaleIntercept"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        path = folder / f"{x:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

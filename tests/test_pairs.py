@@ -11,7 +11,7 @@ from pydicom import dcmread
 from pipeline.contrast import Contrast, classify
 from pipeline.preprocess import head_mask
 from pipeline.volume import Volume, load_series
-from tests.dicomgen import enhanced_mr
+from tests.dicomgen import as_sagittal_files, enhanced_mr
 from train.pairs import find_pairs, load_pair, patient_label, split_by_patient
 from train.registration import moved, register_rigid, resample_onto
 
@@ -96,6 +96,26 @@ def test_an_enhanced_mr_export_pairs_like_its_classic_one(search, mr_brain, tmp_
     np.testing.assert_array_equal(paired.source.pixels, expected.source.pixels)
     np.testing.assert_allclose(paired.target, expected.target, atol=1e-3)
     np.testing.assert_array_equal(paired.slices, expected.slices)
+
+
+def test_a_sagittal_3d_t1_trains_on_its_axial_view(search, mr_brain, tmp_path) -> None:
+    # Most brain protocols acquire the T1 as a sagittal 3D series and the T2 axially.
+    expected = load_pair(by_label(search, "brats-met-00110"), "t1-to-t2")
+    study = tmp_path / "export"
+    as_sagittal_files(load_series(expected.pair.t1.files), study / "t1")
+    (study / "t2").mkdir()
+    for path in expected.pair.t2.files:
+        (study / "t2" / path.name).symlink_to(path)
+
+    (pair,) = find_pairs([tmp_path]).pairs
+    paired = load_pair(pair, "t1-to-t2")
+
+    assert [path.parent.name for path in (pair.t1.files[0], pair.t2.files[0])] == ["t1", "t2"]
+    np.testing.assert_array_equal(paired.source.pixels, expected.source.pixels)
+    np.testing.assert_allclose(paired.source.affine(), expected.source.affine(), atol=1e-3)
+    np.testing.assert_array_equal(paired.target, expected.target)  # same grid: voxel for voxel
+    np.testing.assert_array_equal(paired.slices, expected.slices)
+    assert paired.registration is None
 
 
 def _volume(shape, origin, row, column, spacing, step) -> Volume:

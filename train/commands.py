@@ -267,6 +267,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pipeline.inference import Synthesizer
     from pipeline.modelfile import ModelFileError
     from pipeline.preprocess import head_mask, to_stored_pixels
+    from pipeline.reformat import axial_volume
     from pipeline.registry import RegistryError
     from pipeline.volume import SeriesError, load_series
     from train.evaluate import evaluate, format_table
@@ -315,7 +316,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         if contrast is not Direction(direction).source:
             continue
         try:
-            volume = load_series(series.files)
+            volume = axial_volume(load_series(series.files))
         except SeriesError as error:
             print(f"{series.folder}: not evaluated: {error}")
             continue

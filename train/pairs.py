@@ -24,6 +24,7 @@ import numpy as np
 
 from pipeline.contrast import Contrast, classify
 from pipeline.preprocess import foreground_threshold, head_mask
+from pipeline.reformat import axial_volume
 from pipeline.routing import Direction
 from pipeline.seriesfiles import SeriesFiles, scan_series
 from pipeline.volume import SeriesError, Volume, load_series
@@ -147,10 +148,13 @@ def load_pair(pair: StudyPair, direction: str, register: bool = True) -> PairedV
     Series on different grids are placed by their DICOM geometry and then, with
     ``register``, refined by ``train.registration.register_rigid``; series on the same
     grid (co-registered) are taken voxel for voxel. Raises SeriesError when a series cannot
-    be read, or when the target's slices are unevenly spaced (its affine would misplace them).
+    be read, when the source has no axial view (a 2D sagittal or coronal series), or when
+    the target's slices are unevenly spaced (its affine would misplace them).
     """
     source_files, target_files = pair.source_and_target(direction)
-    source = load_series(source_files.files)
+    # The slices the models learn from are the axial ones they will be shown (a 3D
+    # sagittal T1 goes in as its axial view); the target is resampled onto those.
+    source = axial_volume(load_series(source_files.files))
     target = load_series(target_files.files)
     if not target.uniform_spacing:
         raise SeriesError(f"{pair.label}: target series has unevenly spaced slices")

@@ -1,0 +1,125 @@
+"""Axial views: 3D sagittal and coronal series go to the models as axial slices and come back
+onto their own grid; 2D ones are refused with the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from pipeline.inference import Synthesizer
+from pipeline.modelfile import load_model
+from pipeline.reformat import axial_view, axial_volume
+from pipeline.registry import ModelRegistry
+from pipeline.routing import Direction
+from pipeline.synthesis import synthesize_series
+from pipeline.volume import SeriesError, Volume, load_series
+from tests.dicomgen import as_sagittal_files
+
+SHIPPED_MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+def volume(row, column, *, spacing=(1.0, 1.0), step=1.0, shape=(6, 7, 8), value=None) -> Volume:
+    """A volume of the given orientation whose pixels are ``value`` of each voxel's place."""
+    row, column = np.asarray(row, float), np.asarray(column, float)
+    normal = np.cross(row, column)
+    origin = np.array([-30.0, 12.0, 40.0])
+    positions = np.array([origin + k * step * normal for k in range(shape[0])])
+    grid = Volume(
+        pixels=np.zeros(shape, np.float32),
+        headers=[],
+        positions=positions,
+        orientation=np.concatenate([row, column]),
+        pixel_spacing=np.asarray(spacing, float),
+        slice_normal=normal,
+    )
+    if value is None:
+        return grid
+    index = np.stack(np.meshgrid(*map(np.arange, shape), indexing="ij"), axis=-1)
+    places = index @ grid.affine()[:3, :3].T + grid.affine()[:3, 3]
+    return Volume(**{**grid.__dict__, "pixels": value(places).astype(np.float32)})
+
+
+# (row direction, column direction) of sagittal and coronal series as scanners write them,
+# and one turned 20 degrees about the patient's left-right axis.
+_TURN = Rotation.from_euler("x", 20, degrees=True).as_matrix()
+PLANES = {
+    "sagittal": ([0, 1, 0], [0, 0, -1]),
+    "sagittal, rows head to feet": ([0, 0, 1], [0, 1, 0]),
+    "coronal": ([1, 0, 0], [0, 0, -1]),
+    "coronal, mirrored": ([-1, 0, 0], [0, 0, 1]),
+    "oblique sagittal": (_TURN @ [0, 1, 0], _TURN @ [0, 0, -1]),
+}
+
+
+@pytest.mark.parametrize("plane", PLANES)
+def test_a_3d_series_is_seen_as_axial_slices_and_comes_back_exactly(plane):
+    row, column = PLANES[plane]
+    # Each view axis must run the way an axial image's does: slices up (+z), rows to the
+    # back (+y), columns to the patient's left (+x).
+    for axis, patient_axis in ((0, 2), (1, 1), (2, 0)):
+        source = volume(row, column, value=lambda places, a=patient_axis: places[..., a])
+        view = axial_view(source)
+        assert view.reformatted and view.plane == plane.split(",")[0].split()[-1]
+        assert np.all(np.diff(view.pixels, axis=axis) > 0), (plane, axis)
+        np.testing.assert_array_equal(view.to_source(view.pixels), source.pixels)
+        # As a volume for training, the view keeps every voxel where it was in the patient.
+        placed = axial_volume(source)
+        index = np.stack(np.meshgrid(*map(np.arange, placed.pixels.shape), indexing="ij"), -1)
+        places = index @ placed.affine()[:3, :3].T + placed.affine()[:3, 3]
+        np.testing.assert_allclose(placed.pixels, places[..., patient_axis], atol=1e-4)
+        assert placed.uniform_spacing and placed.slice_normal @ [0, 0, 1] > 0.9
+
+
+def test_an_axial_series_goes_in_as_it_is_even_tilted():
+    tilted = Rotation.from_euler("x", 17, degrees=True).as_matrix()
+    source = volume(tilted @ [1, 0, 0], tilted @ [0, 1, 0], value=lambda p: p[..., 0])
+    view = axial_view(source)
+    assert not view.reformatted and view.plane == "axial"
+    assert view.pixels is source.pixels
+
+
+def test_a_2d_sagittal_series_is_refused_with_its_spacings():
+    thick = volume([0, 1, 0], [0, 0, -1], spacing=(0.9, 0.9), step=5.0)
+    with pytest.raises(SeriesError) as raised:
+        axial_view(thick)
+    message = str(raised.value)
+    assert message.startswith("the slices are sagittal (90 degrees from axial)")
+    assert "5 mm apart against 0.9 mm pixels" in message
+
+
+def test_a_3d_series_with_uneven_slices_is_refused():
+    source = volume([1, 0, 0], [0, 0, -1])
+    uneven = source.positions.copy()
+    uneven[3:] += source.slice_normal * 0.5
+    with pytest.raises(SeriesError, match=r"coronal .* its slices are not evenly spaced"):
+        axial_view(Volume(**{**source.__dict__, "positions": uneven}))
+
+
+def test_a_sagittal_export_of_a_3d_t1_gets_the_synthetic_t2_of_its_axial_original(
+    mr_brain, tmp_path
+):
+    # healthy-t1-only is a 0.88 mm 3D T1 stored as axial slices; stored again as sagittal
+    # slices (rows to the back, columns head to feet), as most scanners send a 3D T1.
+    axial_files = sorted((mr_brain / "healthy-t1-only" / "03_t1").glob("*.dcm"))
+    axial = load_series(axial_files)
+    sagittal_files = as_sagittal_files(axial, tmp_path / "sagittal")
+    synthesizer = Synthesizer(load_model(ModelRegistry(SHIPPED_MODELS).active_path("t1-to-t2")))
+
+    from_axial = synthesize_series(axial_files, synthesizer, Direction.T1_TO_T2, "test")
+    from_sagittal = synthesize_series(sagittal_files, synthesizer, Direction.T1_TO_T2, "test")
+
+    assert len(from_sagittal.datasets) == axial.pixels.shape[2]  # one per sagittal slice
+    # Back to the axial grid by each synthetic image's own geometry: the same pixels.
+    x_spacing = float(axial.pixel_spacing[1])
+    expected = np.stack([ds.pixel_array for ds in from_axial.datasets])  # (z, y, x)
+    for ds in from_sagittal.datasets:
+        assert list(ds.ImageOrientationPatient) == [0, 1, 0, 0, 0, -1]
+        x = round((float(ds.ImagePositionPatient[0]) - axial.positions[0][0]) / x_spacing)
+        top = round(
+            (float(ds.ImagePositionPatient[2]) - axial.positions[0][2]) / axial.slice_spacing
+        )
+        assert top == axial.pixels.shape[0] - 1  # the first row is the highest slice
+        np.testing.assert_array_equal(ds.pixel_array[::-1], expected[:, :, x])
