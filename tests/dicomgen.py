@@ -40,12 +40,7 @@ def mr_series(
     datasets = []
     for index in range(count):
         ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-        ds.SOPClassUID = MRImageStorage
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        _new_instance(ds, MRImageStorage)
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
         ds.FrameOfReferenceUID = frame
@@ -126,12 +121,7 @@ def enhanced_mr(slices: list[Dataset], frame_order: list[int] | None = None) -> 
     for element in first:
         if element.keyword not in (*_PER_FRAME_IN_ENHANCED, "PixelData"):
             ds.add(copy.deepcopy(element))
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = EnhancedMRImageStorage
-    ds.SOPClassUID = EnhancedMRImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    _new_instance(ds, EnhancedMRImageStorage)
     ds.InstanceNumber = 1
     ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
     ds.NumberOfFrames = len(order)
@@ -189,9 +179,7 @@ def as_sagittal_files(axial: Volume, folder: Path) -> list[Path]:
     paths = []
     for x in range(axial.pixels.shape[2]):
         ds = pydicom.dcmread(axial.headers[0].filename)
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        _new_instance(ds, ds.SOPClassUID)
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.InstanceNumber = x + 1
         ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
@@ -207,3 +195,13 @@ def as_sagittal_files(axial: Volume, folder: Path) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def _new_instance(ds: Dataset, sop_class: str) -> None:
+    """Give ``ds`` a new SOP Instance UID of ``sop_class`` and a file meta to be written."""
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
