@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from pydicom import dcmread
 
+from pipeline.volume import load_series
+from tests.dicomgen import as_sagittal_files, enhanced_mr
 from tests.models import make_registry
 from tests.nodeproc import NodeProcess, free_port, routes_toml, write_config
 from tests.peers import Orthanc
@@ -106,6 +108,52 @@ def test_delivery_retries_until_the_pacs_is_up(tmp_path, mr_brain, registry):
         node.wait_for(lambda s: s["deliveries"][0]["state"] == "sent", timeout=60)
         (series,) = synthetic_series(orthanc)
         assert len(series["Instances"]) == 26
+    finally:
+        node.stop()
+        orthanc.stop()
+
+
+def test_enhanced_mr_and_sagittal_3d_series_come_back_on_their_own_grids(
+    tmp_path, mr_brain, registry
+):
+    # What newer scanners send: the native T1 as one Enhanced MR instance, and a 3D T1 as
+    # sagittal slices (healthy-t1-only, stored again sagittally).
+    sent = tmp_path / "sent"
+    sent.mkdir()
+    native = [dcmread(path) for path in sorted((mr_brain / NATIVE_T1).glob("*.dcm"))]
+    enhanced = enhanced_mr(native)
+    enhanced.save_as(sent / "enhanced.dcm", enforce_file_format=True)
+    axial_3d = load_series(sorted((mr_brain / "healthy-t1-only" / "03_t1").glob("*.dcm")))
+    sagittal = as_sagittal_files(axial_3d, sent / "sagittal")
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    port = free_port()
+    config = write_config(
+        tmp_path / "node", port, extra=pacs_config(orthanc.dicom_port), models=registry.root
+    )
+    node = NodeProcess(config, port).start()
+    try:
+        assert storescu([sent], port).returncode == 0
+        status = node.wait_for(
+            lambda s: (
+                len(s["deliveries"]) == 2 and all(d["state"] == "sent" for d in s["deliveries"])
+            ),
+            timeout=180,
+        )
+        assert [job["state"] for job in status["jobs"]] == ["done", "done"]
+        received = {len(s["Instances"]) for s in synthetic_series(orthanc)}
+        assert received == {len(native), len(sagittal)}
+        for series in synthetic_series(orthanc):
+            instance = series["Instances"][0]
+            downloaded = tmp_path / f"{instance}.dcm"
+            downloaded.write_bytes(orthanc.get(f"/instances/{instance}/file"))
+            assert_dciodvfy_finds_no_error([downloaded])
+            ds = dcmread(downloaded)
+            (source,) = ds.SourceImageSequence
+            if len(series["Instances"]) == len(native):
+                assert source.ReferencedSOPInstanceUID == enhanced.SOPInstanceUID
+                assert 1 <= source.ReferencedFrameNumber <= len(native)
+            else:
+                assert list(ds.ImageOrientationPatient) == [0, 1, 0, 0, 0, -1]  # sagittal
     finally:
         node.stop()
         orthanc.stop()
