@@ -7,6 +7,7 @@ through the network at once.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from pipeline.modelfile import LoadedModel
 from pipeline.preprocess import head_mask, model_input, normalize_volume
+from pipeline.reformat import resize_slices, working_shape
 
 # CPU batches: the first level's feature maps of one batch should stay within about this
 # many bytes, so that a convolution's output is still in cache when the next one reads it.
@@ -75,16 +77,21 @@ class Synthesizer:
         network = fold_batch_norms(copy.deepcopy(model.network).eval())
         self._network = network.to(memory_format=torch.channels_last)
 
-    def synthesize(self, volume: np.ndarray) -> np.ndarray:
+    def synthesize(self, volume: np.ndarray, pixel_spacing: Sequence[float]) -> np.ndarray:
         """Network output (S, H, W) float32, in the target's normalised space, for a volume.
 
+        ``volume`` is the rescaled float32 source series (slices, rows, columns) and
+        ``pixel_spacing`` its (between rows, between columns) in mm: slices whose pixels are
+        far from the size the model learnt go through the network resampled to it
+        (``pipeline.reformat``), and the output comes back on the volume's grid.
         Outside the source's head the output is 0: air is dark in every MR contrast, and a
         network shown background it never learnt from (the orbits' fat of a native scan,
         say, beside skull-stripped training data) can paint it grey or with a pattern.
-        ``volume`` is the rescaled float32 source series (slices, rows, columns). Raises
-        ValueError for a volume that cannot be normalised (not 3-D, no contrast).
+        Raises ValueError for a volume that cannot be normalised (not 3-D, no contrast).
         """
-        normalized = normalize_volume(volume, self.card.normalization)
+        shape = working_shape(volume.shape, pixel_spacing, self.card.pixel_spacing_mm)
+        seen = volume if shape is None else resize_slices(volume, shape)
+        normalized = normalize_volume(seen, self.card.normalization)
         inputs = torch.from_numpy(model_input(normalized, self.card.gradient_channels))
         slices, _, height, width = inputs.shape
         batch = slices_per_batch(self.device, height, width, self._base_width)
@@ -94,5 +101,7 @@ class Synthesizer:
                 chunk = inputs[start : start + batch].to(self.device)
                 result = self._network(chunk.contiguous(memory_format=torch.channels_last))
                 output[start : start + batch] = result[:, 0].float().cpu().numpy()
+        if shape is not None:
+            output = resize_slices(output, volume.shape[1:])
         output[~head_mask(volume)] = 0.0
         return output

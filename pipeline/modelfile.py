@@ -47,6 +47,9 @@ class ModelCard:
     normalization: str
     gradient_channels: bool
     target_normalization: str | None = None
+    # The in-plane pixel size (mm) the model learnt at; inference resamples slices whose
+    # pixels are far from it. Every model before this field learnt at 0.88-1 mm.
+    pixel_spacing_mm: float = 1.0
     architecture: str = "unet"
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -180,6 +183,11 @@ def _check_card(card: ModelCard, path: Path) -> None:
     reject("normalization", card.normalization, NORMALIZATIONS)
     reject("target_normalization", card.output_normalization, NORMALIZATIONS)
     reject("direction", card.direction, DIRECTIONS)
+    if not isinstance(card.pixel_spacing_mm, int | float) or not card.pixel_spacing_mm > 0:
+        raise ModelFileError(
+            f"{path}: the card's pixel_spacing_mm {card.pixel_spacing_mm!r} is not a positive "
+            "number of millimetres"
+        )
     expected = 3 if card.gradient_channels else 1
     in_channels = card.arguments.get("in_channels", 3)
     if in_channels != expected:

@@ -34,6 +34,9 @@ def read_series(folder: Path) -> np.ndarray:
     ).astype(np.float32)
 
 
+NATIVE_SPACING = (0.898438, 0.898438)  # tcga-fg-6692-native's PixelSpacing
+
+
 @pytest.fixture(scope="module")
 def native_t1(mr_brain: Path) -> np.ndarray:
     # As acquired: skull, noisy background, 26 thick slices of 224x256.
@@ -209,7 +212,7 @@ def test_synthesize_matches_the_network_as_loaded(
 ) -> None:
     # The Synthesizer folds batch norms and changes memory layout; the numbers must not move.
     model = make_model(**arguments)
-    output = Synthesizer(model).synthesize(native_t1)
+    output = Synthesizer(model).synthesize(native_t1, NATIVE_SPACING)
     inputs = model_input(normalize_volume(native_t1, "percentile-volume"), True)
     with torch.inference_mode():
         expected = model.network(torch.from_numpy(inputs))[:, 0].numpy()
@@ -221,7 +224,7 @@ def test_synthesize_matches_the_network_as_loaded(
 def test_synthesize_leaves_the_air_around_the_head_black(native_t1: np.ndarray) -> None:
     # An untrained network paints the background with its biases; the node must not send that.
     model = make_model()
-    output = Synthesizer(model).synthesize(native_t1)
+    output = Synthesizer(model).synthesize(native_t1, NATIVE_SPACING)
     head = head_mask(native_t1)
     assert 0.05 < head.mean() < 0.95
     assert np.all(output[~head] == 0.0)
@@ -234,16 +237,17 @@ def test_synthesize_leaves_the_air_around_the_head_black(native_t1: np.ndarray) 
 def test_synthesize_any_size_and_norm(size: tuple[int, int], norm: str, upsampling: str) -> None:
     volume = np.random.default_rng(1).uniform(0, 900, (3, *size)).astype(np.float32)
     synthesizer = Synthesizer(make_model(norm, in_channels=1, upsampling=upsampling))
-    output = synthesizer.synthesize(volume)
+    output = synthesizer.synthesize(volume, (1.0, 1.0))
     assert output.shape == volume.shape and np.isfinite(output).all()
-    np.testing.assert_array_equal(synthesizer.synthesize(volume), output)
+    np.testing.assert_array_equal(synthesizer.synthesize(volume, (1.0, 1.0)), output)
 
 
 def test_saved_and_loaded_model_synthesizes_the_same(native_t1: np.ndarray, tmp_path: Path) -> None:
     model = make_model()
-    before = Synthesizer(model).synthesize(native_t1[:4])
+    before = Synthesizer(model).synthesize(native_t1[:4], NATIVE_SPACING)
     save_model(tmp_path / "model.pt", model.network, model.card)
-    after = Synthesizer(load_model(tmp_path / "model.pt")).synthesize(native_t1[:4])
+    loaded = Synthesizer(load_model(tmp_path / "model.pt"))
+    after = loaded.synthesize(native_t1[:4], NATIVE_SPACING)
     np.testing.assert_array_equal(after, before)
 
 
@@ -259,8 +263,12 @@ def test_device_and_batch_choice() -> None:
 def test_cuda_synthesizes_what_the_cpu_does(native_t1: np.ndarray, tmp_path: Path) -> None:
     model = make_model()
     save_model(tmp_path / "model.pt", model.network, model.card)
-    on_cpu = Synthesizer(load_model(tmp_path / "model.pt", "cpu")).synthesize(native_t1)
-    on_cuda = Synthesizer(load_model(tmp_path / "model.pt", pick_device())).synthesize(native_t1)
+    on_cpu = Synthesizer(load_model(tmp_path / "model.pt", "cpu")).synthesize(
+        native_t1, NATIVE_SPACING
+    )
+    on_cuda = Synthesizer(load_model(tmp_path / "model.pt", pick_device())).synthesize(
+        native_t1, NATIVE_SPACING
+    )
     # cuDNN may run float32 convolutions as TF32 (10-bit mantissa): close, not equal.
     scale = on_cpu.max() - on_cpu.min()
     np.testing.assert_allclose(on_cuda, on_cpu, atol=1e-2 * scale)

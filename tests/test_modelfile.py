@@ -177,6 +177,29 @@ def test_the_output_space_is_the_input_normalisation_unless_the_card_names_its_o
     )
 
 
+@pytest.mark.parametrize("value", [0, -1.0, "1 mm"])
+def test_a_pixel_size_that_is_not_a_positive_number_is_refused(
+    saved: tuple[Path, UNet, ModelCard], value: object
+) -> None:
+    path, network, card = saved
+    fields = {**asdict(card), "pixel_spacing_mm": value}
+    write_payload(path, {"format": FORMAT, "card": fields, "state_dict": network.state_dict()})
+    with pytest.raises(ModelFileError, match=r"pixel_spacing_mm .* is not a positive number"):
+        load_model(path)
+
+
+def test_cards_without_a_pixel_size_learnt_at_one_millimetre(
+    saved: tuple[Path, UNet, ModelCard],
+) -> None:
+    # Every model before the field existed, the shipped v3 and v4 included, learnt from
+    # 0.88-1 mm slices.
+    path, network, card = saved
+    fields = asdict(card)
+    del fields["pixel_spacing_mm"]
+    write_payload(path, {"format": FORMAT, "card": fields, "state_dict": network.state_dict()})
+    assert load_model(path).card.pixel_spacing_mm == 1.0
+
+
 def test_a_card_with_missing_fields_is_refused(saved: tuple[Path, UNet, ModelCard]) -> None:
     path, network, card = saved
     fields = asdict(card)

@@ -118,6 +118,16 @@ def test_a_sagittal_3d_t1_trains_on_its_axial_view(search, mr_brain, tmp_path) -
     assert paired.registration is None
 
 
+def test_training_pairs_are_resampled_to_the_models_pixel_size(search) -> None:
+    # A hospital's 0.45 mm T2 would be; here the native pair is taken at 2 mm pixels.
+    paired = load_pair(by_label(search, "tcga-fg-6692-native"), "t1-to-t2", False, 2.0)
+    assert paired.source.pixels.shape == (26, 101, 116)
+    np.testing.assert_allclose(paired.source.pixel_spacing, 2.0, atol=0.01)
+    keep = paired.slices
+    t1_head, t2_head = paired.head[keep], head_mask(paired.target)[keep]
+    assert 2 * (t1_head & t2_head).sum() / (t1_head.sum() + t2_head.sum()) > 0.92
+
+
 def _volume(shape, origin, row, column, spacing, step) -> Volume:
     normal = np.cross(row, column)
     positions = np.array([np.asarray(origin) + i * step * normal for i in range(shape[0])])

@@ -11,7 +11,14 @@ from scipy.spatial.transform import Rotation
 
 from pipeline.inference import Synthesizer
 from pipeline.modelfile import load_model
-from pipeline.reformat import axial_view, axial_volume
+from pipeline.preprocess import head_mask
+from pipeline.reformat import (
+    at_pixel_size,
+    axial_view,
+    axial_volume,
+    resize_slices,
+    working_shape,
+)
 from pipeline.registry import ModelRegistry
 from pipeline.routing import Direction
 from pipeline.synthesis import synthesize_series
@@ -123,3 +130,44 @@ def test_a_sagittal_export_of_a_3d_t1_gets_the_synthetic_t2_of_its_axial_origina
         )
         assert top == axial.pixels.shape[0] - 1  # the first row is the highest slice
         np.testing.assert_array_equal(ds.pixel_array[::-1], expected[:, :, x])
+
+
+def test_pixels_near_the_models_size_go_in_as_they_are_and_others_are_resized():
+    assert working_shape((224, 256), (0.898, 0.898), 1.0) is None  # the native study
+    assert working_shape((256, 188), (0.88, 0.88), 1.0) is None  # healthy-t1-only
+    assert working_shape((512, 512), (0.45, 0.45), 1.0) == (231, 231)
+    assert working_shape((128, 160), (1.8, 1.5), 1.0) == (230, 239)
+
+
+def test_resizing_keeps_the_slice_in_place_and_the_geometry_true():
+    source = volume([1, 0, 0], [0, 1, 0], spacing=(0.5, 0.4), shape=(3, 41, 51))
+    source = Volume(**{**source.__dict__, "pixels": np.ones((3, 41, 51), np.float32)})
+    resized = at_pixel_size(source, 1.0)
+    assert resized.pixels.shape == (3, 21, 21)
+    # The first and last pixel centres stay where they were in the patient.
+    for corner, old in (((0, 0, 0), (0, 0, 0)), ((2, 20, 20), (2, 40, 50))):
+        np.testing.assert_allclose(
+            resized.affine() @ [*corner, 1], source.affine() @ [*old, 1], atol=1e-9
+        )
+    np.testing.assert_allclose(resized.pixels, 1.0, atol=1e-6)  # a flat image stays flat
+    near = volume([1, 0, 0], [0, 1, 0], spacing=(0.9, 0.9))
+    assert at_pixel_size(near, 1.0) is near
+
+
+def test_a_slice_with_half_size_pixels_gets_the_synthetic_it_gets_at_the_models_size(mr_brain):
+    # brats-met-00110 is a 1 mm series; upsampled, it is the same brain as a 512 matrix at
+    # 0.5 mm would show it. Unresampled, the network sees the brain at twice its size.
+    t1 = load_series(sorted((mr_brain / "brats-met-00110" / "03_t1").glob("*.dcm")))
+    slices = t1.pixels[60:90:6]
+    synthesizer = Synthesizer(load_model(ModelRegistry(SHIPPED_MODELS).active_path("t1-to-t2")))
+    at_model_size = synthesizer.synthesize(slices, (1.0, 1.0))
+    fine = resize_slices(slices, (479, 479))  # 240 pixels of 1 mm as 0.5 mm ones
+    head = head_mask(slices)
+
+    def agreement(fine_output: np.ndarray) -> float:
+        back = resize_slices(fine_output, slices.shape[1:])
+        return float(np.corrcoef(back[head], at_model_size[head])[0, 1])
+
+    resampled = agreement(synthesizer.synthesize(fine, (0.5, 0.5)))
+    as_it_is = agreement(synthesizer.synthesize(fine, (1.0, 1.0)))  # as if 1 mm pixels
+    assert resampled > 0.95 > 0.85 > as_it_is

@@ -118,7 +118,10 @@ def run_ablation(
     search = find_pairs(data)
     patients = sorted({pair.patient for pair in search.pairs})
     for direction in directions:
-        paired = [load_pair(pair, direction) for pair in search.pairs]
+        paired = [
+            load_pair(pair, direction, pixel_spacing_mm=base.pixel_spacing_mm)
+            for pair in search.pairs
+        ]
         paired = [item for item in paired if len(item.slices)]
         prepared: dict[tuple[str, str | None], list[TrainingStudy]] = {}
         for held_out in patients:
@@ -282,6 +285,7 @@ def _in_memory(network: torch.nn.Module, settings: TrainSettings, name: str) -> 
         arguments=settings.arguments,
         normalization=settings.normalization,
         target_normalization=settings.target_normalization,
+        pixel_spacing_mm=settings.pixel_spacing_mm,
         gradient_channels=settings.gradient_channels,
         checksum=weights_checksum(network.state_dict()),
     )

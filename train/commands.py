@@ -94,6 +94,14 @@ def add_commands(subparsers: Any) -> None:
         help="of the targets, i.e. the space the model's output is in "
         f"(default {TrainSettings.target_normalization})",
     )
+    train.add_argument(
+        "--pixel-spacing",
+        type=float,
+        default=TrainSettings.pixel_spacing_mm,
+        metavar="MM",
+        help="in-plane pixel size the model learns at: slices far from it are resampled, in "
+        f"training and at inference (default {TrainSettings.pixel_spacing_mm})",
+    )
     shipped = " (default: the shipped models', pipeline.unet.DEFAULT_ARGUMENTS)"
     train.add_argument("--base-width", type=int, help="channels of the first level" + shipped)
     train.add_argument("--depth", type=int, help="number of poolings" + shipped)
@@ -211,6 +219,7 @@ def _train(args: argparse.Namespace) -> int:
             direction=args.direction,
             normalization=args.normalization,
             target_normalization=args.target_normalization,
+            pixel_spacing_mm=args.pixel_spacing,
             arguments=network_arguments(args),
             epochs=args.epochs,
             steps_per_epoch=args.steps_per_epoch,
@@ -320,7 +329,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         except SeriesError as error:
             print(f"{series.folder}: not evaluated: {error}")
             continue
-        output = Synthesizer(model).synthesize(volume.pixels)
+        output = Synthesizer(model).synthesize(volume.pixels, volume.pixel_spacing)
         check = collapse_check(output, head_mask(volume.pixels))
         collapsed = collapsed or bool(check["collapsed"])
         figure = save_comparison(

@@ -122,7 +122,7 @@ def evaluate(model: LoadedModel, paired: list[PairedVolume]) -> Evaluation:
                 f"{item.pair.label} was paired for {item.direction}, the model is "
                 f"{model.card.direction}"
             )
-        output = synthesizer.synthesize(np.asarray(item.source.pixels))
+        output = synthesizer.synthesize(np.asarray(item.source.pixels), item.source.pixel_spacing)
         keep = item.slices
         covered, head = item.covered[keep], item.head[keep]
         source = minmax_slices(item.source.pixels[keep])

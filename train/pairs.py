@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline.contrast import Contrast, classify
 from pipeline.preprocess import foreground_threshold, head_mask
-from pipeline.reformat import axial_volume
+from pipeline.reformat import at_pixel_size, axial_volume
 from pipeline.routing import Direction
 from pipeline.seriesfiles import SeriesFiles, scan_series
 from pipeline.volume import SeriesError, Volume, load_series
@@ -142,8 +142,14 @@ def find_pairs(roots: Sequence[Path]) -> PairSearch:
     return PairSearch(pairs, notes, unpaired)
 
 
-def load_pair(pair: StudyPair, direction: str, register: bool = True) -> PairedVolume:
+def load_pair(
+    pair: StudyPair, direction: str, register: bool = True, pixel_spacing_mm: float | None = None
+) -> PairedVolume:
     """Read both series and resample the target onto the source's grid.
+
+    The source is taken as the models see it: in its axial view, and with
+    ``pixel_spacing_mm`` resampled in-plane to that pixel size where its own is far from it
+    (``pipeline.reformat``; None: as it is, which evaluation wants, as the node resamples).
 
     Series on different grids are placed by their DICOM geometry and then, with
     ``register``, refined by ``train.registration.register_rigid``; series on the same
@@ -155,6 +161,8 @@ def load_pair(pair: StudyPair, direction: str, register: bool = True) -> PairedV
     # The slices the models learn from are the axial ones they will be shown (a 3D
     # sagittal T1 goes in as its axial view); the target is resampled onto those.
     source = axial_volume(load_series(source_files.files))
+    if pixel_spacing_mm is not None:
+        source = at_pixel_size(source, pixel_spacing_mm)
     target = load_series(target_files.files)
     if not target.uniform_spacing:
         raise SeriesError(f"{pair.label}: target series has unevenly spaced slices")

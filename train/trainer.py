@@ -55,6 +55,9 @@ class TrainSettings:
     normalization: str = "median-volume"
     # The targets' normalisation, i.e. the output's space; None: the same as the input's.
     target_normalization: str | None = "percentile-volume"
+    # In-plane pixel size (mm) the slices are resampled to where theirs is far from it
+    # (pipeline.reformat): the training data's own, about 1 mm.
+    pixel_spacing_mm: float = 1.0
     arguments: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ARGUMENTS))
     epochs: int = 12
     steps_per_epoch: int = 150
@@ -72,6 +75,8 @@ class TrainSettings:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}")
         if self.output_normalization not in NORMALIZATIONS:
             raise ValueError(f"target_normalization must be one of {NORMALIZATIONS}")
+        if not self.pixel_spacing_mm > 0:
+            raise ValueError(f"pixel_spacing_mm must be positive, not {self.pixel_spacing_mm}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, not {self.loss!r}")
         UNet(**self.arguments)  # raises ValueError or TypeError for bad arguments

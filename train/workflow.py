@@ -84,8 +84,8 @@ def run_training(
     training_pairs, held_out_pairs = split_by_patient(
         search.pairs, request.holdout, request.validation_fraction, settings.seed
     )
-    training = _load(training_pairs, settings.direction, request.register, say, "train")
-    held_out = _load(held_out_pairs, settings.direction, request.register, say, "held out")
+    training = _load(training_pairs, settings, request.register, say, "train")
+    held_out = _load(held_out_pairs, settings, request.register, say, "held out")
     if not training:
         raise ValueError("no training pairs: every paired patient is held out")
 
@@ -104,6 +104,7 @@ def run_training(
         arguments=dict(settings.arguments),
         normalization=settings.normalization,
         target_normalization=settings.target_normalization,
+        pixel_spacing_mm=settings.pixel_spacing_mm,
         gradient_channels=settings.gradient_channels,
         training={
             "data": [_describe_pair(item) for item in training],
@@ -216,12 +217,16 @@ def _register(
 
 
 def _load(
-    pairs: Sequence[Any], direction: str, register: bool, say: Callable[[str], None], role: str
+    pairs: Sequence[Any],
+    settings: TrainSettings,
+    register: bool,
+    say: Callable[[str], None],
+    role: str,
 ) -> list[PairedVolume]:
     loaded = []
     for pair in pairs:
         try:
-            item = load_pair(pair, direction, register)
+            item = load_pair(pair, settings.direction, register, settings.pixel_spacing_mm)
         except SeriesError as error:
             say(f"{pair.label}: not used: {error}")
             continue
