@@ -182,6 +182,8 @@ def as_sagittal_files(axial: Volume, folder: Path) -> list[Path]:
         _new_instance(ds, ds.SOPClassUID)
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.InstanceNumber = x + 1
+        if "ImagesInAcquisition" in ds:
+            ds.ImagesInAcquisition = axial.pixels.shape[2]
         ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
         ds.ImagePositionPatient = [f"{v:.4f}" for v in affine[:3] @ [top, 0, x, 1]]
         ds.PixelSpacing = [f"{axial.slice_spacing:.4f}", f"{axial.pixel_spacing[0]:.4f}"]
