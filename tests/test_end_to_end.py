@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 from pydicom import dcmread
 
@@ -28,6 +31,24 @@ def registry(tmp_path):
     return make_registry(tmp_path / "models")
 
 
+@contextmanager
+def node_beside_pacs(tmp_path, registry) -> Iterator[tuple[NodeProcess, Orthanc, int]]:
+    """(node, Orthanc, node's port): a node on the registry's models delivering to Orthanc."""
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    try:
+        port = free_port()
+        config = write_config(
+            tmp_path / "node", port, extra=pacs_config(orthanc.dicom_port), models=registry.root
+        )
+        node = NodeProcess(config, port).start()
+        try:
+            yield node, orthanc, port
+        finally:
+            node.stop()
+    finally:
+        orthanc.stop()
+
+
 def synthetic_series(orthanc: Orthanc) -> list[dict]:
     return [
         s
@@ -37,13 +58,7 @@ def synthetic_series(orthanc: Orthanc) -> list[dict]:
 
 
 def test_t1_series_comes_back_as_marked_synthetic_t2(tmp_path, mr_brain, registry):
-    orthanc = Orthanc(tmp_path / "orthanc").start()
-    port = free_port()
-    config = write_config(
-        tmp_path / "node", port, extra=pacs_config(orthanc.dicom_port), models=registry.root
-    )
-    node = NodeProcess(config, port).start()
-    try:
+    with node_beside_pacs(tmp_path, registry) as (node, orthanc, port):
         source = sorted((mr_brain / NATIVE_T1).glob("*.dcm"))
         assert storescu([mr_brain / NATIVE_T1], port).returncode == 0
         status = node.wait_for(
@@ -77,9 +92,6 @@ def test_t1_series_comes_back_as_marked_synthetic_t2(tmp_path, mr_brain, registr
         }
         checksum = registry_checksum(registry)
         assert any(checksum[:16] in str(v) for v in ds.SoftwareVersions)
-    finally:
-        node.stop()
-        orthanc.stop()
 
 
 def registry_checksum(registry) -> str:
@@ -125,13 +137,7 @@ def test_enhanced_mr_and_sagittal_3d_series_come_back_on_their_own_grids(
     enhanced.save_as(sent / "enhanced.dcm", enforce_file_format=True)
     axial_3d = load_series(sorted((mr_brain / "healthy-t1-only" / "03_t1").glob("*.dcm")))
     sagittal = as_sagittal_files(axial_3d, sent / "sagittal")
-    orthanc = Orthanc(tmp_path / "orthanc").start()
-    port = free_port()
-    config = write_config(
-        tmp_path / "node", port, extra=pacs_config(orthanc.dicom_port), models=registry.root
-    )
-    node = NodeProcess(config, port).start()
-    try:
+    with node_beside_pacs(tmp_path, registry) as (node, orthanc, port):
         assert storescu([sent], port).returncode == 0
         status = node.wait_for(
             lambda s: (
@@ -154,6 +160,3 @@ def test_enhanced_mr_and_sagittal_3d_series_come_back_on_their_own_grids(
                 assert 1 <= source.ReferencedFrameNumber <= len(native)
             else:
                 assert list(ds.ImageOrientationPatient) == [0, 1, 0, 0, 0, -1]  # sagittal
-    finally:
-        node.stop()
-        orthanc.stop()
