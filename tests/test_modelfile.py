@@ -53,6 +53,17 @@ def write_payload(path: Path, payload: object) -> Path:
     return path
 
 
+def rewrite_card(saved: tuple[Path, UNet, ModelCard], drop: str = "", **values: object) -> Path:
+    """The saved model's file again, its card without ``drop`` and with ``values`` set, as
+    an older writer or an edit by hand would leave it."""
+    path, network, card = saved
+    fields = {**asdict(card), **values}
+    fields.pop(drop, None)
+    return write_payload(
+        path, {"format": FORMAT, "card": fields, "state_dict": network.state_dict()}
+    )
+
+
 @pytest.fixture
 def saved(tmp_path: Path) -> tuple[Path, UNet, ModelCard]:
     network = trained_network()
@@ -147,13 +158,7 @@ def test_a_newer_format_is_refused_by_name(saved: tuple[Path, UNet, ModelCard]) 
 def test_unknown_card_values_are_refused_by_name(
     saved: tuple[Path, UNet, ModelCard], field: str, value: str
 ) -> None:
-    path, network, card = saved
-    payload = {
-        "format": FORMAT,
-        "card": asdict(replace(card, **{field: value})),
-        "state_dict": network.state_dict(),
-    }
-    write_payload(path, payload)
+    path = rewrite_card(saved, **{field: value})
     with pytest.raises(ModelFileError, match=f"unknown {field} '{value}'"):
         load_model(path)
 
@@ -162,10 +167,7 @@ def test_the_output_space_is_the_input_normalisation_unless_the_card_names_its_o
     saved: tuple[Path, UNet, ModelCard], tmp_path: Path
 ) -> None:
     # Cards written before target_normalization existed have no such key.
-    path, network, card = saved
-    fields = asdict(card)
-    del fields["target_normalization"]
-    write_payload(path, {"format": FORMAT, "card": fields, "state_dict": network.state_dict()})
+    path = rewrite_card(saved, drop="target_normalization")
     assert load_model(path).card.output_normalization == "percentile-volume"
     split = make_card(normalization="median-volume", target_normalization="percentile-volume")
     other = save_model(tmp_path / "split.pt", trained_network(), split)
@@ -181,9 +183,7 @@ def test_the_output_space_is_the_input_normalisation_unless_the_card_names_its_o
 def test_a_pixel_size_that_is_not_a_positive_number_is_refused(
     saved: tuple[Path, UNet, ModelCard], value: object
 ) -> None:
-    path, network, card = saved
-    fields = {**asdict(card), "pixel_spacing_mm": value}
-    write_payload(path, {"format": FORMAT, "card": fields, "state_dict": network.state_dict()})
+    path = rewrite_card(saved, pixel_spacing_mm=value)
     with pytest.raises(ModelFileError, match=r"pixel_spacing_mm .* is not a positive number"):
         load_model(path)
 
@@ -193,18 +193,12 @@ def test_cards_without_a_pixel_size_learnt_at_one_millimetre(
 ) -> None:
     # Every model before the field existed, the shipped v3 and v4 included, learnt from
     # 0.88-1 mm slices.
-    path, network, card = saved
-    fields = asdict(card)
-    del fields["pixel_spacing_mm"]
-    write_payload(path, {"format": FORMAT, "card": fields, "state_dict": network.state_dict()})
+    path = rewrite_card(saved, drop="pixel_spacing_mm")
     assert load_model(path).card.pixel_spacing_mm == 1.0
 
 
 def test_a_card_with_missing_fields_is_refused(saved: tuple[Path, UNet, ModelCard]) -> None:
-    path, network, card = saved
-    fields = asdict(card)
-    del fields["direction"]
-    write_payload(path, {"format": FORMAT, "card": fields, "state_dict": network.state_dict()})
+    path = rewrite_card(saved, drop="direction")
     with pytest.raises(ModelFileError, match="lacks \\['direction'\\]"):
         load_model(path)
 
