@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from pipeline.modelfile import LoadedModel
-from pipeline.preprocess import head_mask, model_input, normalize_volume
+from pipeline.preprocess import head_mask, model_input, neighbour_slices, normalize_volume
 from pipeline.reformat import resize_slices, working_shape
 
 # CPU batches: the first level's feature maps of one batch should stay within about this
@@ -77,22 +77,40 @@ class Synthesizer:
         network = fold_batch_norms(copy.deepcopy(model.network).eval())
         self._network = network.to(memory_format=torch.channels_last)
 
-    def synthesize(self, volume: np.ndarray, pixel_spacing: Sequence[float]) -> np.ndarray:
+    def synthesize(
+        self,
+        volume: np.ndarray,
+        pixel_spacing: Sequence[float],
+        slice_offsets: Sequence[float] | None = None,
+    ) -> np.ndarray:
         """Network output (S, H, W) float32, in the target's normalised space, for a volume.
 
         ``volume`` is the rescaled float32 source series (slices, rows, columns) and
         ``pixel_spacing`` its (between rows, between columns) in mm: slices whose pixels are
         far from the size the model learnt go through the network resampled to it
         (``pipeline.reformat``), and the output comes back on the volume's grid.
+        ``slice_offsets`` are the slices' positions along the normal (mm, ascending), which
+        a model that sees neighbouring slices needs.
         Outside the source's head the output is 0: air is dark in every MR contrast, and a
         network shown background it never learnt from (the orbits' fat of a native scan,
         say, beside skull-stripped training data) can paint it grey or with a pattern.
-        Raises ValueError for a volume that cannot be normalised (not 3-D, no contrast).
+        Raises ValueError for a volume that cannot be normalised (not 3-D, no contrast), or
+        without ``slice_offsets`` for a model that needs them.
         """
         shape = working_shape(volume.shape, pixel_spacing, self.card.pixel_spacing_mm)
         seen = volume if shape is None else resize_slices(volume, shape)
         normalized = normalize_volume(seen, self.card.normalization)
-        inputs = torch.from_numpy(model_input(normalized, self.card.gradient_channels))
+        neighbours = None
+        if self.card.neighbour_distance_mm:
+            if slice_offsets is None:
+                raise ValueError(
+                    f"model {self.card.name} {self.card.version} sees neighbouring slices and "
+                    "needs the slices' positions"
+                )
+            neighbours = neighbour_slices(
+                normalized, np.asarray(slice_offsets), self.card.neighbour_distance_mm
+            )
+        inputs = torch.from_numpy(model_input(normalized, self.card.gradient_channels, neighbours))
         slices, _, height, width = inputs.shape
         batch = slices_per_batch(self.device, height, width, self._base_width)
         output = np.empty((slices, height, width), dtype=np.float32)

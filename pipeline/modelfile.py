@@ -13,11 +13,11 @@ import io
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from pipeline.preprocess import NORMALIZATIONS
+from pipeline.preprocess import NORMALIZATIONS, input_channels
 from pipeline.spool import write_atomically
 from pipeline.unet import UNet
 
@@ -34,10 +34,11 @@ class ModelFileError(Exception):
 class ModelCard:
     """What a model is, how it was made and how good it is.
 
-    ``gradient_channels`` is stated on its own although ``arguments["in_channels"]`` implies
-    it (3 with the Sobel channels, 1 without): preprocessing reads it, and the card is
-    rejected where the two disagree. ``normalization`` is the input's; the output is in
-    ``target_normalization``'s space (the targets' in training), None meaning the same.
+    ``gradient_channels`` and ``neighbour_distance_mm`` are stated on their own although
+    ``arguments["in_channels"]`` follows from them (``preprocess.input_channels``):
+    preprocessing reads them, and the card is rejected where they disagree.
+    ``normalization`` is the input's; the output is in ``target_normalization``'s space
+    (the targets' in training), None meaning the same.
     """
 
     name: str
@@ -50,6 +51,10 @@ class ModelCard:
     # The in-plane pixel size (mm) the model learnt at; inference resamples slices whose
     # pixels are far from it. Every model before this field learnt at 0.88-1 mm.
     pixel_spacing_mm: float = 1.0
+    # With a distance (mm), the network also sees the slices that far below and above each
+    # slice (pipeline.preprocess.neighbour_slices); None: each slice alone (every model
+    # before this field).
+    neighbour_distance_mm: float | None = None
     architecture: str = "unet"
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -59,6 +64,34 @@ class ModelCard:
     @property
     def output_normalization(self) -> str:
         return self.target_normalization or self.normalization
+
+    @classmethod
+    def from_settings(cls, name: str, version: str, settings: TrainedAs) -> ModelCard:
+        """The card of a network trained with ``settings`` (train.trainer.TrainSettings),
+        before its training record, metrics and checksum are added."""
+        return cls(
+            name=name,
+            version=version,
+            direction=settings.direction,
+            arguments=dict(settings.arguments),
+            normalization=settings.normalization,
+            target_normalization=settings.target_normalization,
+            pixel_spacing_mm=settings.pixel_spacing_mm,
+            neighbour_distance_mm=settings.neighbour_distance_mm,
+            gradient_channels=settings.gradient_channels,
+        )
+
+
+class TrainedAs(Protocol):
+    """What a card takes from the settings a model was trained with."""
+
+    direction: str
+    arguments: dict[str, Any]
+    normalization: str
+    target_normalization: str | None
+    pixel_spacing_mm: float
+    neighbour_distance_mm: float | None
+    gradient_channels: bool
 
 
 @dataclass(frozen=True)
@@ -188,12 +221,19 @@ def _check_card(card: ModelCard, path: Path) -> None:
             f"{path}: the card's pixel_spacing_mm {card.pixel_spacing_mm!r} is not a positive "
             "number of millimetres"
         )
-    expected = 3 if card.gradient_channels else 1
+    distance = card.neighbour_distance_mm
+    if distance is not None and (not isinstance(distance, int | float) or not distance > 0):
+        raise ModelFileError(
+            f"{path}: the card's neighbour_distance_mm {distance!r} is not a positive number "
+            "of millimetres (or null for a model that sees each slice alone)"
+        )
+    expected = input_channels(card.gradient_channels, distance is not None)
     in_channels = card.arguments.get("in_channels", 3)
     if in_channels != expected:
         raise ModelFileError(
-            f"{path}: the card says gradient_channels={card.gradient_channels}, which needs "
-            f"in_channels={expected}, but its arguments have in_channels={in_channels}"
+            f"{path}: the card says gradient_channels={card.gradient_channels} and "
+            f"neighbour_distance_mm={distance}, which need in_channels={expected}, but its "
+            f"arguments have in_channels={in_channels}"
         )
 
 

@@ -125,21 +125,58 @@ def normalized_ceiling(method: str) -> float:
     return OUTPUT_CEILING if method in ("scale-volume", "median-volume") else 1.0
 
 
-def model_input(normalized: np.ndarray, gradient_channels: bool) -> np.ndarray:
+def neighbour_slices(
+    normalized: np.ndarray, slice_offsets: np.ndarray, distance_mm: float
+) -> np.ndarray:
+    """Each slice's neighbours ``distance_mm`` below and above it along the slice normal,
+    (S, 2, H, W): linear between the two slices around each point, the end slice beyond
+    the ends of the volume.
+
+    At a fixed distance in millimetres, not a fixed number of slices, so a 1 mm volume and
+    a 5 mm slab show the network the same anatomy around a slice. ``slice_offsets`` (S,)
+    are the slices' positions along the normal (mm), ascending.
+    """
+    offsets = np.asarray(slice_offsets, dtype=np.float64)
+    if offsets.shape != (normalized.shape[0],) or np.any(np.diff(offsets) <= 0):
+        raise ValueError("slice offsets must ascend strictly, one per slice")
+    indices = np.arange(offsets.size, dtype=np.float64)
+    neighbours = np.empty((normalized.shape[0], 2, *normalized.shape[1:]), dtype=np.float32)
+    for side, sign in enumerate((-1.0, 1.0)):
+        position = np.interp(offsets + sign * distance_mm, offsets, indices)
+        low = np.floor(position).astype(int)
+        high = np.minimum(low + 1, offsets.size - 1)
+        weight = (position - low).astype(np.float32)[:, None, None]
+        neighbours[:, side] = normalized[low] * (1 - weight) + normalized[high] * weight
+    return neighbours
+
+
+def input_channels(gradient_channels: bool, neighbours: bool) -> int:
+    """How many channels ``model_input`` stacks: the slice, its two Sobel gradients, its two
+    neighbours."""
+    return 1 + 2 * gradient_channels + 2 * neighbours
+
+
+def model_input(
+    normalized: np.ndarray, gradient_channels: bool, neighbours: np.ndarray | None = None
+) -> np.ndarray:
     """Stack a normalised volume (S, H, W) into network input (S, C, H, W) float32.
 
     Channel 0 is the slice; with ``gradient_channels`` channels 1 and 2 are its Sobel
-    gradients along x (columns) and y (rows), times SOBEL_SCALE, computed within each slice.
+    gradients along x (columns) and y (rows), times SOBEL_SCALE, computed within each slice;
+    with ``neighbours`` (S, 2, H, W, from ``neighbour_slices``) the last two channels are
+    the slices below and above.
     """
     slices = normalized.astype(np.float32, copy=False)
-    if not gradient_channels:
-        return slices[:, np.newaxis].copy()
-    channels = np.empty((slices.shape[0], 3, *slices.shape[1:]), dtype=np.float32)
+    count = input_channels(gradient_channels, neighbours is not None)
+    channels = np.empty((slices.shape[0], count, *slices.shape[1:]), dtype=np.float32)
     channels[:, 0] = slices
-    # Slice by slice: on the whole volume, sobel would also smooth across slices.
-    for index, image in enumerate(slices):
-        channels[index, 1] = ndimage.sobel(image, axis=1) * SOBEL_SCALE
-        channels[index, 2] = ndimage.sobel(image, axis=0) * SOBEL_SCALE
+    if gradient_channels:
+        # Slice by slice: on the whole volume, sobel would also smooth across slices.
+        for index, image in enumerate(slices):
+            channels[index, 1] = ndimage.sobel(image, axis=1) * SOBEL_SCALE
+            channels[index, 2] = ndimage.sobel(image, axis=0) * SOBEL_SCALE
+    if neighbours is not None:
+        channels[:, -2:] = neighbours
     return channels
 
 

@@ -47,6 +47,7 @@ class AxialView:
 
     pixels: np.ndarray  # (slices, rows, columns) of the view
     pixel_spacing: tuple[float, float]  # of the view's slices: between rows, between columns
+    slice_offsets: np.ndarray  # (slices,) the view's slices along their normal, mm, ascending
     axes: tuple[int, int, int]  # the source array's axis that each view axis is
     flips: tuple[bool, bool, bool]  # view axes that run against the source's
     plane: str  # the source's plane: axial, sagittal or coronal
@@ -71,7 +72,14 @@ def axial_view(volume: Volume) -> AxialView:
     plane = _plane(volume.slice_normal)
     if tilt <= MAX_TILT_FROM_AXIAL_DEGREES:
         spacing = (float(volume.pixel_spacing[0]), float(volume.pixel_spacing[1]))
-        return AxialView(volume.pixels, spacing, (0, 1, 2), (False, False, False), "axial")
+        return AxialView(
+            volume.pixels,
+            spacing,
+            volume.slice_offsets,
+            (0, 1, 2),
+            (False, False, False),
+            "axial",
+        )
 
     affine = volume.affine()
     directions = [affine[:3, axis] / np.linalg.norm(affine[:3, axis]) for axis in range(3)]
@@ -110,7 +118,8 @@ def axial_view(volume: Volume) -> AxialView:
     flipped = [index for index, flip in enumerate(flips) if flip]
     pixels = np.flip(np.transpose(volume.pixels, axes), flipped)
     spacing = (float(spacings[row_axis]), float(spacings[column_axis]))
-    return AxialView(np.ascontiguousarray(pixels), spacing, axes, flips, plane)
+    offsets = np.arange(pixels.shape[0]) * float(spacings[slice_axis])
+    return AxialView(np.ascontiguousarray(pixels), spacing, offsets, axes, flips, plane)
 
 
 def axial_volume(volume: Volume) -> Volume:

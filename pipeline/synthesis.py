@@ -50,7 +50,7 @@ def synthesize_series(
     # reach a radiologist, so a 3D series is shown to them as axial, and a 2D one refused.
     view = axial_view(volume)
     loaded = time.perf_counter()
-    output = synthesizer.synthesize(view.pixels, view.pixel_spacing)
+    output = synthesizer.synthesize(view.pixels, view.pixel_spacing, view.slice_offsets)
     stored = to_stored_pixels(view.to_source(output))
     inferred = time.perf_counter()
     identity = ModelIdentity(card.name, card.version, card.checksum)

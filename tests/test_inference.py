@@ -17,6 +17,7 @@ from pipeline.preprocess import (
     STORED_MAX,
     head_mask,
     model_input,
+    neighbour_slices,
     normalize_volume,
     to_stored_pixels,
 )
@@ -272,3 +273,49 @@ def test_cuda_synthesizes_what_the_cpu_does(native_t1: np.ndarray, tmp_path: Pat
     # cuDNN may run float32 convolutions as TF32 (10-bit mantissa): close, not equal.
     scale = on_cpu.max() - on_cpu.min()
     np.testing.assert_allclose(on_cuda, on_cpu, atol=1e-2 * scale)
+
+
+def test_neighbours_are_taken_at_a_distance_in_millimetres() -> None:
+    # The same head as a 1 mm volume and as 5 mm slabs: a slab's neighbours at 5 mm are the
+    # next slabs, and the 1 mm volume's are the slices 5 mm away, not the next ones.
+    depth = np.arange(41, dtype=np.float32)
+    thin = np.broadcast_to(depth[:, None, None], (41, 4, 4)).copy()
+    neighbours = neighbour_slices(thin, depth, 5.0)
+    np.testing.assert_array_equal(neighbours[20, 0], 15.0)
+    np.testing.assert_array_equal(neighbours[20, 1], 25.0)
+    slab_depth = depth[::5]
+    slabs = np.ascontiguousarray(thin[::5])
+    slab_neighbours = neighbour_slices(slabs, slab_depth, 5.0)
+    np.testing.assert_array_equal(slab_neighbours[4, 0], 15.0)
+    np.testing.assert_array_equal(slab_neighbours[4, 1], 25.0)
+    # Between slices: linear; beyond the ends: the end slice.
+    np.testing.assert_allclose(neighbour_slices(slabs, slab_depth, 2.0)[4, 1], 22.0)
+    np.testing.assert_array_equal(neighbours[0, 0], 0.0)
+    np.testing.assert_array_equal(neighbours[40, 1], 40.0)
+    with pytest.raises(ValueError, match="ascend"):
+        neighbour_slices(thin, depth[::-1], 5.0)
+    channels = model_input(thin, True, neighbours)
+    assert channels.shape == (41, 5, 4, 4)
+    np.testing.assert_array_equal(channels[:, 0], thin)
+    np.testing.assert_array_equal(channels[:, 3:], neighbours)
+
+
+def test_a_model_that_sees_neighbours_synthesizes_from_the_slice_positions(
+    native_t1: np.ndarray,
+) -> None:
+    model = make_model(in_channels=5)
+    model.card.gradient_channels, model.card.neighbour_distance_mm = True, 5.5
+    offsets = np.arange(native_t1.shape[0]) * 5.5
+    synthesizer = Synthesizer(model)
+    output = synthesizer.synthesize(native_t1, NATIVE_SPACING, offsets)
+    normalized = normalize_volume(native_t1, "percentile-volume")
+    inputs = model_input(normalized, True, neighbour_slices(normalized, offsets, 5.5))
+    with torch.inference_mode():
+        expected = model.network(torch.from_numpy(inputs))[:, 0].numpy()
+    head = head_mask(native_t1)
+    np.testing.assert_allclose(output[head], expected[head], atol=1e-4 * np.abs(expected).max())
+    # The neighbours matter: shuffled slice positions give another image.
+    shuffled = synthesizer.synthesize(native_t1, NATIVE_SPACING, offsets * 0.1)
+    assert not np.allclose(shuffled[head], output[head])
+    with pytest.raises(ValueError, match="needs the slices' positions"):
+        synthesizer.synthesize(native_t1, NATIVE_SPACING)

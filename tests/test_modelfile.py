@@ -223,3 +223,32 @@ def test_save_refuses_a_card_that_does_not_describe_the_network(tmp_path: Path) 
     with pytest.raises(ModelFileError, match="do not fit"):
         save_model(path, trained_network(), make_card(arguments={**ARGUMENTS, "depth": 3}))
     assert not path.exists()
+
+
+def test_a_card_that_sees_neighbouring_slices_needs_their_channels(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    with pytest.raises(
+        ModelFileError, match=r"neighbour_distance_mm=3\.0, which need in_channels=5"
+    ):
+        save_model(path, trained_network(), make_card(neighbour_distance_mm=3.0))
+    torch.manual_seed(0)
+    network = UNet(**{**ARGUMENTS, "in_channels": 5})
+    card = make_card(neighbour_distance_mm=3.0, arguments={**ARGUMENTS, "in_channels": 5})
+    save_model(tmp_path / "ok.pt", network, card)
+    assert load_model(tmp_path / "ok.pt").card.neighbour_distance_mm == 3.0
+
+
+@pytest.mark.parametrize("value", [0, -2.0, "3 mm"])
+def test_a_neighbour_distance_that_is_not_positive_is_refused(
+    saved: tuple[Path, UNet, ModelCard], value: object
+) -> None:
+    path = rewrite_card(saved, neighbour_distance_mm=value)
+    with pytest.raises(ModelFileError, match=r"neighbour_distance_mm .* is not a positive number"):
+        load_model(path)
+
+
+def test_cards_without_a_neighbour_distance_see_each_slice_alone(
+    saved: tuple[Path, UNet, ModelCard],
+) -> None:
+    path = rewrite_card(saved, drop="neighbour_distance_mm")
+    assert load_model(path).card.neighbour_distance_mm is None
