@@ -5,12 +5,13 @@ Every source series goes whole through ``pipeline.inference.Synthesizer`` and
 compared with the real target on the usable slices (see
 ``train.pairs``): per study, per patient (slices of all its studies pooled) and overall
 (the mean of the patients, so a patient with two studies does not count twice). Beside
-every score stand the trivial floors of ``train.metrics.floors``.
+every score stand the trivial floors of ``train.metrics.floors``. Where an expert's lesion
+mask exists, each predictor's lesion fidelity is scored on the study's whole volume.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,26 +19,38 @@ import numpy as np
 from pipeline.inference import Synthesizer
 from pipeline.modelfile import LoadedModel, describe
 from pipeline.preprocess import normalize_volume, to_stored_pixels
-from train.metrics import collapse_check, floors, mean_metrics, minmax_slices, slice_metrics
-from train.pairs import PairedVolume
+from train.metrics import (
+    LesionFidelity,
+    collapse_check,
+    floors,
+    lesion_fidelity,
+    mean_metrics,
+    minmax_slices,
+    slice_metrics,
+)
+from train.pairs import PairedVolume, StudyGroup
 
 PREDICTORS = ("model", "input", "inverted")
 # What "better" means when two models or a model and a floor are compared: the paper's
-# PSNR and SSIM, inside the head, where the anatomy a reader looks at is.
-KEY_METRICS = ("psnr_head", "ssim_head")
+# PSNR, SSIM and the correlation, inside the head, where the anatomy a reader looks at is.
+KEY_METRICS = ("psnr_head", "ssim_head", "corr_head")
 
 
 @dataclass
 class StudyResult:
     label: str
     patient: str
+    group: StudyGroup
     slices: int
     dropped: dict[str, int]
     metrics: dict[str, dict[str, float]]  # predictor -> metric -> mean over slices
     collapse: dict[str, float | bool]
+    lesions: dict[str, LesionFidelity] | None  # predictor -> fidelity, where a mask exists
     per_slice: dict[str, dict[str, list[float]]] = field(repr=False)
     # Kept for figures: normalised source, raw output, normalised target (usable slices).
     images: tuple[np.ndarray, np.ndarray, np.ndarray] = field(repr=False)
+    # Slices (of the usable ones) a figure should show: those with the most lesion.
+    focus: list[int] | None = None
 
 
 @dataclass
@@ -72,6 +85,38 @@ class Evaluation:
             for predictor in PREDICTORS
         }
 
+    def groups(self) -> dict[str, dict[str, dict[str, float]]]:
+        """group -> predictor -> metric: the mean over the group's studies."""
+        by_group: dict[str, list[StudyResult]] = {}
+        for study in self.studies:
+            by_group.setdefault(study.group.value, []).append(study)
+        return {
+            group: {
+                predictor: {
+                    key: float(np.mean([s.metrics[predictor][key] for s in studies]))
+                    for key in studies[0].metrics[predictor]
+                }
+                for predictor in PREDICTORS
+            }
+            for group, studies in by_group.items()
+        }
+
+    def lesion_fidelity(self) -> dict[str, float]:
+        """predictor -> mean lesion fidelity over the studies with a mask (empty: none)."""
+        return {
+            predictor: float(np.mean(values))
+            for predictor in PREDICTORS
+            if (values := self._fidelities(predictor))
+        }
+
+    def _fidelities(self, predictor: str) -> list[float]:
+        return [
+            fidelity
+            for study in self.studies
+            if study.lesions is not None
+            and (fidelity := study.lesions[predictor].fidelity) is not None
+        ]
+
     def collapsed(self) -> bool:
         return any(bool(study.collapse["collapsed"]) for study in self.studies)
 
@@ -91,21 +136,33 @@ class Evaluation:
             "direction": self.direction,
             "metric_definitions": (
                 "paper eq. 1-3 on per-slice min-max normalised images, PSNR with MAX_I = 1, "
-                "SSIM (Gaussian 11x11, sigma 1.5); *_slice over the whole slice, *_head inside "
-                "the head mask; per-slice values averaged; overall = mean of patients"
+                "SSIM (Gaussian 11x11, sigma 1.5), Pearson correlation (corr); *_slice over "
+                "the whole slice, *_head inside the head mask; per-slice values averaged; "
+                "overall = mean of patients; lesion fidelity = (P_synthetic - 0.5) / "
+                "(P_real - 0.5), P the probability that a lesion voxel is brighter than a "
+                "voxel 1-5 mm around the lesion, over the study's volume"
             ),
             "studies": [
                 {
                     "study": s.label,
                     "patient": s.patient,
+                    "group": s.group.value,
                     "slices": s.slices,
                     "dropped": s.dropped,
                     "metrics": s.metrics,
                     "collapse": s.collapse,
+                    "lesions": None
+                    if s.lesions is None
+                    else {
+                        predictor: {**asdict(value), "fidelity": value.fidelity}
+                        for predictor, value in s.lesions.items()
+                    },
                 }
                 for s in self.studies
             ],
             "patients": self.patients(),
+            "groups": self.groups(),
+            "lesion_fidelity": self.lesion_fidelity(),
             "overall": self.overall(),
             "collapsed": self.collapsed(),
             "beats_floors": self.beats_floors(),
@@ -122,7 +179,9 @@ def evaluate(model: LoadedModel, paired: list[PairedVolume]) -> Evaluation:
                 f"{item.pair.label} was paired for {item.direction}, the model is "
                 f"{model.card.direction}"
             )
-        output = synthesizer.synthesize(np.asarray(item.source.pixels), item.source.pixel_spacing)
+        output = synthesizer.synthesize(
+            np.asarray(item.source.pixels), item.source.pixel_spacing, item.source.slice_offsets
+        )
         keep = item.slices
         covered, head = item.covered[keep], item.head[keep]
         source = minmax_slices(item.source.pixels[keep])
@@ -140,21 +199,58 @@ def evaluate(model: LoadedModel, paired: list[PairedVolume]) -> Evaluation:
             StudyResult(
                 label=item.pair.label,
                 patient=item.pair.patient,
+                group=item.group,
                 slices=len(keep),
                 dropped=item.dropped,
                 metrics={name: mean_metrics(values) for name, values in per_slice.items()},
                 collapse=collapse_check(output[keep], head & covered, target_normalized),
+                lesions=_lesions(item, to_stored_pixels(output).pixels),
                 per_slice=per_slice,
                 # The figure shows what the node sends, as the scores do.
                 images=(source, predictions["model"], real),
+                focus=_lesion_slices(item),
             )
         )
     return Evaluation(describe(model.card), model.card.direction, studies)
 
 
+def _lesion_slices(item: PairedVolume, count: int = 4) -> list[int] | None:
+    if item.lesions is None:
+        return None
+    area = item.lesions[item.slices].sum(axis=(1, 2))
+    if not area.any():
+        return None
+    return sorted(int(i) for i in np.argsort(area)[::-1][:count] if area[i] > 0)
+
+
+def _lesions(item: PairedVolume, sent: np.ndarray) -> dict[str, LesionFidelity] | None:
+    """Each predictor's lesion fidelity over the usable slices, on whole-volume intensities
+    (per-slice scaling would move a lesion's voxels against those of other slices)."""
+    keep = item.slices
+    if item.lesions is None or not item.lesions[keep].any():
+        return None
+    source = item.source.pixels[keep]
+    head = item.head[keep]
+    images = {"model": sent[keep], "input": source, "inverted": np.where(head, -source, 0.0)}
+    spacing = (item.source.slice_spacing, *map(float, item.source.pixel_spacing))
+    region = head & item.covered[keep]
+    return {
+        name: lesion_fidelity(image, item.target[keep], item.lesions[keep], region, spacing)
+        for name, image in images.items()
+    }
+
+
 def format_table(evaluation: Evaluation) -> str:
     """The overall and per-patient scores with the floors, as aligned text for a terminal."""
-    columns = ("mse_slice", "mae_slice", "psnr_slice", "ssim_slice", "psnr_head", "ssim_head")
+    columns = (
+        "mse_slice",
+        "mae_slice",
+        "psnr_slice",
+        "ssim_slice",
+        "psnr_head",
+        "ssim_head",
+        "corr_head",
+    )
     lines = [f"{evaluation.model} ({evaluation.direction})"]
     header = f"{'':28} {'predictor':9} " + " ".join(f"{c:>10}" for c in columns)
     lines.append(header)
@@ -171,4 +267,22 @@ def format_table(evaluation: Evaluation) -> str:
             f"{study.collapse['spread']:.3f} (target {study.collapse['reference_spread']:.3f})"
             + ("  COLLAPSED" if study.collapse["collapsed"] else "")
         )
+        if study.lesions is not None:
+            lines.append(
+                f"  lesions ({study.lesions['model'].voxels} voxels): "
+                + _fidelity_line(study.lesions)
+            )
     return "\n".join(lines)
+
+
+def _fidelity_line(lesions: dict[str, LesionFidelity]) -> str:
+    real = lesions["model"].real
+    shown = [f"visible in the real image with probability {real:.3f}"]
+    for predictor, value in lesions.items():
+        fidelity = value.fidelity
+        shown.append(
+            f"{predictor} {value.synthetic:.3f} (fidelity "
+            + ("n/a: too faint in the real image" if fidelity is None else f"{fidelity:.2f}")
+            + ")"
+        )
+    return "; ".join(shown)

@@ -33,10 +33,12 @@ def save_comparison(
     source: np.ndarray,
     output: np.ndarray,
     real: np.ndarray | None = None,
+    focus: list[int] | None = None,
 ) -> Path:
-    """Write a PNG: one row per picked slice; input, synthetic, and with ``real``, the real
-    target and |synthetic - real|. All stacks are (S, H, W) on the same grid."""
-    picks = pick_slices(source.shape[0])
+    """Write a PNG: one row per picked slice (``focus``, else spread over the volume);
+    input, synthetic, and with ``real``, the real target and |synthetic - real|. All
+    stacks are (S, H, W) on the same grid."""
+    picks = focus or pick_slices(source.shape[0])
     panels = {"input": minmax_slices(source[picks]), "synthetic": minmax_slices(output[picks])}
     if real is not None:
         panels["real"] = minmax_slices(real[picks])

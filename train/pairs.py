@@ -18,9 +18,11 @@ import hashlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from pipeline.contrast import Contrast, classify
 from pipeline.preprocess import foreground_threshold, head_mask
@@ -28,6 +30,7 @@ from pipeline.reformat import at_pixel_size, axial_volume
 from pipeline.routing import Direction
 from pipeline.seriesfiles import SeriesFiles, scan_series
 from pipeline.volume import SeriesError, Volume, load_series
+from train.lesions import LESION_LEVEL, LesionMasks
 from train.registration import Rigid, register_rigid, resample_onto
 
 PAIR_KEYWORDS = ("PatientID", "FrameOfReferenceUID")
@@ -38,6 +41,17 @@ MIN_HEAD_FRACTION = 0.02
 # Fraction of a source slice's head that the target must cover after resampling; below it
 # the slice lies (partly) outside the target's slab and its pair would be half empty.
 MIN_COVERAGE = 0.95
+# Voxels this far (pixels) from the head are background; skull-stripping leaves them all at
+# one value, a scanner's own images have noise there (or zero-filling of part of it).
+BACKGROUND_MARGIN = 3
+STRIPPED_BACKGROUND_FRACTION = 0.999
+
+
+class StudyGroup(StrEnum):
+    """What a study looks like, for reporting scores by kind of input."""
+
+    SKULL_STRIPPED = "skull-stripped"  # research releases: brain only, resampled to an atlas
+    AS_ACQUIRED = "as acquired"  # what a scanner sends: skull, scanner grid, often slabs
 
 
 @dataclass(frozen=True)
@@ -80,6 +94,8 @@ class PairedVolume:
     slices: np.ndarray  # indices of the slices that make usable pairs, ascending
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> number of slices
     registration: Rigid | None = None  # None: same grid, aligned voxel for voxel by header
+    group: StudyGroup = StudyGroup.AS_ACQUIRED
+    lesions: np.ndarray | None = None  # bool (S, H, W): an expert's lesion mask, if one exists
 
     def summary(self) -> str:
         total = self.source.pixels.shape[0]
@@ -143,7 +159,11 @@ def find_pairs(roots: Sequence[Path]) -> PairSearch:
 
 
 def load_pair(
-    pair: StudyPair, direction: str, register: bool = True, pixel_spacing_mm: float | None = None
+    pair: StudyPair,
+    direction: str,
+    register: bool = True,
+    pixel_spacing_mm: float | None = None,
+    lesions: LesionMasks | None = None,
 ) -> PairedVolume:
     """Read both series and resample the target onto the source's grid.
 
@@ -156,11 +176,15 @@ def load_pair(
     grid (co-registered) are taken voxel for voxel. Raises SeriesError when a series cannot
     be read, when the source has no axial view (a 2D sagittal or coronal series), or when
     the target's slices are unevenly spaced (its affine would misplace them).
+
+    With ``lesions``, a mask drawn on either series is placed on the source's grid too.
+    Raises LesionMaskError for a mask that does not fit its series.
     """
     source_files, target_files = pair.source_and_target(direction)
+    as_read = load_series(source_files.files)
     # The slices the models learn from are the axial ones they will be shown (a 3D
     # sagittal T1 goes in as its axial view); the target is resampled onto those.
-    source = axial_volume(load_series(source_files.files))
+    source = axial_volume(as_read)
     if pixel_spacing_mm is not None:
         source = at_pixel_size(source, pixel_spacing_mm)
     target = load_series(target_files.files)
@@ -172,7 +196,43 @@ def load_pair(
         target, rigid = register_rigid(target, source, head)
     resampled, covered = resample_onto(target, source)
     slices, dropped = _usable_slices(head, covered, resampled)
-    return PairedVolume(pair, direction, source, resampled, covered, head, slices, dropped, rigid)
+    return PairedVolume(
+        pair,
+        direction,
+        source,
+        resampled,
+        covered,
+        head,
+        slices,
+        dropped,
+        rigid,
+        _group(source.pixels, head),
+        _lesions_on(source, [(source_files, as_read), (target_files, target)], lesions),
+    )
+
+
+def _group(pixels: np.ndarray, head: np.ndarray) -> StudyGroup:
+    background = pixels[~ndimage.binary_dilation(head, iterations=BACKGROUND_MARGIN)]
+    if not background.size:
+        return StudyGroup.AS_ACQUIRED
+    _, counts = np.unique(background, return_counts=True)
+    stripped = counts.max() >= STRIPPED_BACKGROUND_FRACTION * background.size
+    return StudyGroup.SKULL_STRIPPED if stripped else StudyGroup.AS_ACQUIRED
+
+
+def _lesions_on(
+    grid: Volume, placed: list[tuple[SeriesFiles, Volume]], lesions: LesionMasks | None
+) -> np.ndarray | None:
+    """A mask drawn on one of the pair's series, moved to ``grid`` through that series'
+    geometry as placed (registered, for the target)."""
+    if lesions is None:
+        return None
+    for series, volume in placed:
+        mask = lesions.for_series(series.series_uid)
+        if mask is not None:
+            resampled, covered = resample_onto(mask.on(volume), grid)
+            return (resampled >= LESION_LEVEL) & covered
+    return None
 
 
 def _same_grid(first: Volume, second: Volume) -> bool:

@@ -1,0 +1,209 @@
+"""Lesion fidelity: the metric on images where the answer is known, masks placed on a pair's
+grid, painted lesions, and `dicomnode evaluate` printing fidelity for a real MS patient."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_evaluate import tiny_model
+from train.commands import add_commands
+from train.folds import patient_folds
+from train.lesionpaint import FluidLevels, fluid_levels, paint_lesions
+from train.lesions import LesionMaskError, LesionMasks
+from train.metrics import brighter_probability, correlation, lesion_fidelity
+from train.pairs import StudyGroup, find_pairs, load_pair
+
+SPACING = (1.0, 1.0, 1.0)
+
+
+def _brain_with_lesion(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A textured 'real T2' (16, 64, 64), a bright 6 mm ball in it, and the head."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices((16, 64, 64))
+    head = np.ones((16, 64, 64), dtype=bool)
+    lesion = ((grid - np.array([8, 32, 32])[:, None, None, None]) ** 2).sum(axis=0) <= 36
+    tissue = 0.4 + 0.05 * rng.standard_normal((16, 64, 64))
+    real = np.where(lesion, 0.9, tissue) + 0.02 * rng.standard_normal((16, 64, 64))
+    return real, lesion, head
+
+
+def test_fidelity_of_a_copied_a_removed_and_an_inverted_lesion() -> None:
+    real, lesion, head = _brain_with_lesion()
+    copied = lesion_fidelity(real.copy(), real, lesion, head, SPACING)
+    assert copied.real > 0.99 and copied.fidelity == pytest.approx(1.0)
+    # Any increasing map of the intensities sees the lesion alike (another site's scale).
+    rescaled = lesion_fidelity(np.sqrt(real.clip(0)) * 900 + 12, real, lesion, head, SPACING)
+    assert rescaled.fidelity == pytest.approx(1.0, abs=0.01)
+    # Normal tissue painted over the lesion: as visible as chance.
+    tissue = np.where(
+        lesion, 0.4 + 0.05 * np.random.default_rng(1).standard_normal(real.shape), real
+    )
+    removed = lesion_fidelity(tissue, real, lesion, head, SPACING)
+    assert abs(removed.fidelity) < 0.1
+    inverted = lesion_fidelity(np.where(lesion, 0.1, real), real, lesion, head, SPACING)
+    assert inverted.fidelity < -0.9
+    half = lesion_fidelity(np.where(lesion, real - 0.45, real), real, lesion, head, SPACING)
+    assert 0.0 < half.fidelity < 1.0
+    # A lesion the real image does not show has no fidelity to measure.
+    faint = lesion_fidelity(real, np.where(lesion, 0.4, real), lesion, head, SPACING)
+    assert faint.fidelity is None
+    assert copied.voxels == int(lesion.sum())
+
+
+def test_a_dark_lesion_is_scored_the_same_way_for_t1() -> None:
+    real, lesion, head = _brain_with_lesion()
+    t1 = 1.0 - real  # the lesion is dark
+    assert lesion_fidelity(t1, t1, lesion, head, SPACING).fidelity == pytest.approx(1.0)
+    assert lesion_fidelity(real, t1, lesion, head, SPACING).fidelity < -0.9
+
+
+def test_brighter_probability_counts_ties_half_and_correlation_is_scale_free() -> None:
+    image = np.array([1.0, 1.0, 2.0, 0.0])
+    lesion = np.array([True, False, False, False])
+    assert brighter_probability(image, lesion, ~lesion) == pytest.approx((0.5 + 0 + 1) / 3)
+    with pytest.raises(ValueError, match="inside and outside"):
+        brighter_probability(image, np.zeros(4, bool), ~lesion)
+    x = np.random.default_rng(0).random(100)
+    assert correlation(3 * x + 7, x) == pytest.approx(1.0)
+    assert correlation(-x, x) == pytest.approx(-1.0)
+    assert correlation(np.ones(100), x) == 0.0
+
+
+@pytest.fixture(scope="module")
+def ms_pairs(mr_brain: Path):
+    data = mr_brain.parent
+    masks = LesionMasks.load(data / "lesions")
+    search = find_pairs([data / "mr-brain-more" / "ms-c26-mni"])
+    return {
+        direction: load_pair(search.pairs[0], direction, lesions=masks)
+        for direction in ("t1-to-t2", "t2-to-t1")
+    }
+
+
+def test_a_mask_lands_on_its_series_in_both_directions(mr_brain: Path, ms_pairs) -> None:
+    with np.load(mr_brain.parent / "lesions" / "ms-c26-mni.npz") as content:
+        expert = content["mask"] > 0
+    t1_source = ms_pairs["t1-to-t2"]
+    # Drawn on the T1: as the T1 is the source, the mask is the expert's voxel for voxel.
+    assert t1_source.lesions is not None
+    np.testing.assert_array_equal(t1_source.lesions, expert)
+    # As the target, the T1 is placed on the T2's grid (the same grid here) with it.
+    np.testing.assert_array_equal(ms_pairs["t2-to-t1"].lesions, expert)
+    assert t1_source.group is StudyGroup.SKULL_STRIPPED
+    # The lesions are bright on the real T2 and dark on the real T1, against what is around.
+    region = t1_source.head & t1_source.covered
+    t2 = lesion_fidelity(t1_source.target, t1_source.target, expert, region, SPACING)
+    t1 = lesion_fidelity(
+        ms_pairs["t2-to-t1"].target, ms_pairs["t2-to-t1"].target, expert, region, SPACING
+    )
+    assert t2.real > 0.75 and t1.real < 0.3
+
+
+def test_mask_files_that_do_not_fit_are_refused_by_name(tmp_path: Path, mr_brain: Path) -> None:
+    with pytest.raises(LesionMaskError, match="does not exist"):
+        LesionMasks.load(tmp_path / "missing")
+    (tmp_path / "bad.npz").write_bytes(b"not numpy")
+    with pytest.raises(LesionMaskError, match=r"bad\.npz"):
+        LesionMasks.load(tmp_path)
+    (tmp_path / "bad.npz").unlink()
+    with np.load(mr_brain.parent / "lesions" / "ms-c26-mni.npz") as content:
+        np.savez(
+            tmp_path / "short.npz",
+            mask=content["mask"][:10],
+            series_uid=content["series_uid"],
+            sop_uids=content["sop_uids"][:10],
+        )
+    masks = LesionMasks.load(tmp_path)
+    search = find_pairs([mr_brain.parent / "mr-brain-more" / "ms-c26-mni"])
+    with pytest.raises(LesionMaskError, match=r"short\.npz: its 10 slices"):
+        load_pair(search.pairs[0], "t1-to-t2", lesions=masks)
+
+
+def test_folds_hold_every_patient_out_once_and_spread_the_kinds(ms_pairs, mr_brain) -> None:
+    search = find_pairs([mr_brain])
+    paired = [load_pair(pair, "t1-to-t2", register=False) for pair in search.pairs]
+    paired.append(ms_pairs["t1-to-t2"])
+    folds = patient_folds(paired, 3)
+    held = [patient for fold in folds for patient in fold.held_out]
+    assert sorted(held) == sorted({item.pair.patient for item in paired})
+    assert len(held) == len(set(held))
+    # The patient with a study as acquired and the one with a mask are in different folds.
+    acquired = next(i.pair.patient for i in paired if i.group is StudyGroup.AS_ACQUIRED)
+    masked = ms_pairs["t1-to-t2"].pair.patient
+    assert next(f for f in folds if acquired in f.held_out) != next(
+        f for f in folds if masked in f.held_out
+    )
+    assert patient_folds(paired, 3) == folds  # fixed
+    with pytest.raises(ValueError, match="at least 9 patients"):
+        patient_folds(paired, 9)
+
+
+def test_painted_lesions_darken_t1_brighten_t2_at_every_depth() -> None:
+    rng = np.random.default_rng(0)
+    head = np.zeros((64, 64), dtype=bool)
+    head[4:60, 4:60] = True
+    t1 = np.where(head, 0.6, 0.0).astype(np.float32)
+    t2 = np.where(head, 0.3, 0.0).astype(np.float32)
+    source = np.stack([t1, t1, t1])  # the slice, 3 mm below, 3 mm above
+    levels = FluidLevels(source=0.1, target=0.95)
+    for seed in range(5):
+        painted_source, painted_target, fraction = paint_lesions(
+            source, t2, head, levels, True, (0.0, -3.0, 3.0), 1.0, np.random.default_rng(seed)
+        )
+        where = fraction > 0.05
+        assert where.any() and not (where & ~head).any()
+        assert (painted_target[where] > t2[where]).all()
+        assert (painted_source[0][where] < t1[where]).all()
+        # Between the tissue and the fluid: never darker or brighter than fluid.
+        assert painted_source[:, head].min() >= 0.1 - 1e-6
+        assert painted_target.max() <= 0.95 + 1e-6
+        # A lesion is 3-D: its neighbours show it too, unless it is thinner than 3 mm.
+        assert (painted_source[1:] < t1).any()
+    # The other direction paints the T2 source bright and the T1 target dark.
+    back_source, back_target, fraction = paint_lesions(
+        np.stack([t2]), t1, head, FluidLevels(0.95, 0.1), False, (0.0,), 1.0, rng
+    )
+    where = fraction > 0.05
+    assert (back_source[0][where] > t2[where]).all() and (back_target[where] < t1[where]).all()
+
+
+def test_fluid_levels_are_csf(ms_pairs) -> None:
+    paired = ms_pairs["t1-to-t2"]
+    levels = fluid_levels(paired.source.pixels, paired.target, paired.head, True)
+    head_t1 = paired.source.pixels[paired.head]
+    head_t2 = paired.target[paired.head]
+    # CSF: darker than most of the T1 head, brighter than most of the T2 head.
+    assert levels.source < np.percentile(head_t1, 20)
+    assert levels.target > np.percentile(head_t2, 95)
+
+
+def test_evaluate_prints_lesion_fidelity_where_a_mask_exists(mr_brain, tmp_path, capsys) -> None:
+    tiny_model(tmp_path / "m.pt")
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    args = parser.parse_args(
+        [
+            "evaluate",
+            str(tmp_path / "m.pt"),
+            str(mr_brain.parent / "mr-brain-more" / "ms-c26-mni"),
+            "--lesions",
+            str(mr_brain.parent / "lesions"),
+            "--report",
+            str(tmp_path / "r"),
+        ]
+    )
+    args.run(args)
+    printed = capsys.readouterr().out
+    assert "lesions (8227 voxels): visible in the real image with probability 0." in printed
+    assert "fidelity" in printed
+    report = json.loads((tmp_path / "r" / "t1-to-t2-v1.json").read_text())
+    lesions = report["pairs"]["studies"][0]["lesions"]
+    assert lesions["model"]["voxels"] == 8227 and lesions["model"]["real"] > 0.75
+    # The inverted T1 keeps an MS lesion visible: a floor the model is compared with.
+    assert lesions["inverted"]["fidelity"] > 0.3
+    assert set(report["pairs"]["lesion_fidelity"]) == {"model", "input", "inverted"}
