@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from pipeline.modelfile import load_model, weights_checksum
+from pipeline.preprocess import normalize_volume
 from pipeline.registry import ModelRegistry
-from train.augment import AugmentSettings, crop_pair
+from train.augment import AugmentSettings, augment_intensity, crop_pair
 from train.dataset import prepare_study, sample_batch
 from train.evaluate import Evaluation, StudyResult
-from train.pairs import find_pairs, load_pair
+from train.metrics import LesionFidelity
+from train.pairs import StudyGroup, find_pairs, load_pair
 from train.trainer import TrainSettings, _loss, train_network
 from train.workflow import TrainRequest, activation_decision, run_training
 
@@ -33,9 +35,16 @@ SETTINGS = TrainSettings(
 
 
 @pytest.fixture(scope="module")
-def native(mr_brain: Path):
+def native_pair(mr_brain: Path):
     search = find_pairs([mr_brain / "tcga-fg-6692-native"])
-    return prepare_study(load_pair(search.pairs[0], "t1-to-t2", register=False), "minmax-slice")
+    return load_pair(search.pairs[0], "t1-to-t2", register=False)
+
+
+@pytest.fixture(scope="module")
+def native(native_pair):
+    return prepare_study(
+        native_pair, replace(SETTINGS, normalization="minmax-slice", target_normalization=None)
+    )
 
 
 def test_geometry_moves_source_and_target_alike_and_intensity_only_the_source() -> None:
@@ -43,46 +52,78 @@ def test_geometry_moves_source_and_target_alike_and_intensity_only_the_source() 
     image = rng.random((80, 90)).astype(np.float32)
     weight = np.ones((80, 90), dtype=bool)
     geometry_only = AugmentSettings(probability=0.0)
-    source, target, crop_weight = crop_pair(
-        image, image, weight, (40, 45), 32, geometry_only, np.random.default_rng(1)
+    crop = crop_pair(
+        image[None], image, weight, weight, (40, 45), 32, geometry_only, np.random.default_rng(1)
     )
-    np.testing.assert_array_equal(source, target)
-    plain_source, _, _ = crop_pair(image, image, weight, (40, 45), 32, None, rng)
-    assert not np.allclose(source, plain_source)  # rotated, scaled or flipped
-    assert crop_weight.shape == (32, 32) and crop_weight.min() == 1.0
+    np.testing.assert_array_equal(crop.source[0], crop.target)
+    plain = crop_pair(image[None], image, weight, weight, (40, 45), 32, None, rng)
+    assert not np.allclose(crop.source, plain.source)  # rotated, scaled or flipped
+    assert crop.weight.shape == (32, 32) and crop.weight.min() == 1.0 and crop.head.all()
 
-    # Same generator state: the same geometry, then the intensity draws on the source only.
-    every_time = AugmentSettings(probability=1.0)
-    source_2, target_2, _ = crop_pair(
-        image, image, weight, (40, 45), 32, every_time, np.random.default_rng(1)
-    )
-    np.testing.assert_array_equal(target_2, target)
-    assert not np.allclose(source_2, target_2)
-    assert source_2.min() >= 0 and source_2.max() <= 1
+    source = augment_intensity(crop.source, AugmentSettings(probability=1.0), rng)
+    assert not np.allclose(source, crop.source)
+    assert source.min() >= 0 and source.max() <= 1
+
+
+def test_intensity_augmentation_treats_neighbouring_slices_as_one_series() -> None:
+    # The same gamma, coil field and blur for the slice and its neighbours: identical
+    # channels stay identical but for their own noise.
+    image = np.random.default_rng(0).random((32, 32)).astype(np.float32)
+    channels = np.stack([image, image, image])
+    no_noise = AugmentSettings(probability=1.0, noise=0.0)
+    augmented = augment_intensity(channels, no_noise, np.random.default_rng(3))
+    np.testing.assert_allclose(augmented[0], augmented[1], atol=1e-6)
+    np.testing.assert_allclose(augmented[0], augmented[2], atol=1e-6)
+    noisy = augment_intensity(channels, AugmentSettings(probability=1.0), np.random.default_rng(3))
+    assert not np.allclose(noisy[0], noisy[1])
 
 
 def test_crops_leave_the_slice_as_zero_weight() -> None:
     image = np.ones((40, 40), dtype=np.float32)
-    source, _, weight = crop_pair(
-        image, image, np.ones((40, 40), bool), (0, 0), 32, None, np.random.default_rng(0)
+    crop = crop_pair(
+        image[None],
+        image,
+        np.ones((40, 40), bool),
+        image > 0,
+        (0, 0),
+        32,
+        None,
+        np.random.default_rng(0),
     )
-    assert weight[:15, :15].sum() == 0 and weight[20:, 20:].min() == 1
-    assert source[:15, :15].max() == 0
+    assert crop.weight[:15, :15].sum() == 0 and crop.weight[20:, 20:].min() == 1
+    assert crop.source[0, :15, :15].max() == 0 and not crop.head[:15, :15].any()
 
 
-def test_source_and_target_can_be_normalised_apart(mr_brain: Path) -> None:
-    search = find_pairs([mr_brain / "tcga-fg-6692-native"])
-    paired = load_pair(search.pairs[0], "t1-to-t2", register=False)
-    split = prepare_study(paired, "median-volume", "percentile-volume")
-    same = prepare_study(paired, "median-volume")
+def test_source_and_target_can_be_normalised_apart(native_pair) -> None:
+    split = prepare_study(native_pair, SETTINGS)
+    same = prepare_study(native_pair, replace(SETTINGS, target_normalization=None))
     np.testing.assert_array_equal(split.source, same.source)
     # percentile-volume tops out at 1; the median-scaled T2's fluid lies above it.
     assert split.target.max() == 1.0 < same.target.max()
 
 
+def test_a_25d_study_carries_each_slices_neighbours(native_pair) -> None:
+    spacing = native_pair.source.slice_spacing  # 5.5 mm: the neighbours are the next slices
+    settings = replace(
+        SETTINGS, neighbour_distance_mm=spacing, arguments={**TINY, "in_channels": 5}
+    )
+    study = prepare_study(native_pair, settings)
+    assert study.source.shape[1:] == (3, *native_pair.source.pixels.shape[1:])
+    whole = normalize_volume(np.asarray(native_pair.source.pixels), settings.normalization)
+    for row, index in enumerate(native_pair.slices):
+        np.testing.assert_allclose(study.source[row, 0], whole[index])
+        np.testing.assert_allclose(study.source[row, 1], whole[max(index - 1, 0)], atol=1e-5)
+        np.testing.assert_allclose(
+            study.source[row, 2], whole[min(index + 1, len(whole) - 1)], atol=1e-5
+        )
+    batch = replace(settings, batch_size=4)
+    inputs, targets, _ = sample_batch([study], batch, None, np.random.default_rng(0))
+    assert inputs.shape == (4, 5, 32, 32) and targets.shape == (4, 1, 32, 32)
+
+
 def test_batches_are_centred_on_the_head(native) -> None:
     inputs, targets, weights = sample_batch(
-        [native], 6, 32, True, AugmentSettings(), np.random.default_rng(0)
+        [native], replace(SETTINGS, batch_size=6), AugmentSettings(), np.random.default_rng(0)
     )
     assert inputs.shape == (6, 3, 32, 32) and targets.shape == weights.shape == (6, 1, 32, 32)
     assert inputs.dtype == targets.dtype == np.float32
@@ -177,15 +218,24 @@ def test_train_workflow_writes_a_card_and_applies_the_activation_rule(mr_brain, 
     assert second.activated and registry.active_version("t1-to-t2") == "v2"
 
 
-def _evaluation(psnr_head: float, ssim_head: float) -> Evaluation:
-    values = {"psnr_head": [psnr_head], "ssim_head": [ssim_head]}
+def _evaluation(
+    psnr_head: float, ssim_head: float, corr_head: float = 0.8, lesion: float | None = None
+) -> Evaluation:
+    values = {"psnr_head": [psnr_head], "ssim_head": [ssim_head], "corr_head": [corr_head]}
+    visibility = None
+    if lesion is not None:
+        # real 0.9: fidelity = (synthetic - 0.5) / 0.4
+        seen = LesionFidelity(real=0.9, synthetic=0.5 + 0.4 * lesion, voxels=10)
+        visibility = {"model": seen, "input": seen, "inverted": seen}
     study = StudyResult(
         label="study",
         patient="patient-1",
+        group=StudyGroup.SKULL_STRIPPED,
         slices=1,
         dropped={},
         metrics={},
         collapse={"collapsed": False},
+        lesions=visibility,
         per_slice={"model": values, "input": values, "inverted": values},
         images=(np.zeros((1, 2, 2)),) * 3,
     )
@@ -203,3 +253,11 @@ def test_activation_rule() -> None:
     assert activation_decision(None, None, False, False)[0]  # nothing active yet
     activate, why = activation_decision(None, None, True, False)
     assert not activate and "no held-out patient" in why
+    activate, why = activation_decision(_evaluation(20.0, 0.50, 0.7), active, True, False)
+    assert not activate and "corr_head 0.7000 < 0.8000" in why
+    # Where the held-out studies have lesion masks, a model that hides lesions more is
+    # not activated however well it scores otherwise.
+    with_lesions = _evaluation(20.0, 0.50, lesion=0.9)
+    activate, why = activation_decision(_evaluation(22.0, 0.6, 0.9, 0.5), with_lesions, True, False)
+    assert not activate and "lesion_fidelity 0.5000 < 0.9000" in why
+    assert activation_decision(_evaluation(20.0, 0.50, lesion=0.95), with_lesions, True, False)[0]

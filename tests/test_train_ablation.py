@@ -1,4 +1,4 @@
-"""The ablation runner's configurations, summaries and tables, and attaching a summary."""
+"""The ablation runner: configurations, k-fold summaries with spreads, tables, attaching."""
 
 from __future__ import annotations
 
@@ -16,65 +16,105 @@ from train.trainer import TrainSettings
 
 def test_configurations_change_one_thing_each() -> None:
     base = TrainSettings(direction="t1-to-t2")
-    assert settings_for("median-input-ssim", base) == base  # the defaults are the shipped recipe
-    assert settings_for("scale-ssim", base).normalization == "scale-volume"
-    median_input = settings_for("median-input-ssim", base)
-    assert (median_input.normalization, median_input.output_normalization) == (
+    v4 = settings_for("v4", base)
+    assert (v4.normalization, v4.output_normalization, v4.loss) == (
         "median-volume",
         "percentile-volume",
+        "mse+ssim",
     )
-    v3 = settings_for("percentile-ssim", base)
-    assert v3.output_normalization == v3.normalization == "percentile-volume"
     paper = settings_for("paper", base)
     assert (paper.normalization, paper.loss, paper.arguments) == (
         "minmax-slice",
         "mse",
         base.arguments,
     )
-    assert settings_for("plain-unet", base).arguments["in_channels"] == 1
-    assert not settings_for("plain-unet", base).gradient_channels
+    plain = settings_for("plain-unet", base)
+    assert plain.arguments["in_channels"] == 1 and not plain.gradient_channels
     assert settings_for("encoder-decoder", base).arguments["skip_connections"] is False
-    percentile = settings_for("percentile", base)
-    assert (percentile.normalization, percentile.loss) == ("percentile-volume", "mse")
+    neighbours = settings_for("v4-neighbours", base)
+    assert neighbours.neighbour_distance_mm == 3.0 and neighbours.arguments["in_channels"] == 5
+    assert settings_for("v4-paint", base).lesion_painting > 0
+    everything = settings_for("all", base)
+    assert (
+        everything.lesion_painting and everything.thick_slices and everything.neighbour_distance_mm
+    )
+    assert settings_for("all-b16", base).arguments["base_width"] == 16
     assert base.arguments["in_channels"] == 3  # the base is not changed in place
-    assert set(CONFIGURATIONS) >= {"paper", "plain-unet", "encoder-decoder"}
+    assert set(CONFIGURATIONS) >= {"paper", "plain-unet", "encoder-decoder", "v4"}
 
 
 def _metrics(value: float) -> dict[str, float]:
-    keys = ("mse_slice", "mae_slice", "psnr_slice", "ssim_slice", "psnr_head", "ssim_head")
+    keys = ("mae_slice", "psnr_slice", "ssim_slice", "psnr_head", "ssim_head", "corr_head")
     return dict.fromkeys(keys, value)
 
 
-RESULTS = {
-    "protocol": {"base_settings": {"epochs": 1}},
-    "runs": {
-        f"t1-to-t2/{patient}/{config}": {
-            "patient": patient,
-            "overall": {
+def _run(fold: int, seed: int, scores: dict[str, float], fidelity: float | None = None):
+    """A run record as train.ablation writes it: patient -> model score."""
+    studies = [
+        {
+            "study": f"study-{patient}",
+            "group": "skull-stripped",
+            "metrics": {
                 "model": _metrics(score),
                 "input": _metrics(1.0),
                 "inverted": _metrics(2.0),
             },
+            "lesions": None
+            if fidelity is None
+            else {
+                p: {"real": 0.9, "synthetic": 0.5, "voxels": 3, "fidelity": fidelity}
+                for p in ("model", "input", "inverted")
+            },
         }
-        for patient, config, score in (
-            ("patient-a", "paper", 10.0),
-            ("patient-b", "paper", 20.0),
-            ("patient-a", "percentile", 30.0),
-        )
-    },
-}
+        for patient, score in scores.items()
+    ]
+    return {
+        "direction": "t1-to-t2",
+        "configuration": "v4",
+        "seed": seed,
+        "fold": fold,
+        "held_out": sorted(scores),
+        "settings": {"epochs": 1},
+        "train_seconds": 10.0,
+        "evaluation": {
+            "studies": studies,
+            "patients": {
+                patient: {
+                    "model": _metrics(score),
+                    "input": _metrics(1.0),
+                    "inverted": _metrics(2.0),
+                }
+                for patient, score in scores.items()
+            },
+        },
+    }
 
 
-def test_summary_is_the_mean_over_held_out_patients() -> None:
-    found = summary(RESULTS, "t1-to-t2", "paper")
-    assert found["overall"]["model"]["psnr_head"] == 15.0
+RUNS = [
+    _run(1, 0, {"a": 10.0, "b": 20.0}, fidelity=0.8),
+    _run(2, 0, {"c": 30.0}),
+    _run(1, 1, {"a": 12.0, "b": 22.0}, fidelity=0.6),
+    _run(2, 1, {"c": 32.0}),
+]
+
+
+def test_summary_is_the_mean_over_patients_with_spreads_over_seeds_and_folds() -> None:
+    found = summary(RUNS, "t1-to-t2", "v4")
+    # seed 0: mean of 10, 20, 30 = 20; seed 1: 22. Overall 21, spread over seeds 1.
+    assert found["overall"]["model"]["psnr_head"] == pytest.approx(21.0)
+    assert found["spread"]["seeds"]["psnr_head"] == pytest.approx(1.0)
+    # fold 1: (10 + 20 + 12 + 22) / 4 = 16; fold 2: 31; their spread 7.5.
+    assert found["spread"]["folds"]["psnr_head"] == pytest.approx(7.5)
     assert found["overall"]["inverted"]["psnr_head"] == 2.0
-    assert set(found["patients"]) == {"patient-a", "patient-b"}
-    assert summary(RESULTS, "t2-to-t1", "paper") == {}
-    table = tables(RESULTS, ["paper", "percentile"], ["t1-to-t2"])
-    assert "mean of 2" in table
-    assert "| floor: inverted | 2.0000 |" in table
-    assert "| paper | 15.0000 |" in table and "| percentile | 30.0000 |" in table
+    assert found["complete"] and found["seeds"] == [0, 1]
+    assert found["lesion_fidelity"]["mean"]["model"] == pytest.approx(0.7)
+    assert found["lesion_fidelity"]["studies"]["study-a"]["model"] == pytest.approx(0.7)
+    assert found["patients"]["c"]["model"]["psnr_head"] == pytest.approx(31.0)
+    assert summary(RUNS, "t2-to-t1", "v4") == {}
+    table = tables(RUNS, ["v4"], ["t1-to-t2"])
+    assert "| floor: inverted | | 2.000 |" in table
+    assert "| v4 | 2 | 21.000 ±7.500 ±1.000 |" in table
+    assert "0.70 (min 0.70)" in table
 
 
 def test_attach_summary_keeps_the_weights(tmp_path) -> None:
@@ -84,12 +124,12 @@ def test_attach_summary_keeps_the_weights(tmp_path) -> None:
     card = ModelCard("t1-to-t2", "v1", "t1-to-t2", arguments, "minmax-slice", True)
     card = save_model(registry.path("t1-to-t2", "v1"), UNet(**arguments), card)
     registry.write_card("t1-to-t2", card)
-    summary_path = tmp_path / "paper-t1-to-t2.json"
-    summary_path.write_text(json.dumps(summary(RESULTS, "t1-to-t2", "paper")))
+    summary_path = tmp_path / "v4-t1-to-t2.json"
+    summary_path.write_text(json.dumps(summary(RUNS, "t1-to-t2", "v4")))
     attached = attach_summary(registry.path("t1-to-t2", "v1"), summary_path)
     assert attached.checksum == card.checksum
     reloaded = load_model(registry.path("t1-to-t2", "v1")).card
-    assert reloaded.metrics["reference"]["overall"]["model"]["psnr_head"] == pytest.approx(15.0)
+    assert reloaded.metrics["reference"]["overall"]["model"]["psnr_head"] == pytest.approx(21.0)
     assert reloaded.metrics["reference"]["source"] == str(summary_path)
     readable = json.loads((registry.root / "t1-to-t2" / "v1.json").read_text())
-    assert readable["metrics"]["reference"]["protocol"].startswith("leave-one-patient-out")
+    assert readable["metrics"]["reference"]["protocol"].startswith("2-fold cross-validation")

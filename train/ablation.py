@@ -1,18 +1,19 @@
 """The ablation of docs/ablation.md, reproducible with one command.
 
-Leave one patient out over the paired patients, both directions, the paper's model against
-its two baselines (plain U-Net without gradient channels; encoder-decoder without skips)
-and candidate improvements, every model scored on its held-out patient through the node's
-inference path, beside the trivial floors::
+k-fold cross-validation by patient (``train.folds``: every patient held out once, a
+patient's studies together), both directions, several seeds, every model scored on its
+held-out patients through the node's inference path beside the trivial floors, with lesion
+fidelity wherever an expert's mask exists::
 
-    .venv/bin/python -m train.ablation ../shared/data/mr-brain --out var/ablation
+    .venv/bin/python -m train.ablation ../shared/data/mr-brain ../shared/data/mr-brain-more \\
+        --lesions ../shared/data/lesions --configs v4 v5 --seeds 0 1 --out var/kfold
 
-Results go to OUT/results-<direction>.json as each run finishes (a rerun skips the runs
-already there, so an interrupted ablation continues), the tables to OUT/tables.md, one
-summary per configuration and direction to OUT/<config>-<direction>.json (the held-out metrics that
-``dicomnode train --reference-metrics`` puts on a card) and figures of the held-out native
-study to docs/figures/. The defaults fit 2 shared CPU cores; on a GPU raise --steps and
---base-width.
+Each run (direction, configuration, seed, fold) is written to its own file under
+OUT/runs/ as soon as it finishes, so a rerun skips what is done and several processes
+(``--directions``, ``--folds``, ``--seeds`` split the work) can fill one OUT at once.
+OUT/tables.md holds the tables, OUT/<config>-<direction>.json one summary per
+configuration and direction (the held-out metrics ``dicomnode train --reference-metrics``
+puts on a card) and OUT/figures/ each held-out study's figure.
 """
 
 from __future__ import annotations
@@ -29,12 +30,15 @@ import numpy as np
 import torch
 
 from pipeline.modelfile import LoadedModel, ModelCard, load_model, save_model, weights_checksum
+from pipeline.preprocess import input_channels
 from pipeline.registry import ModelRegistry
 from pipeline.routing import Direction
 from pipeline.unet import DEFAULT_ARGUMENTS
 from train.dataset import TrainingStudy, prepare_study
-from train.evaluate import PREDICTORS, Evaluation, evaluate
+from train.evaluate import PREDICTORS, evaluate
 from train.figures import save_comparison
+from train.folds import DEFAULT_FOLDS, Fold, patient_folds
+from train.lesions import LesionMasks
 from train.pairs import PairedVolume, find_pairs, load_pair
 from train.trainer import TrainSettings, train_network
 from train.workflow import load_reference_metrics
@@ -43,221 +47,366 @@ from train.workflow import load_reference_metrics
 # normalisation and loss, so that no configuration depends on TrainSettings' defaults.
 # target_normalization None: the targets are normalised like the input.
 _PAPER = {"normalization": "minmax-slice", "target_normalization": None, "loss": "mse"}
-# The recipe of the v3 models, which the upsampling, shortcut and normalisation variants
-# were measured against.
-_V3 = {"normalization": "percentile-volume", "target_normalization": None, "loss": "mse+ssim"}
+# The recipe of the v4 models: the input median-scaled, percentile targets, MSE + SSIM.
+_V4 = {
+    "normalization": "median-volume",
+    "target_normalization": "percentile-volume",
+    "loss": "mse+ssim",
+}
+# The levers of docs/ablation.md, each added to v4's recipe alone, then together.
+_NEIGHBOURS = {"neighbour_distance_mm": 3.0}
+_PAINT = {"lesion_painting": 0.5}
+_THICK = {"thick_slices": 0.3}
+_OVERSAMPLE = {"lesion_oversampling": 0.2}
+_ALL = {**_V4, **_NEIGHBOURS, **_PAINT, **_THICK, **_OVERSAMPLE}
 CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "paper": ("the paper's U-Net: image + Sobel x/y, per-slice min-max, MSE", _PAPER),
-    "plain-unet": ("baseline: U-Net without gradient channels", {**_PAPER, "in_channels": 1}),
+    "plain-unet": (
+        "baseline: U-Net without gradient channels",
+        {**_PAPER, "gradient_channels": False},
+    ),
     "encoder-decoder": ("baseline: no skip connections", {**_PAPER, "skip_connections": False}),
-    "percentile": (
-        "paper + per-volume percentile normalisation",
-        {**_PAPER, "normalization": "percentile-volume"},
+    "v4": ("the v4 recipe: median-scaled input, percentile targets, MSE + SSIM", _V4),
+    "v4-neighbours": (
+        "v4 + the slices 3 mm below and above as input (2.5-D)",
+        {**_V4, **_NEIGHBOURS},
     ),
-    "percentile-ssim": (
-        "paper + percentile normalisation + MSE/SSIM loss (v3's recipe)",
-        _V3,
-    ),
-    "bilinear-ssim": (
-        "v3's recipe with bilinear upsampling instead of transposed convolutions",
-        {**_V3, "upsampling": "bilinear"},
-    ),
-    "icnr-ssim": (
-        "v3's recipe with its transposed convolutions initialised as nearest upsampling",
-        {**_V3, "upsampling": "transpose-icnr"},
-    ),
-    "resize-ssim": (
-        "v3's recipe with resize-convolutions (nearest, then 3x3) instead of transposed",
-        {**_V3, "upsampling": "nearest-conv"},
-    ),
-    "shortcut-ssim": (
-        "v3's recipe plus a learnt affine map of the input added to the output",
-        {**_V3, "input_shortcut": True},
-    ),
-    "median-ssim": (
-        "v3's recipe with each volume divided by twice its foreground's median",
-        {**_V3, "normalization": "median-volume"},
-    ),
-    "median-input-ssim": (
-        "v3's recipe with the input divided by twice its foreground's median (the shipped, v4)",
-        {**_V3, "normalization": "median-volume", "target_normalization": "percentile-volume"},
-    ),
-    "scale-ssim": (
-        "paper + per-volume scaling without offset + MSE/SSIM loss",
-        {**_V3, "normalization": "scale-volume"},
-    ),
+    "v4-paint": ("v4 + lesions painted into half of the crops", {**_V4, **_PAINT}),
+    "v4-thick": ("v4 + thin-slice studies shown as 5 mm slabs in 30% of crops", {**_V4, **_THICK}),
+    "v4-oversample": ("v4 + 20% of crops centred on masked lesions", {**_V4, **_OVERSAMPLE}),
+    "all": ("v4 + neighbours, painted lesions, thick slabs, lesion oversampling", _ALL),
+    "all-l1": ("all, with L1 + SSIM instead of MSE + SSIM", {**_ALL, "loss": "l1+ssim"}),
+    "all-b16": ("all, base width 16", {**_ALL, "base_width": 16}),
 }
-TABLE_METRICS = ("mse_slice", "mae_slice", "psnr_slice", "ssim_slice", "psnr_head", "ssim_head")
+# Keys of a configuration that are the network's arguments rather than TrainSettings fields.
+NETWORK_KEYS = ("skip_connections", "upsampling", "input_shortcut", "base_width")
+TABLE_METRICS = ("psnr_head", "ssim_head", "corr_head", "psnr_slice", "ssim_slice", "mae_slice")
 
 
 def settings_for(configuration: str, base: TrainSettings) -> TrainSettings:
-    """``base`` (the run's size, seed and budget) changed as ``configuration`` says."""
+    """``base`` (the run's size, seed and budget) changed as ``configuration`` says; the
+    network's input channels follow from what the input is made of."""
     changes = dict(CONFIGURATIONS[configuration][1])
     arguments = dict(base.arguments)
-    for key in ("in_channels", "skip_connections", "upsampling", "input_shortcut"):
+    for key in NETWORK_KEYS:
         if key in changes:
             arguments[key] = changes.pop(key)
+    arguments["in_channels"] = input_channels(
+        changes.get("gradient_channels", base.gradient_channels),
+        changes.get("neighbour_distance_mm", base.neighbour_distance_mm) is not None,
+    )
     return replace(base, arguments=arguments, **changes)
+
+
+def run_path(out: Path, direction: str, configuration: str, seed: int, fold: Fold) -> Path:
+    return out / "runs" / direction / configuration / f"seed-{seed}" / f"{fold.name()}.json"
 
 
 def run_ablation(
     data: list[Path],
     out: Path,
-    figures: Path,
     base: TrainSettings,
     configurations: list[str],
     directions: list[str],
-) -> dict[str, Any]:
-    """Run every (direction, held-out patient, configuration) not yet in OUT's results."""
-    results: dict[str, Any] = {"runs": _read_runs(out)}
-    results["protocol"] = {
-        "split": "leave one patient out (all studies of the patient held out together)",
-        "base_settings": asdict(base),
-        "torch_threads": torch.get_num_threads(),
-    }
+    seeds: list[int],
+    fold_count: int = DEFAULT_FOLDS,
+    only_folds: list[int] | None = None,
+    lesions: LesionMasks | None = None,
+) -> None:
+    """Run every (direction, configuration, seed, fold) that OUT does not hold yet."""
     search = find_pairs(data)
-    patients = sorted({pair.patient for pair in search.pairs})
     for direction in directions:
         paired = [
-            load_pair(pair, direction, pixel_spacing_mm=base.pixel_spacing_mm)
+            load_pair(pair, direction, pixel_spacing_mm=base.pixel_spacing_mm, lesions=lesions)
             for pair in search.pairs
         ]
         paired = [item for item in paired if len(item.slices)]
-        prepared: dict[tuple[str, str | None], list[TrainingStudy]] = {}
-        for held_out in patients:
-            for configuration in configurations:
-                key = f"{direction}/{held_out}/{configuration}"
-                if key in results["runs"]:
-                    continue
-                settings = replace(settings_for(configuration, base), direction=direction)
-                normalizations = settings.normalization, settings.target_normalization
-                if normalizations not in prepared:
-                    prepared[normalizations] = [
-                        prepare_study(item, *normalizations) for item in paired
-                    ]
-                studies = prepared[normalizations]
-                training = [s for s in studies if s.patient != held_out]
-                test = [item for item in paired if item.pair.patient == held_out]
-                print(f"{key}: training on {len(training)} studies", file=sys.stderr)
-                started = time.perf_counter()
-                trained = train_network(training, [], settings)
-                evaluation = evaluate(_in_memory(trained.network, settings, configuration), test)
-                results["runs"][key] = {
-                    "train_seconds": round(trained.seconds, 1),
-                    "samples_per_second": round(trained.samples_per_second, 2),
-                    "final_loss": trained.history[-1]["loss"],
-                    "seconds": round(time.perf_counter() - started, 1),
-                    "patient": held_out,
-                    "studies": [s.label for s in evaluation.studies],
-                    "overall": evaluation.overall(),
-                    "collapse": [s.collapse for s in evaluation.studies],
-                }
-                _figure(evaluation, test, figures, direction, configuration)
-                _write_runs(out, direction, results)
-    # Another process may have run the other direction into OUT meanwhile: tabulate all.
-    everything = {**results, "runs": {**_read_runs(out), **results["runs"]}}
-    every_direction = [direction.value for direction in Direction]
-    _summaries(everything, out, configurations, every_direction)
-    (out / "tables.md").write_text(tables(everything, configurations, every_direction))
-    return everything
+        folds = patient_folds(paired, fold_count)
+        _write_folds(out, folds, paired)
+        prepared: dict[Any, list[TrainingStudy]] = {}
+        for configuration in configurations:
+            for seed in seeds:
+                for fold in folds:
+                    if only_folds and fold.number not in only_folds:
+                        continue
+                    path = run_path(out, direction, configuration, seed, fold)
+                    if path.is_file():
+                        continue
+                    settings = replace(
+                        settings_for(configuration, base), direction=direction, seed=seed
+                    )
+                    key = settings.study_preparation()
+                    if key not in prepared:
+                        prepared[key] = [prepare_study(item, settings) for item in paired]
+                    training = [s for s in prepared[key] if s.patient not in fold.held_out]
+                    test = [item for item in paired if item.pair.patient in fold.held_out]
+                    record = _run(training, test, settings, configuration, fold, out)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps(record, indent=1) + "\n")
 
 
-def _read_runs(out: Path) -> dict[str, Any]:
-    runs: dict[str, Any] = {}
-    for path in sorted(out.glob("results-*.json")):
-        runs.update(json.loads(path.read_text())["runs"])
-    return runs
+def _run(
+    training: list[TrainingStudy],
+    test: list[PairedVolume],
+    settings: TrainSettings,
+    configuration: str,
+    fold: Fold,
+    out: Path,
+) -> dict[str, Any]:
+    label = f"{settings.direction}/{configuration}/seed-{settings.seed}/{fold.name()}"
+    print(f"{label}: training on {len(training)} studies", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    trained = train_network(training, [], settings)
+    evaluation = evaluate(_in_memory(trained.network, settings, configuration), test)
+    figures = out / "figures" / settings.direction / configuration / f"seed-{settings.seed}"
+    for study in evaluation.studies:
+        save_comparison(
+            figures / f"{study.label}.png",
+            f"{configuration} ({settings.direction}), {study.label} held out",
+            *study.images,
+            focus=study.focus,
+        )
+    return {
+        "direction": settings.direction,
+        "configuration": configuration,
+        "seed": settings.seed,
+        "fold": fold.number,
+        "held_out": list(fold.held_out),
+        "settings": asdict(settings),
+        "train_seconds": round(trained.seconds, 1),
+        "samples_per_second": round(trained.samples_per_second, 2),
+        "final_loss": trained.history[-1]["loss"],
+        "seconds": round(time.perf_counter() - started, 1),
+        "evaluation": evaluation.report(),
+    }
 
 
-def _write_runs(out: Path, direction: str, results: dict[str, Any]) -> None:
-    # One file per direction, so that both directions can run at once in two processes.
-    runs = {k: v for k, v in results["runs"].items() if k.startswith(f"{direction}/")}
+def _write_folds(out: Path, folds: list[Fold], paired: list[PairedVolume]) -> None:
+    studies: dict[str, list[str]] = {}
+    for item in paired:
+        studies.setdefault(item.pair.patient, []).append(
+            f"{item.pair.label} ({item.group.value}"
+            + (", lesion mask" if item.lesions is not None and item.lesions.any() else "")
+            + ")"
+        )
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"results-{direction}.json"
-    path.write_text(json.dumps({"protocol": results["protocol"], "runs": runs}, indent=1) + "\n")
-
-
-def summary(results: dict[str, Any], direction: str, configuration: str) -> dict[str, Any]:
-    """Mean over held-out patients of each predictor's metrics, with the per-patient values."""
-    runs = {
-        run["patient"]: run["overall"]
-        for key, run in results["runs"].items()
-        if key.startswith(f"{direction}/") and key.endswith(f"/{configuration}")
+    listing = {
+        fold.name(): {patient: studies[patient] for patient in fold.held_out} for fold in folds
     }
-    if not runs:
+    (out / "folds.json").write_text(json.dumps(listing, indent=1) + "\n")
+
+
+def read_runs(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(path.read_text()) for path in sorted(out.glob("runs/*/*/*/*.json"))]
+
+
+def summary(runs: list[dict[str, Any]], direction: str, configuration: str) -> dict[str, Any]:
+    """Held-out scores of one configuration in one direction over its folds and seeds.
+
+    ``overall``: predictor -> metric, the mean over seeds of the mean over patients (each
+    patient scored by the fold that held it out). ``spread``: the standard deviation of
+    the overall model scores over seeds, and of the per-fold model means over folds (each
+    averaged over seeds). ``groups``: the same mean over the studies of each group.
+    ``lesions``: each masked study's fidelity per predictor (mean over seeds) and their mean.
+    """
+    mine = [
+        run
+        for run in runs
+        if run["direction"] == direction and run["configuration"] == configuration
+    ]
+    if not mine:
         return {}
-    overall = {
-        predictor: {
-            metric: float(np.mean([r[predictor][metric] for r in runs.values()]))
-            for metric in next(iter(runs.values()))[predictor]
-        }
-        for predictor in PREDICTORS
-    }
+    seeds = sorted({run["seed"] for run in mine})
+    by_seed = {seed: [run for run in mine if run["seed"] == seed] for seed in seeds}
+    overall_per_seed = [_mean_over_patients(runs_of_seed) for runs_of_seed in by_seed.values()]
+    overall = _mean_dicts(overall_per_seed)
+    folds = sorted({run["fold"] for run in mine})
+    fold_means = [
+        _mean_dicts([_mean_over_patients([r]) for r in mine if r["fold"] == fold])["model"]
+        for fold in folds
+    ]
+    studies = [study for run in mine for study in run["evaluation"]["studies"]]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for study in studies:
+        groups.setdefault(study["group"], []).append(study["metrics"])
+    lesions = _lesion_summary(studies)
     described, changes = CONFIGURATIONS[configuration]
-    # The run's base settings without what the configuration sets itself, so that nothing
-    # on a card reads as the opposite of what was trained.
-    base = dict(results["protocol"]["base_settings"])
-    if "arguments" in base:
-        network = base["arguments"]
-        base["arguments"] = {**network, **{k: v for k, v in changes.items() if k in network}}
-    base = {k: v for k, v in base.items() if k not in changes and k != "direction"}
     return {
         "protocol": (
-            f"leave-one-patient-out ablation, {direction}, configuration {configuration!r} "
-            f"({described}): {changes}, other settings {base}"
+            f"{len(folds)}-fold cross-validation by patient, {direction}, configuration "
+            f"{configuration!r} ({described}), seeds {seeds}: {changes}; settings "
+            f"{_settings_without_seed(mine[0]['settings'])}"
         ),
+        "folds": {f"fold-{run['fold']}": run["held_out"] for run in by_seed[seeds[0]]},
+        "seeds": seeds,
+        "runs": len(mine),
+        "complete": all(len(by_seed[seed]) == len(folds) for seed in seeds),
         "overall": overall,
-        "patients": runs,
+        "spread": {
+            "seeds": _std_dicts([o["model"] for o in overall_per_seed]),
+            "folds": _std_dicts(fold_means),
+        },
+        "groups": {group: _mean_dicts(items) for group, items in groups.items()},
+        "lesion_fidelity": lesions,
+        "patients": _mean_dicts_by_key([run["evaluation"]["patients"] for run in mine]),
+        "train_seconds": float(np.mean([run["train_seconds"] for run in mine])),
     }
 
 
-def tables(results: dict[str, Any], configurations: list[str], directions: list[str]) -> str:
-    """Markdown: per direction, each configuration's held-out mean beside the floors."""
+def _settings_without_seed(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k not in ("seed", "direction")}
+
+
+def _mean_over_patients(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    patients = [p for run in runs for p in run["evaluation"]["patients"].values()]
+    return _mean_dicts(patients)
+
+
+def _mean_dicts(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Element-wise mean of nested dicts of numbers with the same keys."""
+    first = items[0]
+    if not isinstance(first, dict):
+        return float(np.mean(items))
+    return {key: _mean_dicts([item[key] for item in items]) for key in first}
+
+
+def _std_dicts(items: list[dict[str, float]]) -> dict[str, float]:
+    return {key: float(np.std([item[key] for item in items])) for key in items[0]}
+
+
+def _mean_dicts_by_key(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """key -> the mean of that key's values over the dicts that have it."""
+    collected: dict[str, list[Any]] = {}
+    for item in items:
+        for key, value in item.items():
+            collected.setdefault(key, []).append(value)
+    return {key: _mean_dicts(values) for key, values in collected.items()}
+
+
+def _lesion_summary(studies: list[dict[str, Any]]) -> dict[str, Any]:
+    per_study: dict[str, dict[str, list[float]]] = {}
+    for study in studies:
+        for predictor, value in (study.get("lesions") or {}).items():
+            if value["fidelity"] is not None:
+                per_study.setdefault(study["study"], {}).setdefault(predictor, []).append(
+                    value["fidelity"]
+                )
+    if not per_study:
+        return {}
+    studies_mean = {
+        study: {predictor: float(np.mean(v)) for predictor, v in by.items()}
+        for study, by in per_study.items()
+    }
+    return {
+        "mean": {
+            predictor: float(np.mean([by[predictor] for by in studies_mean.values()]))
+            for predictor in PREDICTORS
+        },
+        "minimum": {
+            predictor: float(np.min([by[predictor] for by in studies_mean.values()]))
+            for predictor in PREDICTORS
+        },
+        "studies": studies_mean,
+    }
+
+
+def tables(runs: list[dict[str, Any]], configurations: list[str], directions: list[str]) -> str:
+    """Markdown, per direction: each configuration's held-out means with their spreads over
+    folds and seeds, beside the floors; then the groups and the lesion fidelity."""
     lines = []
     for direction in directions:
+        found = {c: summary(runs, direction, c) for c in configurations}
+        found = {c: s for c, s in found.items() if s}
+        if not found:
+            continue
+        first = next(iter(found.values()))
         lines += [
-            f"### {direction}: held-out patients, mean of {len(_patients(results, direction))}",
+            f"### {direction}: held-out patients (mean over patients; ± over folds; ± over seeds)",
             "",
-            "| predictor | " + " | ".join(TABLE_METRICS) + " |",
-            "|---|" + "---|" * len(TABLE_METRICS),
+            "| predictor | seeds | " + " | ".join(TABLE_METRICS) + " | lesion fidelity |",
+            "|---|---|" + "---|" * (len(TABLE_METRICS) + 1),
         ]
-        floors_shown = False
-        for configuration in configurations:
-            found = summary(results, direction, configuration)
-            if not found:
-                continue
-            if not floors_shown:
-                for floor in ("input", "inverted"):
-                    values = found["overall"][floor]
-                    lines.append(
-                        f"| floor: {floor} | "
-                        + " | ".join(f"{values[m]:.4f}" for m in TABLE_METRICS)
-                        + " |"
-                    )
-                floors_shown = True
-            values = found["overall"]["model"]
+        for floor in ("input", "inverted"):
+            values = first["overall"][floor]
+            fidelity = first["lesion_fidelity"].get("mean", {}).get(floor)
             lines.append(
-                f"| {configuration} | "
-                + " | ".join(f"{values[m]:.4f}" for m in TABLE_METRICS)
-                + " |"
+                f"| floor: {floor} | | "
+                + " | ".join(f"{values[m]:.3f}" for m in TABLE_METRICS)
+                + f" | {_number(fidelity)} |"
             )
+        for configuration, result in found.items():
+            values = result["overall"]["model"]
+            spread = result["spread"]
+            cells = [
+                f"{values[m]:.3f} ±{spread['folds'][m]:.3f} ±{spread['seeds'][m]:.3f}"
+                for m in TABLE_METRICS
+            ]
+            fidelity = result["lesion_fidelity"]
+            lesion = (
+                f"{fidelity['mean']['model']:.2f} (min {fidelity['minimum']['model']:.2f})"
+                if fidelity
+                else "-"
+            )
+            complete = "" if result["complete"] else " (incomplete)"
+            lines.append(
+                f"| {configuration}{complete} | {len(result['seeds'])} | "
+                + " | ".join(cells)
+                + f" | {lesion} |"
+            )
+        lines += ["", f"{direction} by group (PSNR / SSIM / corr inside the head):", ""]
+        groups = sorted({g for result in found.values() for g in result["groups"]})
+        lines += ["| predictor | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
+        rows = [("floor: inverted", first, "inverted")] + [
+            (c, r, "model") for c, r in found.items()
+        ]
+        for name, result, predictor in rows:
+            cells = []
+            for group in groups:
+                values = result["groups"].get(group, {}).get(predictor)
+                cells.append(
+                    "-"
+                    if values is None
+                    else f"{values['psnr_head']:.2f} / {values['ssim_head']:.3f} / "
+                    f"{values['corr_head']:.3f}"
+                )
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        studies = sorted(
+            {s for r in found.values() for s in r["lesion_fidelity"].get("studies", {})}
+        )
+        if studies:
+            lines += ["", f"{direction} lesion fidelity per study:", ""]
+            lines += [
+                "| predictor | " + " | ".join(studies) + " |",
+                "|---|" + "---|" * len(studies),
+            ]
+            for name, result, predictor in rows:
+                by_study = result["lesion_fidelity"].get("studies", {})
+                lines.append(
+                    f"| {name} | "
+                    + " | ".join(
+                        _number(by_study.get(study, {}).get(predictor)) for study in studies
+                    )
+                    + " |"
+                )
         lines.append("")
     return "\n".join(lines)
 
 
-def _patients(results: dict[str, Any], direction: str) -> set[str]:
-    return {run["patient"] for key, run in results["runs"].items() if key.startswith(direction)}
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
-def _summaries(
-    results: dict[str, Any], out: Path, configurations: list[str], directions: list[str]
-) -> None:
+def write_summaries(out: Path, configurations: list[str]) -> list[dict[str, Any]]:
+    runs = read_runs(out)
+    directions = [direction.value for direction in Direction]
     for direction in directions:
         for configuration in configurations:
-            found = summary(results, direction, configuration)
+            found = summary(runs, direction, configuration)
             if found:
                 path = out / f"{configuration}-{direction}.json"
                 path.write_text(json.dumps(found, indent=1) + "\n")
+    (out / "tables.md").write_text(tables(runs, configurations, directions))
+    return runs
 
 
 def attach_summary(model_path: Path, summary_path: Path) -> ModelCard:
@@ -278,56 +427,31 @@ def attach_summary(model_path: Path, summary_path: Path) -> ModelCard:
 
 
 def _in_memory(network: torch.nn.Module, settings: TrainSettings, name: str) -> LoadedModel:
-    card = ModelCard(
-        name=name,
-        version="ablation",
-        direction=settings.direction,
-        arguments=settings.arguments,
-        normalization=settings.normalization,
-        target_normalization=settings.target_normalization,
-        pixel_spacing_mm=settings.pixel_spacing_mm,
-        gradient_channels=settings.gradient_channels,
-        checksum=weights_checksum(network.state_dict()),
-    )
+    card = ModelCard.from_settings(name, "ablation", settings)
+    card.checksum = weights_checksum(network.state_dict())
     return LoadedModel(network.cpu().eval(), card, Path("(in memory)"))
-
-
-def _figure(
-    evaluation: Evaluation,
-    test: list[PairedVolume],
-    folder: Path,
-    direction: str,
-    configuration: str,
-) -> None:
-    # The native study is the one that looks like what a hospital sends (skull, thick
-    # oblique slices): its held-out fold is the one worth looking at.
-    for study in evaluation.studies:
-        if study.label.endswith("native"):
-            save_comparison(
-                folder / f"ablation-{direction}-{configuration}-{study.label}.png",
-                f"{configuration} ({direction}), {study.label} held out",
-                *study.images,
-            )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data", type=Path, nargs="*", help="folders of paired studies")
-    parser.add_argument("--out", type=Path, default=Path("var/ablation"))
-    parser.add_argument("--figures", type=Path, default=Path("docs/figures"))
+    parser.add_argument("--out", type=Path, default=Path("var/kfold"))
+    parser.add_argument("--lesions", type=Path, help="folder of expert lesion masks (.npz)")
     parser.add_argument(
         "--configs", nargs="+", default=list(CONFIGURATIONS), choices=CONFIGURATIONS
     )
     directions = [direction.value for direction in Direction]
     parser.add_argument("--directions", nargs="+", default=directions, choices=directions)
-    parser.add_argument("--base-width", type=int, default=8)
-    parser.add_argument("--depth", type=int, default=DEFAULT_ARGUMENTS["depth"])
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--steps-per-epoch", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--crop", type=int, default=96)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--fold-count", type=int, default=DEFAULT_FOLDS)
+    parser.add_argument("--folds", nargs="+", type=int, help="run only these folds (from 1)")
+    parser.add_argument("--base-width", type=int, default=DEFAULT_ARGUMENTS["base_width"])
+    parser.add_argument("--epochs", type=int, default=TrainSettings.epochs)
+    parser.add_argument("--steps-per-epoch", type=int, default=TrainSettings.steps_per_epoch)
     parser.add_argument("--threads", type=int)
+    parser.add_argument(
+        "--tables", action="store_true", help="only write the summaries and tables of OUT"
+    )
     parser.add_argument(
         "--attach",
         type=Path,
@@ -341,21 +465,30 @@ def main(argv: list[str] | None = None) -> int:
         card = attach_summary(args.attach, args.out / f"{args.configs[0]}-{direction}.json")
         print(f"{args.attach}: reference metrics of {args.configs[0]} attached ({card.name})")
         return 0
-    if not args.data:
-        parser.error("give the folders of paired studies")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    base = TrainSettings(
-        direction=directions[0],
-        arguments={**DEFAULT_ARGUMENTS, "base_width": args.base_width, "depth": args.depth},
-        epochs=args.epochs,
-        steps_per_epoch=args.steps_per_epoch,
-        batch_size=args.batch_size,
-        crop=args.crop,
-        seed=args.seed,
-    )
-    results = run_ablation(args.data, args.out, args.figures, base, args.configs, args.directions)
-    print(tables(results, args.configs, args.directions))
+    if not args.tables:
+        if not args.data:
+            parser.error("give the folders of paired studies")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        base = TrainSettings(
+            direction=directions[0],
+            arguments={**DEFAULT_ARGUMENTS, "base_width": args.base_width},
+            epochs=args.epochs,
+            steps_per_epoch=args.steps_per_epoch,
+        )
+        run_ablation(
+            args.data,
+            args.out,
+            base,
+            args.configs,
+            args.directions,
+            args.seeds,
+            args.fold_count,
+            args.folds,
+            LesionMasks.load(args.lesions) if args.lesions else None,
+        )
+    runs = write_summaries(args.out, args.configs)
+    print(tables(runs, args.configs, directions))
     return 0
 
 

@@ -32,19 +32,33 @@ class AugmentSettings:
     ceiling: float = 1.0  # the top of the normalised range (preprocess.normalized_ceiling)
 
 
+@dataclass(frozen=True)
+class Crop:
+    """Aligned crops of one training slice: the source's channels, the target, where the
+    loss counts and where the head is."""
+
+    source: np.ndarray  # (C, size, size)
+    target: np.ndarray  # (size, size)
+    weight: np.ndarray  # (size, size): 1 where the target is defined
+    head: np.ndarray  # (size, size) bool
+
+
 def crop_pair(
     source: np.ndarray,
     target: np.ndarray,
     weight: np.ndarray,
+    head: np.ndarray,
     center: tuple[int, int],
     size: int,
     settings: AugmentSettings | None,
     rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A ``size`` x ``size`` crop of three aligned slices around ``center``, augmented.
+) -> Crop:
+    """A ``size`` x ``size`` crop around ``center`` of a source (C, H, W: the slice and its
+    neighbours) and its target, weight and head (H, W), moved alike.
 
-    With ``settings`` None the crop is plain. ``weight`` (where the loss counts) moves with
-    the geometry; pixels outside the slice are 0 in all three.
+    With ``settings`` None the crop is plain, else rotated, scaled and flipped at random.
+    Pixels outside the slice are 0 in all of them. The intensities are left to
+    ``augment_intensity``, which runs after any lesion is painted in.
     """
     matrix = np.eye(2)
     if settings is not None:
@@ -64,26 +78,29 @@ def crop_pair(
             image, matrix, offset, output_shape=(size, size), order=order, mode="constant"
         )
 
-    source_crop = warp(source, 1)
-    target_crop = warp(target, 1)
-    weight_crop = warp(weight.astype(np.float32), 0)
-    if settings is not None:
-        source_crop = _intensity(source_crop, settings, rng)
-    return source_crop.astype(np.float32), target_crop.astype(np.float32), weight_crop
+    return Crop(
+        source=np.stack([warp(channel, 1) for channel in source]).astype(np.float32),
+        target=warp(target, 1).astype(np.float32),
+        weight=warp(weight.astype(np.float32), 0),
+        head=warp(head.astype(np.float32), 0) > 0.5,
+    )
 
 
-def _intensity(
-    image: np.ndarray, settings: AugmentSettings, rng: np.random.Generator
+def augment_intensity(
+    source: np.ndarray, settings: AugmentSettings, rng: np.random.Generator
 ) -> np.ndarray:
-    image = np.clip(image, 0.0, None)
+    """The source crop (C, h, w) as another scanner might show it: one gamma, coil field
+    and blur for all its channels (they are neighbouring slices of one series), noise of
+    its own in each."""
+    image = np.clip(source, 0.0, None)
     if rng.random() < settings.probability:
         gamma = math.exp(rng.uniform(-settings.gamma, settings.gamma))
         image = settings.ceiling * (image / settings.ceiling) ** gamma
     if rng.random() < settings.probability:
-        image = image * _bias_field(image.shape, settings.bias_field, rng)
+        image = image * _bias_field(image.shape[1:], settings.bias_field, rng)
     if rng.random() < settings.probability:
         sigmas = rng.uniform(0.0, settings.blur, size=2)
-        image = ndimage.gaussian_filter(image, sigmas)
+        image = ndimage.gaussian_filter(image, (0.0, *sigmas))
     if rng.random() < settings.probability:
         sigma = rng.uniform(0.0, settings.noise)
         real = image + rng.normal(0.0, sigma, image.shape)
@@ -91,7 +108,8 @@ def _intensity(
         image = np.hypot(real, imaginary)
     # Inference sees inputs within [0, ceiling]: so must training.
     peak = image.max()
-    return image * (settings.ceiling / peak) if peak > settings.ceiling else image
+    image = image * (settings.ceiling / peak) if peak > settings.ceiling else image
+    return image.astype(np.float32)
 
 
 def _bias_field(shape: tuple[int, ...], amplitude: float, rng: np.random.Generator) -> np.ndarray:

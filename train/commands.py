@@ -117,7 +117,52 @@ def add_commands(subparsers: Any) -> None:
         help="add a learnt affine map of the input image to the output" + shipped,
     )
     train.add_argument(
-        "--no-gradient-channels", action="store_true", help="plain U-Net baseline (1 channel)"
+        "--no-gradient-channels", action="store_true", help="no Sobel channels (plain U-Net)"
+    )
+    train.add_argument(
+        "--neighbours",
+        type=float,
+        default=TrainSettings.neighbour_distance_mm,
+        metavar="MM",
+        help="also show the network the slices MM below and above each slice (2.5-D; "
+        f"default {TrainSettings.neighbour_distance_mm})",
+    )
+    train.add_argument(
+        "--lesion-painting",
+        type=float,
+        default=TrainSettings.lesion_painting,
+        metavar="P",
+        help="probability that a training crop gets lesions painted in "
+        f"(default {TrainSettings.lesion_painting})",
+    )
+    train.add_argument(
+        "--lesion-weight",
+        type=float,
+        default=TrainSettings.lesion_weight,
+        help=f"extra loss weight of painted lesion pixels (default {TrainSettings.lesion_weight})",
+    )
+    train.add_argument(
+        "--lesion-oversampling",
+        type=float,
+        default=TrainSettings.lesion_oversampling,
+        metavar="P",
+        help="probability that a crop is centred on a masked lesion (with --lesions; "
+        f"default {TrainSettings.lesion_oversampling})",
+    )
+    train.add_argument(
+        "--thick-slices",
+        type=float,
+        default=TrainSettings.thick_slices,
+        metavar="P",
+        help="probability that a thin-slice study is shown as thick slabs "
+        f"(default {TrainSettings.thick_slices})",
+    )
+    train.add_argument(
+        "--lesions",
+        type=Path,
+        metavar="DIR",
+        help="folder of expert lesion masks (.npz): oversampled in training, scored on "
+        "held-out patients",
     )
     train.add_argument(
         "--no-skip-connections", action="store_true", help="encoder-decoder baseline"
@@ -156,6 +201,12 @@ def add_commands(subparsers: Any) -> None:
         action="store_true",
         help="trust the headers: no rigid refinement of pairs on different grids",
     )
+    evaluation.add_argument(
+        "--lesions",
+        type=Path,
+        metavar="DIR",
+        help="folder of expert lesion masks (.npz, by series UID): scores lesion fidelity",
+    )
 
     models = command("models", _list, "list the registered models, or activate a version")
     actions = models.add_subparsers(metavar="ACTION")
@@ -186,6 +237,7 @@ def registry_root(config: Path, override: Path | None) -> Path:
 
 def network_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """The U-Net's arguments: the shipped models' (DEFAULT_ARGUMENTS) with the options given."""
+    from pipeline.preprocess import input_channels
     from pipeline.unet import DEFAULT_ARGUMENTS
 
     given = {
@@ -199,7 +251,7 @@ def network_arguments(args: argparse.Namespace) -> dict[str, Any]:
     return {
         **DEFAULT_ARGUMENTS,
         **{key: value for key, value in given.items() if value is not None},
-        "in_channels": 1 if args.no_gradient_channels else 3,
+        "in_channels": input_channels(not args.no_gradient_channels, bool(args.neighbours)),
         "skip_connections": not args.no_skip_connections,
     }
 
@@ -209,6 +261,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from pipeline.modelfile import ModelFileError
     from pipeline.registry import ModelRegistry, RegistryError
+    from train.lesions import LesionMasks
     from train.trainer import TrainSettings, console_progress
     from train.workflow import TrainRequest, load_reference_metrics, run_training
 
@@ -220,6 +273,8 @@ def _train(args: argparse.Namespace) -> int:
             normalization=args.normalization,
             target_normalization=args.target_normalization,
             pixel_spacing_mm=args.pixel_spacing,
+            neighbour_distance_mm=args.neighbours or None,
+            gradient_channels=not args.no_gradient_channels,
             arguments=network_arguments(args),
             epochs=args.epochs,
             steps_per_epoch=args.steps_per_epoch,
@@ -228,8 +283,13 @@ def _train(args: argparse.Namespace) -> int:
             learning_rate=args.learning_rate,
             loss=args.loss,
             augment=not args.no_augment,
+            lesion_painting=args.lesion_painting,
+            lesion_weight=args.lesion_weight,
+            lesion_oversampling=args.lesion_oversampling,
+            thick_slices=args.thick_slices,
             seed=args.seed,
         )
+        lesions = LesionMasks.load(args.lesions) if args.lesions else None
     except (ValueError, TypeError) as error:
         print(f"train: {error}", file=sys.stderr)
         return 2
@@ -255,6 +315,7 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint=checkpoint,
         command=shlex.join(["dicomnode", *sys.argv[1:]]),
         register=not args.no_register,
+        lesions=lesions,
         reference_metrics=(
             load_reference_metrics(args.reference_metrics) if args.reference_metrics else None
         ),
@@ -281,12 +342,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pipeline.volume import SeriesError, load_series
     from train.evaluate import evaluate, format_table
     from train.figures import save_comparison
+    from train.lesions import LesionMaskError, LesionMasks
     from train.metrics import collapse_check
     from train.pairs import PairedVolume, find_pairs, load_pair
 
     try:
         model = _load_named_model(args.model, registry_root(args.config, args.registry))
-    except (ModelFileError, RegistryError) as error:
+        lesions = LesionMasks.load(args.lesions) if args.lesions else None
+    except (ModelFileError, RegistryError, LesionMaskError) as error:
         print(f"evaluate: {error}", file=sys.stderr)
         return 1
     direction = model.card.direction
@@ -296,8 +359,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     paired: list[PairedVolume] = []
     for pair in search.pairs:
         try:
-            paired.append(load_pair(pair, direction, not args.no_register))
-        except SeriesError as error:
+            paired.append(load_pair(pair, direction, not args.no_register, lesions=lesions))
+        except (SeriesError, LesionMaskError) as error:
             print(f"{pair.label}: not evaluated: {error}")
             continue
         print(paired[-1].summary())
@@ -319,6 +382,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                 report_folder / f"{stem}-{patient}.png",
                 f"{model.card.name} {model.card.version} ({direction}) on {study.label}",
                 *study.images,
+                focus=study.focus,
             )
             print(f"figure: {figure}")
     for contrast, series in search.unpaired:
@@ -329,7 +393,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         except SeriesError as error:
             print(f"{series.folder}: not evaluated: {error}")
             continue
-        output = Synthesizer(model).synthesize(volume.pixels, volume.pixel_spacing)
+        output = Synthesizer(model).synthesize(
+            volume.pixels, volume.pixel_spacing, volume.slice_offsets
+        )
         check = collapse_check(output, head_mask(volume.pixels))
         collapsed = collapsed or bool(check["collapsed"])
         figure = save_comparison(

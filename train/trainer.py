@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.inference import pick_device
-from pipeline.preprocess import NORMALIZATIONS, model_input, normalized_ceiling
+from pipeline.preprocess import NORMALIZATIONS, input_channels, normalized_ceiling
 from pipeline.routing import Direction
 from pipeline.spool import write_atomically
 from pipeline.unet import DEFAULT_ARGUMENTS, UNet
 from train.augment import AugmentSettings
-from train.dataset import TrainingStudy, sample_batch
+from train.dataset import TrainingStudy, network_input, sample_batch
 from train.metrics import (
     SSIM_C1,
     SSIM_C2,
@@ -36,9 +36,10 @@ from train.metrics import (
     slice_metrics,
 )
 
-LOSSES = ("mse", "l1", "mse+ssim")
+LOSSES = ("mse", "l1", "mse+ssim", "l1+ssim")
 # Weight of (1 - SSIM) beside the MSE in "mse+ssim": SSIM's gradient is about 10x the
-# MSE's on [0, 1] images, so equal weights would let it swamp the intensity term.
+# MSE's on [0, 1] images, so equal weights would let it swamp the intensity term. The
+# same weight serves "l1+ssim".
 SSIM_LOSS_WEIGHT = 0.1
 # Slices per held-out study that the epoch's validation line is computed on: enough for a
 # trend, cheap enough to run every epoch on a CPU. The final evaluation uses them all.
@@ -58,6 +59,10 @@ class TrainSettings:
     # In-plane pixel size (mm) the slices are resampled to where theirs is far from it
     # (pipeline.reformat): the training data's own, about 1 mm.
     pixel_spacing_mm: float = 1.0
+    # The network also sees the slices this far (mm) below and above; None: 2-D.
+    neighbour_distance_mm: float | None = None
+    gradient_channels: bool = True  # the paper's Sobel channels beside the slice
+    # The U-Net's arguments; in_channels must be ``input_channels``.
     arguments: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ARGUMENTS))
     epochs: int = 12
     steps_per_epoch: int = 150
@@ -66,6 +71,15 @@ class TrainSettings:
     learning_rate: float = 1e-3
     loss: str = "mse+ssim"
     augment: bool = True
+    # With augmentation: the probability that a crop gets lesions painted in
+    # (train.lesionpaint), and the extra weight of painted pixels in the loss.
+    lesion_painting: float = 0.0
+    lesion_weight: float = 0.0
+    # The probability that a crop is centred on a voxel of an expert's lesion mask, where
+    # the study has one.
+    lesion_oversampling: float = 0.0
+    # With augmentation: the probability that a thin-slice study is shown as thick slabs.
+    thick_slices: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -79,6 +93,23 @@ class TrainSettings:
             raise ValueError(f"pixel_spacing_mm must be positive, not {self.pixel_spacing_mm}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, not {self.loss!r}")
+        if self.neighbour_distance_mm is not None and not self.neighbour_distance_mm > 0:
+            raise ValueError(
+                f"neighbour_distance_mm must be positive (or None for 2-D), not "
+                f"{self.neighbour_distance_mm}"
+            )
+        for name in ("lesion_painting", "lesion_oversampling", "thick_slices"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a probability, not {getattr(self, name)}")
+        if self.lesion_weight < 0:
+            raise ValueError(f"lesion_weight must not be negative, not {self.lesion_weight}")
+        given = self.arguments.get("in_channels", 3)
+        if given != self.input_channels:
+            raise ValueError(
+                f"in_channels {given} does not fit the input: {self.input_channels} channels "
+                f"with gradient_channels={self.gradient_channels} and "
+                f"neighbour_distance_mm={self.neighbour_distance_mm}"
+            )
         UNet(**self.arguments)  # raises ValueError or TypeError for bad arguments
 
     @property
@@ -86,8 +117,18 @@ class TrainSettings:
         return self.target_normalization or self.normalization
 
     @property
-    def gradient_channels(self) -> bool:
-        return self.arguments.get("in_channels", 3) == 3
+    def input_channels(self) -> int:
+        return input_channels(self.gradient_channels, self.neighbour_distance_mm is not None)
+
+    def study_preparation(self) -> tuple[Any, ...]:
+        """What ``train.dataset.prepare_study`` depends on: equal keys, equal studies."""
+        return (
+            self.direction,
+            self.normalization,
+            self.output_normalization,
+            self.neighbour_distance_mm,
+            self.thick_slices > 0,
+        )
 
 
 @dataclass
@@ -168,14 +209,7 @@ def train_network(
         for step in range(settings.steps_per_epoch):
             inputs, targets, weights = (
                 torch.from_numpy(array).to(device).contiguous(memory_format=torch.channels_last)
-                for array in sample_batch(
-                    studies,
-                    settings.batch_size,
-                    settings.crop,
-                    settings.gradient_channels,
-                    augment,
-                    rng,
-                )
+                for array in sample_batch(studies, settings, augment, rng)
             )
             loss = _loss(network(inputs), targets, weights, settings.loss)
             optimizer.zero_grad(set_to_none=True)
@@ -214,7 +248,7 @@ def validate(
         for study in studies:
             picks = np.linspace(0, study.source.shape[0] - 1, VALIDATION_SLICES).round()
             picks = np.unique(picks.astype(int))
-            inputs = torch.from_numpy(model_input(study.source[picks], gradient_channels))
+            inputs = torch.from_numpy(network_input(study.source[picks], gradient_channels))
             output = network(inputs.to(device))[:, 0].float().cpu().numpy()
             per_slice = slice_metrics(
                 minmax_slices(output),
@@ -233,12 +267,15 @@ def _loss(
 ) -> torch.Tensor:
     # Weighted means: pixels where a resampled target is undefined do not count.
     total = weight.sum().clamp_min(1.0)
-    if kind == "l1":
-        return ((output - target).abs() * weight).sum() / total
-    mse = ((output - target) ** 2 * weight).sum() / total
-    if kind == "mse":
-        return mse
-    return mse + SSIM_LOSS_WEIGHT * (1 - _ssim(output * weight, target * weight))
+    if kind.startswith("l1"):
+        pixel = ((output - target).abs() * weight).sum() / total
+    else:
+        pixel = ((output - target) ** 2 * weight).sum() / total
+    if not kind.endswith("+ssim"):
+        return pixel
+    # SSIM sees where the target is defined, not the painted weights.
+    defined = (weight > 0).to(output.dtype)
+    return pixel + SSIM_LOSS_WEIGHT * (1 - _ssim(output * defined, target * defined))
 
 
 def _ssim(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

@@ -27,12 +27,13 @@ from pipeline.registry import ModelRegistry, RegistryError
 from pipeline.volume import SeriesError
 from train.dataset import prepare_study
 from train.evaluate import KEY_METRICS, Evaluation, evaluate, format_table
+from train.lesions import LesionMaskError, LesionMasks
 from train.pairs import PairedVolume, find_pairs, load_pair, split_by_patient
 from train.trainer import Progress, TrainSettings, train_network
 
 # Two evaluations on the same data differ by float noise only below this; a new model
 # that is "worse" by less is not worse.
-TOLERANCE = {"psnr_head": 1e-3, "ssim_head": 1e-5}
+TOLERANCE = {"psnr_head": 1e-3, "ssim_head": 1e-5, "corr_head": 1e-5, "lesion_fidelity": 1e-3}
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class TrainRequest:
     checkpoint: Path | None = None
     command: str = ""
     register: bool = True  # refine the alignment of pairs on different grids (train.registration)
+    # Expert lesion masks: oversampled in training, scored on held-out patients.
+    lesions: LesionMasks | None = None
     # Held-out metrics measured elsewhere (the ablation's leave-one-patient-out) for the card.
     reference_metrics: dict[str, Any] | None = None
 
@@ -84,41 +87,31 @@ def run_training(
     training_pairs, held_out_pairs = split_by_patient(
         search.pairs, request.holdout, request.validation_fraction, settings.seed
     )
-    training = _load(training_pairs, settings, request.register, say, "train")
-    held_out = _load(held_out_pairs, settings, request.register, say, "held out")
+    training = _load(training_pairs, request, say, "train")
+    held_out = _load(held_out_pairs, request, say, "held out")
     if not training:
         raise ValueError("no training pairs: every paired patient is held out")
 
-    normalizations = settings.normalization, settings.target_normalization
-    studies = [prepare_study(item, *normalizations) for item in training]
-    validation = [prepare_study(item, *normalizations) for item in held_out]
+    studies = [prepare_study(item, settings) for item in training]
+    validation = [prepare_study(item, settings) for item in held_out]
     result = train_network(
         studies, validation, settings, request.checkpoint, request.resume, progress
     )
 
     version = request.registry.next_version(request.name) if request.registry else "v1"
-    card = ModelCard(
-        name=request.name,
-        version=version,
-        direction=settings.direction,
-        arguments=dict(settings.arguments),
-        normalization=settings.normalization,
-        target_normalization=settings.target_normalization,
-        pixel_spacing_mm=settings.pixel_spacing_mm,
-        gradient_channels=settings.gradient_channels,
-        training={
-            "data": [_describe_pair(item) for item in training],
-            "held_out": [_describe_pair(item) for item in held_out],
-            "command": request.command,
-            "settings": asdict(settings),
-            "epochs": len(result.history),
-            "seed": settings.seed,
-            "device": str(pick_device()),
-            "seconds": round(result.seconds, 1),
-            "samples_per_second": round(result.samples_per_second, 2),
-            "history": result.history,
-        },
-    )
+    card = ModelCard.from_settings(request.name, version, settings)
+    card.training = {
+        "data": [_describe_pair(item) for item in training],
+        "held_out": [_describe_pair(item) for item in held_out],
+        "command": request.command,
+        "settings": asdict(settings),
+        "epochs": len(result.history),
+        "seed": settings.seed,
+        "device": str(pick_device()),
+        "seconds": round(result.seconds, 1),
+        "samples_per_second": round(result.samples_per_second, 2),
+        "history": result.history,
+    }
     network = result.network.cpu().eval()
     # The checksum names the model in the evaluation's report; it depends on the weights only.
     card.checksum = weights_checksum(network.state_dict())
@@ -154,8 +147,9 @@ def activation_decision(
 
     Active when forced; when no version is active yet; or when, on the same held-out
     evaluation data, it is not worse than the active version on any key metric
-    (``evaluate.KEY_METRICS``). Without held-out data there is nothing fair to compare
-    on, so an active version stays.
+    (``evaluate.KEY_METRICS``), nor on lesion fidelity where the held-out studies have
+    lesion masks. Without held-out data there is nothing fair to compare on, so an active
+    version stays.
     """
     if force:
         return True, "activated (--force)"
@@ -167,9 +161,13 @@ def activation_decision(
             "(hold one out with --holdout/--validation-fraction, or use --force)"
         )
     new_overall, active_overall = new.overall()["model"], active.overall()["model"]
+    if "model" in new.lesion_fidelity() and "model" in active.lesion_fidelity():
+        new_overall = {**new_overall, "lesion_fidelity": new.lesion_fidelity()["model"]}
+        active_overall = {**active_overall, "lesion_fidelity": active.lesion_fidelity()["model"]}
+    keys = [key for key in (*KEY_METRICS, "lesion_fidelity") if key in new_overall]
     worse = [
         f"{key} {new_overall[key]:.4f} < {active_overall[key]:.4f}"
-        for key in KEY_METRICS
+        for key in keys
         if new_overall[key] < active_overall[key] - TOLERANCE[key]
     ]
     if worse:
@@ -177,7 +175,7 @@ def activation_decision(
             ", ".join(worse)
         )
     compared = ", ".join(
-        f"{key} {new_overall[key]:.4f} vs {active_overall[key]:.4f}" for key in KEY_METRICS
+        f"{key} {new_overall[key]:.4f} vs {active_overall[key]:.4f}" for key in keys
     )
     return True, f"activated: not worse than the active version on held-out data ({compared})"
 
@@ -217,17 +215,20 @@ def _register(
 
 
 def _load(
-    pairs: Sequence[Any],
-    settings: TrainSettings,
-    register: bool,
-    say: Callable[[str], None],
-    role: str,
+    pairs: Sequence[Any], request: TrainRequest, say: Callable[[str], None], role: str
 ) -> list[PairedVolume]:
+    settings = request.settings
     loaded = []
     for pair in pairs:
         try:
-            item = load_pair(pair, settings.direction, register, settings.pixel_spacing_mm)
-        except SeriesError as error:
+            item = load_pair(
+                pair,
+                settings.direction,
+                request.register,
+                settings.pixel_spacing_mm,
+                request.lesions,
+            )
+        except (SeriesError, LesionMaskError) as error:
             say(f"{pair.label}: not used: {error}")
             continue
         say(f"{role}: {item.summary()}")
