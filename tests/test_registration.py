@@ -28,6 +28,8 @@ from pipeline.registration import (
     transformed,
 )
 from pipeline.volume import Volume, load_series
+from train.pairing import main as pairing_report
+from train.pairing import save_overlay
 from train.pairs import find_pairs, load_pair
 
 
@@ -139,6 +141,18 @@ def test_the_native_studys_header_error_is_found_in_pairing(mr_brain) -> None:
     assert 14 < rigid.angle_degrees < 18 and 14 < rigid.shift_mm < 22
     assert rigid.metric_after > 3 * rigid.metric_before
     assert "registered: moved" in paired.summary()
+
+
+def test_the_pairing_report_draws_placements_side_by_side(tmp_path) -> None:
+    source = np.zeros((6, 40, 40), dtype=np.float32)
+    source[:, 10:30, 10:30] = 1.0
+    source[:, 15:25, 15:25] = 2.0  # a head with a brighter core
+    shifted = np.roll(source, 3, axis=2)
+    path = save_overlay(tmp_path / "overlay.png", "a square", source, {"a": source, "b": shifted})
+    assert path.read_bytes().startswith(b"\x89PNG")
+    for wrong in (["--figure", "x.png"], ["--figure", "x.png", "--pair", "nobody"]):
+        with pytest.raises(SystemExit):
+            pairing_report([str(tmp_path), *wrong])
 
 
 def test_settings_refuse_nonsense() -> None:
