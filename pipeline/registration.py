@@ -39,14 +39,15 @@ class RegistrationSettings:
 
     The limits say what one session explains: a patient in a head coil turns and shifts by
     a few degrees and millimetres between series. They are set wide enough for this
-    project's native study, whose headers are off by 16 degrees and 18 mm (an error of the
-    collection, found the same in both directions), and refuse anything larger.
+    project's native study, whose headers disagree by 16 degrees and 18 mm (the same
+    correction is found in both directions), and refuse anything larger.
     """
 
     # The header geometry is kept unless the mutual information of the two series rises by
-    # at least this fraction of its value at the header geometry. Measured: a true motion
-    # of 15 degrees and 20 mm gains 500% and more, a few tenths of a millimetre and degree
-    # 1-12% (mutual information is sharp at 0.5-1 mm pixels); an unmoved pair 1.5%.
+    # at least this fraction of its value at the header geometry. Measured: undoing a known
+    # 15-degree, 20 mm motion gains 500% and more; the native studies' corrections of a few
+    # tenths of a millimetre and degree gain 6-12% (mutual information is sharp at 0.5-1 mm
+    # pixels); an unmoved pair gains 1.5% at most (docs/registration.md).
     min_relative_gain: float = 0.02
     # Larger motions are refused and the header geometry kept, with the reason in the
     # pairing report: the rotation's angle, and the displacement of the head's centre.
@@ -234,8 +235,9 @@ def sitk_image(volume: Volume, pixels: np.ndarray | None = None) -> sitk.Image:
     it oblique to them.
     """
     affine = volume.affine()
-    array = volume.pixels if pixels is None else pixels
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    # One pixel type for both series: ITK registers images of the same type only.
+    array = np.ascontiguousarray(volume.pixels if pixels is None else pixels)
+    image = sitk.GetImageFromArray(array.astype(np.float32) if pixels is None else array)
     axes = affine[:3, [2, 1, 0]]  # along a row, down a column, across slices
     spacing = np.linalg.norm(axes, axis=0)
     image.SetOrigin(affine[:3, 3].tolist())
