@@ -48,7 +48,7 @@ class TrainRequest:
     resume: bool = False
     checkpoint: Path | None = None
     command: str = ""
-    register: bool = True  # refine the alignment of pairs on different grids (train.registration)
+    register: bool = True  # refine the alignment of pairs on different grids (registration)
     # Held-out metrics measured elsewhere (the ablation's leave-one-patient-out) for the card.
     reference_metrics: dict[str, Any] | None = None
 
