@@ -10,10 +10,9 @@ from pydicom import dcmread
 
 from pipeline.contrast import Contrast, classify
 from pipeline.preprocess import head_mask
-from pipeline.volume import Volume, load_series
+from pipeline.volume import load_series
 from tests.dicomgen import as_sagittal_files, enhanced_mr
 from train.pairs import find_pairs, load_pair, patient_label, split_by_patient
-from train.registration import moved, register_rigid, resample_onto
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +60,7 @@ def test_coregistered_pair_resamples_to_itself(search) -> None:
 def test_native_pair_is_placed_by_geometry(search) -> None:
     # The native T1 and T2 are two slabs with their own obliquity (the T2 is tilted about
     # 17 degrees against the T1) and even their own matrix (224x256 against 256x224).
-    # (Their headers alone leave them misaligned; test_registration... covers the fix.)
+    # (Their headers alone leave them misaligned; test_registration covers the fix.)
     pair = by_label(search, "tcga-fg-6692-native")
     paired = load_pair(pair, "t1-to-t2", register=False)
     assert paired.target.shape == paired.source.pixels.shape == (26, 224, 256)
@@ -126,88 +125,6 @@ def test_training_pairs_are_resampled_to_the_models_pixel_size(search) -> None:
     keep = paired.slices
     t1_head, t2_head = paired.head[keep], head_mask(paired.target)[keep]
     assert 2 * (t1_head & t2_head).sum() / (t1_head.sum() + t2_head.sum()) > 0.92
-
-
-def _volume(shape, origin, row, column, spacing, step) -> Volume:
-    normal = np.cross(row, column)
-    positions = np.array([np.asarray(origin) + i * step * normal for i in range(shape[0])])
-    pixels = np.zeros(shape, dtype=np.float32)
-    return Volume(
-        pixels=pixels,
-        headers=[],
-        positions=positions,
-        orientation=np.concatenate([row, column]),
-        pixel_spacing=np.asarray(spacing, dtype=float),
-        slice_normal=normal,
-    )
-
-
-def test_resampling_follows_geometry_exactly() -> None:
-    # A linear field of patient space sampled on an oblique, anisotropic grid: linear
-    # interpolation reproduces it exactly wherever the grids overlap, so any error in the
-    # affine or the axis order shows.
-    angle = np.radians(20)
-    row = np.array([1.0, 0.0, 0.0])
-    column = np.array([0.0, np.cos(angle), -np.sin(angle)])
-    moving = _volume((12, 40, 36), (-20.0, -25.0, -30.0), row, column, (1.5, 1.2), 4.0)
-
-    def field(points: np.ndarray) -> np.ndarray:
-        return 3.0 * points[..., 0] - 2.0 * points[..., 1] + 0.5 * points[..., 2] + 100
-
-    s, r, c = np.meshgrid(*(np.arange(n) for n in moving.pixels.shape), indexing="ij")
-    index = np.stack([s, r, c, np.ones_like(s)], axis=-1).astype(float)
-    moving_values = field((index @ moving.affine().T)[..., :3]).astype(np.float32)
-    moving = Volume(**{**moving.__dict__, "pixels": moving_values})
-
-    grid = _volume((10, 30, 30), (-15.0, -20.0, -20.0), np.eye(3)[0], np.eye(3)[1], (1.0, 1.0), 3.0)
-    resampled, covered = resample_onto(moving, grid)
-    s, r, c = np.meshgrid(*(np.arange(n) for n in grid.pixels.shape), indexing="ij")
-    index = np.stack([s, r, c, np.ones_like(s)], axis=-1).astype(float)
-    points = index @ grid.affine().T
-    expected = field(points[..., :3])
-    # Within the moving voxel centres the interpolation is exact; the half-voxel rim around
-    # them counts as covered too, and holds the edge voxels' values.
-    in_moving = (points @ np.linalg.inv(moving.affine()).T)[..., :3]
-    inner = np.all((in_moving >= 0) & (in_moving <= np.array(moving.pixels.shape) - 1), axis=-1)
-    assert 0.2 < inner.mean() < covered.mean() < 1.0  # partly outside the slab, as designed
-    assert covered[inner].all()
-    np.testing.assert_allclose(resampled[inner], expected[inner], rtol=1e-4)
-    assert (resampled[~covered] == 0).all()
-
-
-def test_registration_undoes_a_known_misplacement(mr_brain) -> None:
-    # A co-registered T1/T2 pair thinned to 5 mm slices and 2 mm pixels (like a native
-    # study, and quick), the T2's geometry then moved by a known rigid transform: the
-    # registration must find the way back from the edges alone.
-    pair = find_pairs([mr_brain / "brats-met-00110"]).pairs[0]
-    t1, t2 = load_series(pair.t1.files), load_series(pair.t2.files)
-
-    def thin(volume: Volume) -> Volume:
-        return Volume(
-            pixels=volume.pixels[30:130:5],
-            headers=[],
-            positions=volume.positions[30:130:5],
-            orientation=volume.orientation,
-            pixel_spacing=volume.pixel_spacing,
-            slice_normal=volume.slice_normal,
-        )
-
-    grid, truth = thin(t1), thin(t2)
-    centre = (grid.affine() @ np.array([10.0, 120.0, 120.0, 1.0]))[:3]
-    misplaced = moved(truth, np.array([0.0, 4.0, 6.0]), np.array([3.0, -5.0, 7.0]), centre)
-    head = head_mask(grid.pixels)
-    found, rigid = register_rigid(misplaced, grid, head)
-    assert rigid.correlation_after > rigid.correlation_before + 0.1
-    # Where each voxel of the found geometry lands against where the truth has it (mm).
-    corners = np.array([[0, 0, 0, 1], [19, 239, 239, 1], [10, 0, 239, 1], [0, 239, 0, 1]])
-
-    def error(volume: Volume) -> float:
-        offsets = (corners @ volume.affine().T - corners @ truth.affine().T)[:, :3]
-        return float(np.linalg.norm(offsets, axis=1).max())
-
-    # Within one slice thickness everywhere, from about three slices off.
-    assert error(misplaced) > 12 and error(found) < 5
-    assert "registered: moved" in rigid.describe()
 
 
 def test_split_keeps_a_patient_on_one_side(search) -> None:

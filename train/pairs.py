@@ -4,7 +4,7 @@ A pair is a T1 and a T2 series of the same patient, study and frame of reference
 classified from its header physics by ``pipeline.contrast.classify`` (FLAIR and
 post-contrast T1 never enter a pair). The target series is resampled onto the source
 series' grid through both series' DICOM geometry, refined by a rigid registration where the
-two were acquired on different grids (``train.registration``), so series with their own
+two were acquired on different grids (``pipeline.registration``), so series with their own
 slab and obliquity (the native study) pair voxel for voxel with what the network sees at
 inference, which is the source series on its own grid.
 
@@ -27,11 +27,11 @@ from scipy import ndimage
 from pipeline.contrast import Contrast, classify
 from pipeline.preprocess import foreground_threshold, head_mask
 from pipeline.reformat import at_pixel_size, axial_volume
+from pipeline.registration import Rigid, register_rigid, resample_onto
 from pipeline.routing import Direction
 from pipeline.seriesfiles import SeriesFiles, scan_series
 from pipeline.volume import SeriesError, Volume, load_series
 from train.lesions import LESION_LEVEL, LesionMasks
-from train.registration import Rigid, register_rigid, resample_onto
 
 PAIR_KEYWORDS = ("PatientID", "FrameOfReferenceUID")
 
@@ -93,7 +93,9 @@ class PairedVolume:
     head: np.ndarray  # bool (S, H, W): the head (or brain) in the source, holes filled
     slices: np.ndarray  # indices of the slices that make usable pairs, ascending
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> number of slices
-    registration: Rigid | None = None  # None: same grid, aligned voxel for voxel by header
+    # None: same grid, aligned voxel for voxel by header (or registration not asked for).
+    # Otherwise what the registration proposed, and whether it was applied or why not.
+    registration: Rigid | None = None
     group: StudyGroup = StudyGroup.AS_ACQUIRED
     lesions: np.ndarray | None = None  # bool (S, H, W): an expert's lesion mask, if one exists
 
@@ -172,7 +174,7 @@ def load_pair(
     (``pipeline.reformat``; None: as it is, which evaluation wants, as the node resamples).
 
     Series on different grids are placed by their DICOM geometry and then, with
-    ``register``, refined by ``train.registration.register_rigid``; series on the same
+    ``register``, refined by ``pipeline.registration.register_rigid``; series on the same
     grid (co-registered) are taken voxel for voxel. Raises SeriesError when a series cannot
     be read, when the source has no axial view (a 2D sagittal or coronal series), or when
     the target's slices are unevenly spaced (its affine would misplace them).
@@ -193,7 +195,7 @@ def load_pair(
     head = head_mask(source.pixels)
     rigid = None
     if register and not _same_grid(source, target):
-        target, rigid = register_rigid(target, source, head)
+        target, rigid = register_rigid(target, source, head, head_mask(target.pixels))
     resampled, covered = resample_onto(target, source)
     slices, dropped = _usable_slices(head, covered, resampled)
     return PairedVolume(

@@ -49,7 +49,7 @@ class TrainRequest:
     resume: bool = False
     checkpoint: Path | None = None
     command: str = ""
-    register: bool = True  # refine the alignment of pairs on different grids (train.registration)
+    register: bool = True  # refine the alignment of pairs on different grids (registration)
     # Expert lesion masks: oversampled in training, scored on held-out patients.
     lesions: LesionMasks | None = None
     # Held-out metrics measured elsewhere (the ablation's leave-one-patient-out) for the card.
