@@ -12,6 +12,7 @@ import pytest
 
 from tests.test_evaluate import tiny_model
 from train.commands import add_commands
+from train.flairmasks import write_masks
 from train.folds import patient_folds
 from train.lesionpaint import FluidLevels, fluid_levels, paint_lesions
 from train.lesions import LesionMaskError, LesionMasks
@@ -207,3 +208,20 @@ def test_evaluate_prints_lesion_fidelity_where_a_mask_exists(mr_brain, tmp_path,
     # The inverted T1 keeps an MS lesion visible: a floor the model is compared with.
     assert lesions["inverted"]["fidelity"] > 0.3
     assert set(report["pairs"]["lesion_fidelity"]) == {"model", "input", "inverted"}
+
+
+def test_a_gliomas_flair_hyperintensity_becomes_a_mask_evaluation_takes(mr_brain, tmp_path) -> None:
+    lines = write_masks([mr_brain / "brats-gli-00001", mr_brain / "tcga-fg-6692-native"], tmp_path)
+    assert any(line.startswith("brats-gli-00001: ") and "voxels" in line for line in lines)
+    assert any("tcga-fg-6692-native: FLAIR with the skull; no mask" in line for line in lines)
+    masks = LesionMasks.load(tmp_path)
+    paired = load_pair(
+        find_pairs([mr_brain / "brats-gli-00001"]).pairs[0], "t1-to-t2", lesions=masks
+    )
+    assert paired.lesions is not None
+    volume_ml = paired.lesions.sum() / 1000  # 1 mm voxels
+    assert 10 < volume_ml < 200
+    # Where FLAIR is bright, so is the real T2: the tumour and its oedema.
+    region = paired.head & paired.covered
+    seen = lesion_fidelity(paired.target, paired.target, paired.lesions, region, SPACING)
+    assert seen.real > 0.8

@@ -436,7 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data", type=Path, nargs="*", help="folders of paired studies")
     parser.add_argument("--out", type=Path, default=Path("var/kfold"))
-    parser.add_argument("--lesions", type=Path, help="folder of expert lesion masks (.npz)")
+    parser.add_argument(
+        "--lesions", type=Path, nargs="+", help="folders of lesion masks (.npz), expert first"
+    )
     parser.add_argument(
         "--configs", nargs="+", default=list(CONFIGURATIONS), choices=CONFIGURATIONS
     )
@@ -485,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
             args.seeds,
             args.fold_count,
             args.folds,
-            LesionMasks.load(args.lesions) if args.lesions else None,
+            LesionMasks.load(*args.lesions) if args.lesions else None,
         )
     runs = write_summaries(args.out, args.configs)
     print(tables(runs, args.configs, directions))

@@ -160,9 +160,10 @@ def add_commands(subparsers: Any) -> None:
     train.add_argument(
         "--lesions",
         type=Path,
+        nargs="+",
         metavar="DIR",
-        help="folder of expert lesion masks (.npz): oversampled in training, scored on "
-        "held-out patients",
+        help="folders of lesion masks (.npz, by series UID): oversampled in training, scored "
+        "on held-out patients",
     )
     train.add_argument(
         "--no-skip-connections", action="store_true", help="encoder-decoder baseline"
@@ -204,8 +205,9 @@ def add_commands(subparsers: Any) -> None:
     evaluation.add_argument(
         "--lesions",
         type=Path,
+        nargs="+",
         metavar="DIR",
-        help="folder of expert lesion masks (.npz, by series UID): scores lesion fidelity",
+        help="folders of lesion masks (.npz, by series UID): scores lesion fidelity",
     )
 
     models = command("models", _list, "list the registered models, or activate a version")
@@ -289,7 +291,7 @@ def _train(args: argparse.Namespace) -> int:
             thick_slices=args.thick_slices,
             seed=args.seed,
         )
-        lesions = LesionMasks.load(args.lesions) if args.lesions else None
+        lesions = LesionMasks.load(*args.lesions) if args.lesions else None
     except (ValueError, TypeError) as error:
         print(f"train: {error}", file=sys.stderr)
         return 2
@@ -348,7 +350,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     try:
         model = _load_named_model(args.model, registry_root(args.config, args.registry))
-        lesions = LesionMasks.load(args.lesions) if args.lesions else None
+        lesions = LesionMasks.load(*args.lesions) if args.lesions else None
     except (ModelFileError, RegistryError, LesionMaskError) as error:
         print(f"evaluate: {error}", file=sys.stderr)
         return 1

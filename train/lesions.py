@@ -58,12 +58,18 @@ class LesionMasks:
         self._by_series = {mask.series_uid: mask for mask in masks}
 
     @classmethod
-    def load(cls, folder: Path) -> LesionMasks:
-        """Every ``*.npz`` of ``folder``. Raises LesionMaskError for a missing folder or a
-        file without the three arrays."""
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise LesionMaskError(f"lesion mask folder {folder} does not exist")
+    def load(cls, *folders: Path) -> LesionMasks:
+        """Every ``*.npz`` of ``folders`` (an earlier folder's mask of a series wins).
+        Raises LesionMaskError for a missing folder or a file without the three arrays."""
+        masks = []
+        for folder in map(Path, reversed(folders)):
+            if not folder.is_dir():
+                raise LesionMaskError(f"lesion mask folder {folder} does not exist")
+            masks += cls._read(folder)
+        return cls(masks)
+
+    @staticmethod
+    def _read(folder: Path) -> list[LesionMask]:
         masks = []
         for path in sorted(folder.glob("*.npz")):
             try:
@@ -81,7 +87,7 @@ class LesionMasks:
                     f"{path}: mask of shape {mask.shape} for {len(sop_uids)} slices"
                 )
             masks.append(LesionMask(path, series_uid, sop_uids, mask))
-        return cls(masks)
+        return masks
 
     def __len__(self) -> int:
         return len(self._by_series)

@@ -208,12 +208,13 @@ def load_pair(
         slices,
         dropped,
         rigid,
-        _group(source.pixels, head),
+        study_group(source.pixels, head),
         _lesions_on(source, [(source_files, as_read), (target_files, target)], lesions),
     )
 
 
-def _group(pixels: np.ndarray, head: np.ndarray) -> StudyGroup:
+def study_group(pixels: np.ndarray, head: np.ndarray) -> StudyGroup:
+    """Skull-stripped when the background around the head is one value throughout."""
     background = pixels[~ndimage.binary_dilation(head, iterations=BACKGROUND_MARGIN)]
     if not background.size:
         return StudyGroup.AS_ACQUIRED
