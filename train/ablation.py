@@ -75,7 +75,17 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "v4-thick": ("v4 + thin-slice studies shown as 5 mm slabs in 30% of crops", {**_V4, **_THICK}),
     "v4-oversample": ("v4 + 20% of crops centred on masked lesions", {**_V4, **_OVERSAMPLE}),
     "all": ("v4 + neighbours, painted lesions, thick slabs, lesion oversampling", _ALL),
+    "all-no-paint": (
+        "all but the painted lesions",
+        {**_ALL, "lesion_painting": 0.0},
+    ),
+    "all-shortcut": (
+        "all, plus a learnt affine map of the input added to the output",
+        {**_ALL, "input_shortcut": True},
+    ),
+    "all-weighted": ("all, painted pixels weighing 5 in the loss", {**_ALL, "lesion_weight": 4.0}),
     "all-l1": ("all, with L1 + SSIM instead of MSE + SSIM", {**_ALL, "loss": "l1+ssim"}),
+    "all-long": ("all, trained twice as long (24 x 150 steps)", {**_ALL, "epochs": 24}),
     "all-b16": ("all, base width 16", {**_ALL, "base_width": 16}),
 }
 # Keys of a configuration that are the network's arguments rather than TrainSettings fields.
