@@ -30,7 +30,7 @@ from pipeline.intake import recover_unrecorded
 from pipeline.registry import ModelRegistry
 from pipeline.retention import purge_finished
 from pipeline.routing import header_keywords
-from pipeline.spool import remove_partial_files
+from pipeline.spool import make_folders, remove_partial_files
 from pipeline.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class NodeService:
     def __init__(self, config: Config) -> None:
         self.config = config
         storage = config.node.storage
-        storage.mkdir(parents=True, exist_ok=True)
+        make_folders(storage)
         self.sessions = open_database(config.node.database)
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.scp = StorageSCP(

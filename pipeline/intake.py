@@ -170,6 +170,8 @@ class RecordOutcome:
     # For a duplicate that claims another study or series than the stored instance, the
     # new file lies elsewhere in the spool and nothing refers to it: the caller removes it.
     orphaned_file: bool = False
+    # For a duplicate: where the instance stored first lies, relative to the spool root.
+    stored_path: str | None = None
 
 
 def record_instance(
@@ -192,6 +194,7 @@ def record_instance(
             reopened=False,
             count_reached=False,
             orphaned_file=existing.path != str(facts.relative_path()),
+            stored_path=existing.path,
         )
 
     series = session.scalar(select(Series).where(Series.series_uid == facts.series_uid))
