@@ -11,7 +11,7 @@ Statuses this SCP returns (PS3.4 Annex B, PS3.7 Annex C):
           other content; the copy acknowledged first is kept, the ErrorComment names the UID
   0xA700  Refused: out of resources - the spool or the database cannot be written
   0xA900  Error: data set does not match SOP class - a UID or the pixel data is missing
-          or malformed
+          or malformed, or its SOP Class UID is not the presentation context's
   0xC000  Error: cannot understand - the pixel data cannot be decoded
   0xC001  Error: cannot understand - the instance disagrees with its series (size,
           orientation, spacing, frame of reference, SOP class or study)
@@ -234,7 +234,13 @@ class StorageSCP:
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
-            facts = inspect_instance(ds, str(event.context.transfer_syntax), self._header_keywords)
+            context = event.context
+            facts = inspect_instance(
+                ds,
+                str(context.transfer_syntax),
+                self._header_keywords,
+                context_sop_class=str(context.abstract_syntax),
+            )
         except InstanceRefused as refusal:
             return _Answer(_STATUS[refusal.kind], refusal.reason)
         except Exception as error:

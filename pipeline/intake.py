@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset, dcmread
+from pydicom.uid import UID
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -79,9 +80,16 @@ class InstanceFacts:
 
 
 def inspect_instance(
-    ds: Dataset, transfer_syntax_uid: str, extra_keywords: Iterable[str] = ()
+    ds: Dataset,
+    transfer_syntax_uid: str,
+    extra_keywords: Iterable[str] = (),
+    context_sop_class: str | None = None,
 ) -> InstanceFacts:
-    """Check ``ds`` can be stored and synthesized from; raise InstanceRefused if not."""
+    """Check ``ds`` can be stored and synthesized from; raise InstanceRefused if not.
+
+    ``context_sop_class`` is the abstract syntax of the presentation context it came on:
+    a data set of another SOP class does not match it (PS3.4 B.2.3, status A900).
+    """
     uids = {}
     for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SOPClassUID"):
         value = str(ds.get(keyword, "") or "").strip()
@@ -91,6 +99,13 @@ def inspect_instance(
             uids[keyword] = check_uid(value, keyword)
         except InvalidUID as error:
             raise InstanceRefused(RefusalKind.INVALID, str(error)) from None
+    if context_sop_class is not None and uids["SOPClassUID"] != context_sop_class:
+        sop_class = UID(uids["SOPClassUID"])
+        named = sop_class if sop_class.name == sop_class else f"{sop_class.name} ({sop_class})"
+        raise InstanceRefused(
+            RefusalKind.INVALID,
+            f"SOPClassUID differs from its context's {UID(context_sop_class).name}: {named}",
+        )
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise InstanceRefused(RefusalKind.INVALID, "the instance has no pixel data")
     rows, columns = ds.get("Rows"), ds.get("Columns")

@@ -7,6 +7,7 @@ import sqlite3
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import CTImageStorage, SecondaryCaptureImageStorage
 
 from node.config import NodeSettings
 from node.scp import StorageSCP
@@ -65,6 +66,25 @@ def test_a_conflicting_resend_leaves_the_acknowledged_file_as_it_was(shared_node
     assert instance_rows(shared_node, axial.SOPInstanceUID) == [(path, size)]
     assert stored.read_bytes() == acknowledged
     assert [f for f in spool_files(shared_node) if axial.SOPInstanceUID in f.name] == [stored]
+
+
+# 5. A data set of another SOP class than its presentation context is refused.
+
+
+@pytest.mark.parametrize("sop_class", [CTImageStorage, SecondaryCaptureImageStorage, "1.2.3.4"])
+def test_a_data_set_of_another_sop_class_than_its_context_is_refused(
+    shared_node, tmp_path, sop_class
+):
+    (ds,) = mr_series(1)
+    ds.SOPClassUID = sop_class  # the file meta, and so the context, stays MR Image Storage
+    path = tmp_path / "other-class.dcm"
+    ds.preamble = bytes(128)  # written as it is, file meta included, not made to agree
+    ds.save_as(path, enforce_file_format=False)
+    assert dcmread(path).file_meta.MediaStorageSOPClassUID == "1.2.840.10008.5.1.4.1.1.4"
+    ((status, comment),) = send([path], shared_node.port)
+    assert status == 0xA900
+    assert comment.startswith("SOPClassUID differs from its context's MR Image Storage")
+    assert instance_rows(shared_node, ds.SOPInstanceUID) == []
 
 
 # 8. Every folder made on the way to a received file is durable before its Success.
