@@ -6,9 +6,11 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from node.config import DEFAULT_CONFIG, Config, ConfigError, check_models, load_config
+from pipeline.redact import RedactingFilter
 
 log = logging.getLogger("dicomnode")
 
@@ -106,6 +108,13 @@ def _setup_logging(level: str) -> None:
     # names included): keep it to warnings.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # Libraries quote the values they warn about, and a malformed value can hold a patient's
+    # name: their records and Python's warnings go through the handler's redaction.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
+    logging.captureWarnings(True)
+    # pydicom logs each warning it also issues as a Python warning: once is enough.
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
 
 def _load_checked(path: Path) -> Config:

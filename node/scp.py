@@ -37,6 +37,7 @@ from sqlalchemy.orm import sessionmaker
 
 from node.config import NodeSettings
 from pipeline.intake import InstanceRefused, RefusalKind, inspect_instance, record_instance
+from pipeline.redact import redact
 from pipeline.spool import DurableFolders, stored_data_set, write_new
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,7 @@ class StorageSCP:
         except InstanceRefused as refusal:
             return _Answer(_STATUS[refusal.kind], refusal.reason)
         except Exception as error:
-            return _Answer(0xA900, f"the data set cannot be parsed: {error}")
+            return _Answer(0xA900, f"the data set cannot be parsed: {redact(str(error))}")
 
         received = event.encoded_dataset(include_meta=False)
         data = encode_received(event, calling, received)

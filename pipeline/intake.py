@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset, dcmread
+from pydicom.tag import Tag
 from pydicom.uid import UID
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline.contrast import classify
 from pipeline.db import Instance, Job, JobState, Series, SeriesState, utcnow
 from pipeline.header import extract_header
+from pipeline.redact import redact
 from pipeline.spool import InvalidUID, check_uid
 
 log = logging.getLogger(__name__)
@@ -96,7 +98,7 @@ def inspect_instance(
         if not value:
             raise InstanceRefused(RefusalKind.INVALID, f"{keyword} is missing")
         try:
-            uids[keyword] = check_uid(value, keyword)
+            uids[keyword] = check_uid(value, f"{keyword} {Tag(keyword)}")
         except InvalidUID as error:
             raise InstanceRefused(RefusalKind.INVALID, str(error)) from None
     if context_sop_class is not None and uids["SOPClassUID"] != context_sop_class:
@@ -154,7 +156,7 @@ def _check_pixels_decode(ds: Dataset) -> None:
         ds.pixel_array  # noqa: B018
     except Exception as error:  # pydicom raises many types for corrupt pixel data
         raise InstanceRefused(
-            RefusalKind.UNDECODABLE, f"pixel data cannot be decoded: {error}"
+            RefusalKind.UNDECODABLE, f"pixel data cannot be decoded: {redact(str(error))}"
         ) from None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import struct
 
 import pytest
 from pydicom import dcmread
@@ -12,7 +13,7 @@ from pydicom.uid import CTImageStorage, SecondaryCaptureImageStorage
 from node.config import NodeSettings
 from node.scp import StorageSCP
 from pipeline.db import open_database
-from tests.dicomgen import mr_series
+from tests.dicomgen import mr_series, write
 from tests.nodeproc import NodeProcess, free_port, write_config
 from tests.senders import send
 
@@ -85,6 +86,35 @@ def test_a_data_set_of_another_sop_class_than_its_context_is_refused(
     assert status == 0xA900
     assert comment.startswith("SOPClassUID differs from its context's MR Image Storage")
     assert instance_rows(shared_node, ds.SOPInstanceUID) == []
+
+
+# 4. A malformed element's value never reaches the log, nor do pydicom's warnings about it.
+
+
+def swallowing_uid_file(folder) -> tuple:
+    """A Part 10 file whose SOP Instance UID's length field swallows the elements after it,
+    PatientName and PatientID among them, as the fuzzer sent it; (path, dataset)."""
+    (ds,) = mr_series(1)
+    ds.PatientName = "SECRET^NAME"
+    ds.PatientID = "PID-4711"
+    (path,) = write([ds], folder)
+    data = bytearray(path.read_bytes())
+    uid = data.index(b"\x08\x00\x18\x00UI")  # (0008,0018) UI, then a 2-byte length
+    patient_id = data.index(b"\x10\x00\x20\x00LO")
+    end = patient_id + 8 + struct.unpack_from("<H", data, patient_id + 6)[0]
+    struct.pack_into("<H", data, uid + 6, end - (uid + 8))
+    path.write_bytes(bytes(data))
+    return path, ds
+
+
+def test_a_malformed_uid_does_not_carry_patient_identifiers_into_the_log(shared_node, tmp_path):
+    path, ds = swallowing_uid_file(tmp_path)
+    ((status, comment),) = send([path], shared_node.port)
+    assert status == 0xA900
+    assert comment.startswith("SOPInstanceUID (0008,0018) is not a valid DICOM UID: <126 char")
+    log = shared_node.log()
+    assert "SECRET" not in log and "PID-4711" not in log
+    assert max(len(line) for line in log.splitlines()) < 1000
 
 
 # 8. Every folder made on the way to a received file is durable before its Success.
