@@ -107,6 +107,9 @@ def _setup_logging(level: str) -> None:
     # pynetdicom's own INFO lines repeat ours and, at DEBUG, dump whole datasets (patient
     # names included): keep it to warnings.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # Its state machine's errors are exceptions it raises next: node.acceptor catches them
+    # and logs one line each, so its own two lines per exception would only repeat it.
+    logging.getLogger("pynetdicom.fsm").setLevel(logging.CRITICAL)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     # Libraries quote the values they warn about, and a malformed value can hold a patient's
     # name: their records and Python's warnings go through the handler's redaction.

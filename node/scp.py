@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,12 +30,13 @@ from pathlib import Path
 
 from pydicom import Dataset
 from pydicom.uid import UID
-from pynetdicom import AE, evt
+from pynetdicom import AE, Association, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import EnhancedMRImageStorage, MRImageStorage, Verification
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
+from node.acceptor import ConnectionLimits, start_server
 from node.config import NodeSettings
 from pipeline.intake import InstanceRefused, RefusalKind, inspect_instance, record_instance
 from pipeline.redact import redact
@@ -114,7 +116,11 @@ class StorageSCP:
         self._server = None
 
         ae = AE(ae_title=settings.ae_title)
-        ae.maximum_associations = settings.max_associations
+        # pynetdicom counts every acceptor thread against its limit, connections that never
+        # sent an A-ASSOCIATE-RQ included, so twenty stalled sockets locked every scanner
+        # out. The node's limit counts associations that were requested (_on_requested);
+        # a connection without a request is bounded in time by node.acceptor instead.
+        ae.maximum_associations = sys.maxsize
         # Reject associations addressed to another AE title ("called AE not recognized").
         ae.require_called_aet = True
         ae.add_supported_context(Verification)
@@ -137,8 +143,14 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = self._ae.start_server(
-            (self._settings.host, self._settings.port), block=False, evt_handlers=handlers
+        limits = ConnectionLimits(
+            pdu_timeout=self._settings.pdu_timeout_seconds,
+            request_timeout=self._settings.association_request_timeout_seconds,
+            acse_timeout=self._ae.acse_timeout,
+            max_pdu_length=self._ae.maximum_pdu_size,
+        )
+        self._server = start_server(
+            self._ae, (self._settings.host, self._settings.port), handlers, limits
         )
         log.info(
             "listening as %s on %s:%d", self._settings.ae_title, self._settings.host, self.port
@@ -162,10 +174,23 @@ class StorageSCP:
                 host,
             )
             # Rejected permanent, by the service user, "calling AE title not recognized".
-            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
-            # As pynetdicom does for its own rejections: let the DUL send the A-ASSOCIATE-RJ
-            # before the server closes the socket (else the peer sees only an abort).
-            event.assoc.kill()
+            _reject(event.assoc, 0x01, 0x01, 0x03)
+            return
+        requested = sum(
+            1
+            for assoc in self._ae.active_associations
+            if assoc.is_acceptor and assoc.requestor.primitive is not None
+        )
+        if requested > self._settings.max_associations:
+            log.warning(
+                "association from %s (%s) rejected: %d associations open, max_associations is %d",
+                calling,
+                host,
+                requested - 1,
+                self._settings.max_associations,
+            )
+            # Rejected transient, by the service provider, "local limit exceeded".
+            _reject(event.assoc, 0x02, 0x03, 0x02)
 
     def _on_established(self, event: evt.Event) -> None:
         calling, host = _peer(event)
@@ -329,6 +354,13 @@ def encode_received(event: evt.Event, calling_ae: str, data_set: bytes) -> bytes
     meta = event.file_meta
     meta.SourceApplicationEntityTitle = calling_ae
     return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta), data_set))
+
+
+def _reject(assoc: Association, result: int, source: int, diagnostic: int) -> None:
+    assoc.acse.send_reject(result, source, diagnostic)
+    # As pynetdicom does for its own rejections: let the DUL send the A-ASSOCIATE-RJ
+    # before the server closes the socket (else the peer sees only an abort).
+    assoc.kill()
 
 
 def _peer(event: evt.Event) -> tuple[str, str]:

@@ -4,8 +4,9 @@ of an element.
 A malformed element can carry others inside it: a UID whose length field swallowed the
 elements after it holds PatientName and PatientID. So a value quoted from a data set, or
 from an error a library raised about one, is shown as its length and a short hash, which
-lets an admin match two lines about the same value without the log holding it. UIDs and
-hex codes are kept: they cannot name anyone.
+lets an admin match two lines about the same value without the log holding it. UIDs, hex
+codes, DICOM keywords and the upper layer's state and event names are kept: they cannot
+name anyone.
 """
 
 from __future__ import annotations
@@ -15,12 +16,18 @@ import hashlib
 import logging
 import re
 
+from pydicom.datadict import keyword_dict
+
 # Characters of one log line at most; the fuzzer once made a single line of 292 KB.
 MAX_LINE = 1000
 
 # A value in quotes as Python's repr writes it, in either quote.
 _QUOTED = re.compile(r"""'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*\"""")
-_HARMLESS = re.compile(r"[0-9]{1,20}(\.[0-9]{1,20}){1,30}|0x[0-9A-Fa-f]{1,8}")
+_HARMLESS = re.compile(
+    r"[0-9]{1,20}(\.[0-9]{1,20}){1,30}"  # a UID
+    r"|0x[0-9A-Fa-f]{1,8}"  # a code
+    r"|(Sta|Evt)[0-9]{1,2}|(AE|AR|AA|DT)-[0-9]{1,2}"  # PS3.8 states, events, actions
+)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 # Loggers whose records quote values the node did not choose to log.
@@ -40,7 +47,7 @@ def redact(text: str, limit: int = MAX_LINE) -> str:
 
     def replace(match: re.Match[str]) -> str:
         quoted = match.group()
-        if _HARMLESS.fullmatch(quoted[1:-1]):
+        if _HARMLESS.fullmatch(quoted[1:-1]) or quoted[1:-1] in keyword_dict:
             return quoted
         try:  # the value itself, so its hash matches the node's own lines about it
             value = ast.literal_eval(quoted)

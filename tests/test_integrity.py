@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
 import struct
+import time
+from pathlib import Path
 
 import pytest
 from pydicom import dcmread
@@ -13,6 +16,7 @@ from pydicom.uid import CTImageStorage, SecondaryCaptureImageStorage
 from node.config import NodeSettings
 from node.scp import StorageSCP
 from pipeline.db import open_database
+from tests import rawdicom
 from tests.dicomgen import mr_series, write
 from tests.nodeproc import NodeProcess, free_port, write_config
 from tests.senders import send
@@ -23,7 +27,9 @@ def shared_node(tmp_path_factory):
     """One node (intake only) for the tests that leave it as they found it."""
     port = free_port()
     folder = tmp_path_factory.mktemp("integrity")
-    process = NodeProcess(write_config(folder / "node", port), port).start()
+    # A connection that never requests an association holds its thread this long.
+    config = write_config(folder / "node", port, association_request_timeout_seconds=2)
+    process = NodeProcess(config, port).start()
     yield process
     process.stop()
 
@@ -88,12 +94,25 @@ def test_a_data_set_of_another_sop_class_than_its_context_is_refused(
     assert instance_rows(shared_node, ds.SOPInstanceUID) == []
 
 
+# 3. A P-DATA PDU longer than the maximum the node announced is refused, not buffered.
+
+
+def test_a_pdu_longer_than_the_announced_maximum_is_aborted_at_its_header(shared_node):
+    with rawdicom.open_association(shared_node.port) as sock:
+        # 256 MiB announced; a few KiB sent. The node must not wait for (or keep) the rest.
+        sock.sendall(struct.pack(">BBL", rawdicom.PduType.P_DATA_TF, 0, 256 << 20))
+        sock.sendall(bytes(4096))
+        assert rawdicom.ends_with_abort_or_close(sock, timeout=5)
+    assert "PDU of 268435456 bytes announced" in shared_node.log()
+    assert send(mr_series(1), shared_node.port) == [(0, "")]  # and the node carries on
+
+
 # 4. A malformed element's value never reaches the log, nor do pydicom's warnings about it.
 
 
-def swallowing_uid_file(folder) -> tuple:
+def swallowing_uid_file(folder: Path) -> Path:
     """A Part 10 file whose SOP Instance UID's length field swallows the elements after it,
-    PatientName and PatientID among them, as the fuzzer sent it; (path, dataset)."""
+    PatientName and PatientID among them, as the fuzzer sent it."""
     (ds,) = mr_series(1)
     ds.PatientName = "SECRET^NAME"
     ds.PatientID = "PID-4711"
@@ -104,17 +123,126 @@ def swallowing_uid_file(folder) -> tuple:
     end = patient_id + 8 + struct.unpack_from("<H", data, patient_id + 6)[0]
     struct.pack_into("<H", data, uid + 6, end - (uid + 8))
     path.write_bytes(bytes(data))
-    return path, ds
+    return path
 
 
 def test_a_malformed_uid_does_not_carry_patient_identifiers_into_the_log(shared_node, tmp_path):
-    path, ds = swallowing_uid_file(tmp_path)
+    path = swallowing_uid_file(tmp_path)
     ((status, comment),) = send([path], shared_node.port)
     assert status == 0xA900
     assert comment.startswith("SOPInstanceUID (0008,0018) is not a valid DICOM UID: <126 char")
     log = shared_node.log()
     assert "SECRET" not in log and "PID-4711" not in log
     assert max(len(line) for line in log.splitlines()) < 1000
+
+
+# 6. Malformed PDUs end their association, not a thread of the node, and leak nothing.
+
+
+def process_counts(node: NodeProcess) -> tuple[int, int]:
+    """(threads, open file descriptors) of the node's process."""
+    pid = node.process.pid
+    status = Path(f"/proc/{pid}/status").read_text()
+    threads = int(next(line for line in status.splitlines() if line.startswith("Threads:"))[8:])
+    return threads, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def at_rest(node: NodeProcess, expected: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The node's counts once back to ``expected`` (at most 20 s: a connection that never
+    requested an association holds its thread the request timeout), or, without one, once
+    they held still for a second."""
+    deadline = time.monotonic() + 20
+    counts, since = process_counts(node), time.monotonic()
+    while time.monotonic() < deadline:
+        if expected is None and time.monotonic() - since >= 1:
+            break
+        if expected is not None and counts == expected:
+            break
+        time.sleep(0.1)
+        now = process_counts(node)
+        if now != counts:
+            counts, since = now, time.monotonic()
+    return counts
+
+
+MALFORMED = {
+    "command set without CommandField": lambda: rawdicom.p_data(
+        1, 0x03, rawdicom.store_command("1.2.3.4", drop=("CommandField",))
+    ),
+    "command set that is not a data set": lambda: rawdicom.p_data(1, 0x03, b"\xff" * 40),
+    "unknown command field": lambda: rawdicom.p_data(
+        1, 0x03, rawdicom.store_command("1.2.3.4").replace(b"\x01\x00\x00\x00", b"\x77\x77\x00\x00")
+    ),
+    "P-DATA on a context never proposed": lambda: rawdicom.p_data(
+        9, 0x03, rawdicom.store_command("1.2.3.4", with_data_set=False)
+    ),
+    "unknown PDU type": lambda: rawdicom.pdu(0x55, b"\x00" * 10),
+}
+
+
+@pytest.mark.parametrize("name", MALFORMED)
+def test_a_malformed_pdu_after_association_aborts_it_cleanly(shared_node, name):
+    before = at_rest(shared_node)
+    with rawdicom.open_association(shared_node.port) as sock:
+        sock.sendall(MALFORMED[name]())
+        assert rawdicom.ends_with_abort_or_close(sock, timeout=10), name
+    assert at_rest(shared_node, before) == before
+    log = shared_node.log()
+    assert "Traceback" not in log and "Exception in thread" not in log
+    assert send(mr_series(1), shared_node.port) == [(0, "")]
+
+
+def test_malformed_association_requests_end_cleanly(shared_node):
+    before = at_rest(shared_node)
+    even_context = rawdicom.associate_rq(contexts=(rawdicom.Context(id=2),))
+    # A request followed at once by garbage: the peer's PDU arrives while the node answers.
+    request_then_garbage = rawdicom.associate_rq() + rawdicom.pdu(0x55, b"\x00" * 4)
+    truncated = rawdicom.associate_rq()[:40]
+    for data in (even_context, request_then_garbage, truncated, b"\x01\x00\x00\x00\x00\x02ab"):
+        with rawdicom.connect(shared_node.port) as sock:
+            sock.sendall(data)
+            if data is truncated:
+                sock.shutdown(socket.SHUT_WR)
+            assert rawdicom.ends_with_abort_or_close(sock, timeout=10)
+    assert at_rest(shared_node, before) == before
+    log = shared_node.log()
+    assert "Traceback" not in log and "Exception in thread" not in log
+
+
+# 2. Stalled and half-open sockets neither hold their thread nor starve real senders.
+
+
+def test_stalled_sockets_do_not_lock_senders_out_and_are_dropped(tmp_path):
+    port = free_port()
+    config = write_config(
+        tmp_path / "node",
+        port,
+        max_associations=4,
+        pdu_timeout_seconds=1.5,
+        association_request_timeout_seconds=1.5,
+    )
+    node = NodeProcess(config, port).start()
+    stalled: list[socket.socket] = []
+    try:
+        for index in range(42):
+            sock = rawdicom.connect(port)
+            if index % 3 == 0:  # a PDU header announcing 4 GiB, then nothing
+                sock.sendall(bytes.fromhex("0100FFFFFFFF"))
+            elif index % 3 == 1:  # the start of an A-ASSOCIATE-RQ, then nothing
+                sock.sendall(rawdicom.associate_rq()[:20])
+            stalled.append(sock)  # else: nothing at all
+        # Forty-two sockets hold no association: scanners still get in, up to the limit.
+        assert send(mr_series(2), port) == [(0, "")] * 2
+        # Each stalled socket is dropped once its time is up, not held for ever.
+        assert all(rawdicom.ends_with_abort_or_close(sock, timeout=10) for sock in stalled)
+        log = node.log()
+        assert "PDU of 4294967295 bytes announced, more than the 1048576" in log
+        assert "PDU not received in full within 1.5 s" in log
+        assert "no A-ASSOCIATE-RQ within 1.5 s" in log
+    finally:
+        for sock in stalled:
+            sock.close()
+        node.stop()
 
 
 # 8. Every folder made on the way to a received file is durable before its Success.

@@ -22,6 +22,9 @@ def test_quoted_values_become_their_length_and_hash_but_uids_stay():
     text = redact(f"Invalid value for VR UI: {swallowed!r}; context '1.2.840.10008.1.2.1'")
     assert "SECRET" not in text and fingerprint(swallowed) in text
     assert "'1.2.840.10008.1.2.1'" in text
+    assert redact("no 'CommandField' in Sta6 ('Evt10', 'AE-6')") == (
+        "no 'CommandField' in Sta6 ('Evt10', 'AE-6')"
+    )
     assert fingerprint("SECRET^NAME") == fingerprint("SECRET^NAME") != fingerprint("OTHER")
 
 
