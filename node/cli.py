@@ -150,12 +150,14 @@ def _worker(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from node.service import build_worker
+    from node.service import build_worker, take_back_leases
     from pipeline.db import open_database
 
     config = _load_checked(args.config)
     _setup_logging(config.node.log_level)
-    worker = build_worker(config, open_database(config.node.database))
+    sessions = open_database(config.node.database)
+    take_back_leases(config, sessions)
+    worker = build_worker(config, sessions)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: (stop.set(), worker.wake.set()))

@@ -18,8 +18,17 @@ from node.scp import StorageSCP
 from pipeline.db import open_database
 from tests import rawdicom
 from tests.dicomgen import mr_series, write
-from tests.nodeproc import NodeProcess, free_port, write_config
-from tests.senders import send
+from tests.models import make_registry
+from tests.nodeproc import (
+    NodeProcess,
+    dicomnode_status,
+    free_port,
+    routes_toml,
+    run_dicomnode,
+    write_config,
+)
+from tests.peers import Orthanc
+from tests.senders import send, storescu
 
 
 @pytest.fixture(scope="module")
@@ -273,3 +282,67 @@ def test_every_folder_made_for_a_received_file_is_fsynced_before_success(tmp_pat
     for folder in (storage, storage / "incoming", series.parent, series):
         assert folder.parent.stat().st_ino in synced, folder
     assert synced.index(series.stat().st_ino) > synced.index(received.stat().st_ino)
+
+
+# 7. A node restarted after a crash takes back at once what its dead predecessor held.
+
+
+def first_row(node: NodeProcess, query: str) -> tuple | None:
+    with sqlite3.connect(node.config.parent / "node.sqlite") as db:
+        return db.execute(query).fetchone()
+
+
+def poll(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+    return value
+
+
+def test_a_restart_takes_back_at_once_what_its_killed_predecessor_held(tmp_path, mr_brain):
+    # A PACS that takes the connection and never answers: a delivery to it stays "sending".
+    silent_pacs = socket.create_server(("127.0.0.1", 0), backlog=8)
+    pacs_port = silent_pacs.getsockname()[1]
+    registry = make_registry(tmp_path / "models")
+    port = free_port()
+    config = write_config(
+        tmp_path / "node",
+        port,
+        extra=routes_toml(Orthanc.AE_TITLE, pacs_port),
+        models=registry.root,
+    )
+    node = NodeProcess(config, port).start()
+    orthanc = None
+    try:
+        assert storescu([mr_brain / "brats-met-00110" / "03_t1"], port).returncode == 0
+        poll(lambda: first_row(node, "select id from job where state = 'running'"), 60, "a job")
+        node.kill()  # in the middle of synthesis: the job's lease runs 15 minutes
+
+        (job,) = dicomnode_status(config)["jobs"]
+        assert job["state"] == "running" and job["holder"] == "gone"
+        assert job["held_by"].startswith(f"{socket.gethostname()}:{node.process.pid}:")
+        shown = run_dicomnode("status", "--config", str(config)).stdout
+        assert f"held by {job['held_by']} until {job['held_until']}" in shown
+        assert "that process is gone" in shown
+
+        node = NodeProcess(config, port).start()
+        poll(lambda: first_row(node, "select id from delivery where state = 'sending'"), 60, "send")
+        log = node.log()
+        assert f"job {job['id']}: its worker {job['held_by']} stopped while running" in log
+        assert "resuming: " in log
+        node.kill()  # while the delivery waits on the silent PACS: its lease runs 5 minutes
+
+        silent_pacs.close()
+        orthanc = Orthanc(tmp_path / "orthanc", dicom_port=pacs_port).start()
+        node = NodeProcess(config, port).start()
+        status = node.wait_for(lambda s: s["deliveries"][0]["state"] == "sent", timeout=60)
+        delivery = status["deliveries"][0]
+        assert delivery["attempts"] == 2  # the dead attempt counts, as an expired lease's
+        assert "did not finish (that process is gone)" in node.log()
+    finally:
+        node.stop()
+        silent_pacs.close()
+        if orthanc is not None:
+            orthanc.stop()
