@@ -11,7 +11,8 @@ Statuses this SCP returns (PS3.4 Annex B, PS3.7 Annex C):
           other content; the copy acknowledged first is kept, the ErrorComment names the UID
   0xA700  Refused: out of resources - the spool or the database cannot be written
   0xA900  Error: data set does not match SOP class - a UID or the pixel data is missing
-          or malformed, or its SOP Class UID is not the presentation context's
+          or malformed, its SOP Class UID is not the presentation context's, or its SOP
+          Instance UID is not the one the C-STORE request names
   0xC000  Error: cannot understand - the pixel data cannot be decoded
   0xC001  Error: cannot understand - the instance disagrees with its series (size,
           orientation, spacing, frame of reference, SOP class or study)
@@ -266,6 +267,7 @@ class StorageSCP:
                 str(context.transfer_syntax),
                 self._header_keywords,
                 context_sop_class=str(context.abstract_syntax),
+                request_sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
             )
         except InstanceRefused as refusal:
             return _Answer(_STATUS[refusal.kind], refusal.reason)

@@ -86,11 +86,14 @@ def inspect_instance(
     transfer_syntax_uid: str,
     extra_keywords: Iterable[str] = (),
     context_sop_class: str | None = None,
+    request_sop_instance_uid: str | None = None,
 ) -> InstanceFacts:
     """Check ``ds`` can be stored and synthesized from; raise InstanceRefused if not.
 
-    ``context_sop_class`` is the abstract syntax of the presentation context it came on:
-    a data set of another SOP class does not match it (PS3.4 B.2.3, status A900).
+    ``context_sop_class`` is the abstract syntax of the presentation context it came on,
+    ``request_sop_instance_uid`` the C-STORE request's Affected SOP Instance UID: a data
+    set of another SOP class, or another instance, does not match its request (PS3.4
+    B.2.3, status A900), and acknowledging it would acknowledge what was not stored.
     """
     uids = {}
     for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SOPClassUID"):
@@ -107,6 +110,12 @@ def inspect_instance(
         raise InstanceRefused(
             RefusalKind.INVALID,
             f"SOPClassUID differs from its context's {UID(context_sop_class).name}: {named}",
+        )
+    if request_sop_instance_uid is not None and uids["SOPInstanceUID"] != request_sop_instance_uid:
+        raise InstanceRefused(
+            RefusalKind.INVALID,
+            "SOPInstanceUID differs from the request's Affected SOP Instance UID "
+            f"{request_sop_instance_uid}",
         )
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise InstanceRefused(RefusalKind.INVALID, "the instance has no pixel data")
@@ -155,6 +164,14 @@ def _check_pixels_decode(ds: Dataset) -> None:
         # Compressed: decoding also proves a decoder for the syntax is installed.
         ds.pixel_array  # noqa: B018
     except Exception as error:  # pydicom raises many types for corrupt pixel data
+        raise InstanceRefused(
+            RefusalKind.UNDECODABLE, f"pixel data cannot be decoded: {redact(str(error))}"
+        ) from None
+    except BaseException as error:
+        # The RLE decoder is Rust: on some corrupt streams it panics, which pyo3 raises as a
+        # PanicException, a BaseException. Anything else of that kind is not ours to stop.
+        if type(error).__name__ != "PanicException":
+            raise
         raise InstanceRefused(
             RefusalKind.UNDECODABLE, f"pixel data cannot be decoded: {redact(str(error))}"
         ) from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydicom import Dataset
@@ -94,12 +95,13 @@ def store_command(
     *,
     drop: tuple[str, ...] = (),
     with_data_set: bool = True,
+    command_field: int = 0x0001,
 ) -> bytes:
     """A C-STORE-RQ command set (Implicit VR Little Endian), without the keywords in
     ``drop``; ``with_data_set`` False makes it a whole message (no data set follows)."""
     command = Dataset()
     command.AffectedSOPClassUID = sop_class_uid
-    command.CommandField = 0x0001
+    command.CommandField = command_field
     command.MessageID = 1
     command.Priority = 0
     command.CommandDataSetType = 0x0000 if with_data_set else 0x0101
@@ -110,6 +112,26 @@ def store_command(
     assert body is not None
     group_length = struct.pack("<HHLL", 0, 0, 4, len(body))
     return group_length + body
+
+
+# What a peer may send once its association is accepted, each malformed its own way.
+MALFORMED_MESSAGES: dict[str, Callable[[], bytes]] = {
+    "command set without CommandField": lambda: p_data(
+        1, 0x03, store_command("1.2.3.4", drop=("CommandField",))
+    ),
+    "command set that is not a data set": lambda: p_data(1, 0x03, b"\xff" * 40),
+    "unknown command field": lambda: p_data(
+        1, 0x03, store_command("1.2.3.4", command_field=0x7777)
+    ),
+    "P-DATA on a context never proposed": lambda: p_data(
+        9, 0x03, store_command("1.2.3.4", with_data_set=False)
+    ),
+    "PDV longer than its PDU": lambda: pdu(
+        PduType.P_DATA_TF, struct.pack(">LBB", 5000, 1, 0x03) + store_command("1.2.3.4")
+    ),
+    "empty PDV": lambda: pdu(PduType.P_DATA_TF, struct.pack(">L", 0)),
+    "unknown PDU type": lambda: pdu(0x55, b"\x00" * 10),
+}
 
 
 def read_pdu(sock: socket.socket, timeout: float) -> tuple[int, bytes] | None:

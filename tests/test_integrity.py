@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import CTImageStorage, SecondaryCaptureImageStorage
+from pydicom.encaps import encapsulate
+from pydicom.uid import CTImageStorage, RLELossless, SecondaryCaptureImageStorage, generate_uid
 
 from node.config import NodeSettings
 from node.scp import StorageSCP
@@ -174,26 +175,11 @@ def at_rest(node: NodeProcess, expected: tuple[int, int] | None = None) -> tuple
     return counts
 
 
-MALFORMED = {
-    "command set without CommandField": lambda: rawdicom.p_data(
-        1, 0x03, rawdicom.store_command("1.2.3.4", drop=("CommandField",))
-    ),
-    "command set that is not a data set": lambda: rawdicom.p_data(1, 0x03, b"\xff" * 40),
-    "unknown command field": lambda: rawdicom.p_data(
-        1, 0x03, rawdicom.store_command("1.2.3.4").replace(b"\x01\x00\x00\x00", b"\x77\x77\x00\x00")
-    ),
-    "P-DATA on a context never proposed": lambda: rawdicom.p_data(
-        9, 0x03, rawdicom.store_command("1.2.3.4", with_data_set=False)
-    ),
-    "unknown PDU type": lambda: rawdicom.pdu(0x55, b"\x00" * 10),
-}
-
-
-@pytest.mark.parametrize("name", MALFORMED)
+@pytest.mark.parametrize("name", rawdicom.MALFORMED_MESSAGES)
 def test_a_malformed_pdu_after_association_aborts_it_cleanly(shared_node, name):
     before = at_rest(shared_node)
     with rawdicom.open_association(shared_node.port) as sock:
-        sock.sendall(MALFORMED[name]())
+        sock.sendall(rawdicom.MALFORMED_MESSAGES[name]())
         assert rawdicom.ends_with_abort_or_close(sock, timeout=10), name
     assert at_rest(shared_node, before) == before
     log = shared_node.log()
@@ -346,3 +332,30 @@ def test_a_restart_takes_back_at_once_what_its_killed_predecessor_held(tmp_path,
         silent_pacs.close()
         if orthanc is not None:
             orthanc.stop()
+
+
+# 9. Found by the harness (bench/reliability) once the above were fixed.
+
+
+def test_rle_data_that_makes_the_rust_decoder_panic_is_refused_as_undecodable(shared_node):
+    (ds,) = mr_series(1, rows=64, columns=64)
+    # Each segment: 33 runs of 128 repeated bytes, one run more than a 64x64 plane holds.
+    segment = b"\x81\x00" * 33
+    header = struct.pack("<16L", 2, 64, 64 + len(segment), *[0] * 13)
+    ds.PixelData = encapsulate([header + segment + segment])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ((status, comment),) = send([ds], shared_node.port, transfer_syntax=RLELossless)
+    assert status == 0xC000 and comment.startswith("pixel data cannot be decoded")
+
+
+def test_a_data_set_of_another_instance_than_its_request_names_is_refused(shared_node, tmp_path):
+    (ds,) = mr_series(1)
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()  # the request's UID
+    ds.preamble = bytes(128)
+    path = tmp_path / "other-instance.dcm"
+    ds.save_as(path, enforce_file_format=False)
+    ((status, comment),) = send([path], shared_node.port)
+    assert status == 0xA900
+    assert comment.startswith("SOPInstanceUID differs from the request's Affected SOP")
+    assert instance_rows(shared_node, ds.SOPInstanceUID) == []
