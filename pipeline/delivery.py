@@ -204,10 +204,10 @@ def take_back_deliveries_of_gone_senders(
                 delivery.next_attempt_at = None
                 delivery.reason = f"gave up after {delivery.attempts} attempts: {why}"
             log.warning(
-                "delivery %d: taken back, %s (its lease ran to %s): %s",
+                "delivery %d: taken back, %s (its lease ran to %s UTC): %s",
                 delivery.id,
                 why,
-                expired,
+                expired.isoformat(sep=" ", timespec="seconds") if expired else "?",
                 delivery.state,
             )
             taken.append(delivery.id)

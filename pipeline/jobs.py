@@ -204,10 +204,11 @@ def take_back_jobs_of_gone_workers(sessions: sessionmaker, max_attempts: int) ->
                 job.state = JobState.FAILED
                 job.reason = f"failed {job.attempts} time(s): {why}"
             log.warning(
-                "job %d: %s, a process of this host that is gone (its lease ran to %s): %s",
+                "job %d: taken back, %s, a process of this host that is gone (its lease ran "
+                "to %s UTC): %s",
                 job.id,
                 why,
-                expired,
+                expired.isoformat(sep=" ", timespec="seconds") if expired else "?",
                 job.state,
             )
             taken.append(job.id)

@@ -316,7 +316,7 @@ def test_a_restart_takes_back_at_once_what_its_killed_predecessor_held(tmp_path,
         node = NodeProcess(config, port).start()
         poll(lambda: first_row(node, "select id from delivery where state = 'sending'"), 60, "send")
         log = node.log()
-        assert f"job {job['id']}: its worker {job['held_by']} stopped while running" in log
+        assert f"job {job['id']}: taken back, its worker {job['held_by']} stopped while" in log
         assert "resuming: " in log
         node.kill()  # while the delivery waits on the silent PACS: its lease runs 5 minutes
 
