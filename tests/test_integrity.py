@@ -13,6 +13,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.encaps import encapsulate
 from pydicom.uid import CTImageStorage, RLELossless, SecondaryCaptureImageStorage, generate_uid
+from pynetdicom import AE, Association
+from pynetdicom.sop_class import Verification
 
 from node.config import NodeSettings
 from node.scp import StorageSCP
@@ -207,6 +209,12 @@ def test_malformed_association_requests_end_cleanly(shared_node):
 # 2. Stalled and half-open sockets neither hold their thread nor starve real senders.
 
 
+def verification(port: int) -> Association:
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", port, ae_title="SYNTH")
+
+
 def test_stalled_sockets_do_not_lock_senders_out_and_are_dropped(tmp_path):
     port = free_port()
     config = write_config(
@@ -226,7 +234,15 @@ def test_stalled_sockets_do_not_lock_senders_out_and_are_dropped(tmp_path):
             elif index % 3 == 1:  # the start of an A-ASSOCIATE-RQ, then nothing
                 sock.sendall(rawdicom.associate_rq()[:20])
             stalled.append(sock)  # else: nothing at all
-        # Forty-two sockets hold no association: scanners still get in, up to the limit.
+        # Forty-two sockets hold no association: senders still get in, up to the limit.
+        held = [verification(port) for _ in range(4)]
+        assert all(assoc.is_established for assoc in held)
+        fifth = verification(port)
+        assert fifth.is_rejected
+        rejection = fifth.acceptor.primitive
+        assert (rejection.result, rejection.result_source, rejection.diagnostic) == (2, 3, 2)
+        for assoc in held:
+            assoc.release()
         assert send(mr_series(2), port) == [(0, "")] * 2
         # Each stalled socket is dropped once its time is up, not held for ever.
         assert all(rawdicom.ends_with_abort_or_close(sock, timeout=10) for sock in stalled)
