@@ -289,7 +289,7 @@ class StorageSCP:
             with self._sessions.begin() as session:
                 outcome = record_instance(session, facts, len(data), calling)
         except InstanceRefused as refusal:
-            # Not a duplicate (that is checked first), so no stored row refers to the file.
+            # Refused: a file this call made goes; one that was there already is not ours.
             if created:
                 path.unlink(missing_ok=True)
             return _Answer(_STATUS[refusal.kind], refusal.reason)

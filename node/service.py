@@ -88,9 +88,12 @@ def work_in_hand(sessions: sessionmaker) -> str:
     parts = [
         (receiving, "series receiving"),
         (jobs.get(JobState.QUEUED, 0), "job(s) queued"),
-        (jobs.get(JobState.RUNNING, 0), "job(s) running under a live lease"),
+        (jobs.get(JobState.RUNNING, 0), "job(s) running, held by a live or remote worker"),
         (deliveries.get(DeliveryState.PENDING, 0), "delivery(ies) pending"),
-        (deliveries.get(DeliveryState.SENDING, 0), "delivery(ies) sending under a live lease"),
+        (
+            deliveries.get(DeliveryState.SENDING, 0),
+            "delivery(ies) sending, held by a live or remote sender",
+        ),
     ]
     return ", ".join(f"{count} {what}" for count, what in parts if count)
 

@@ -142,12 +142,12 @@ class Instance:
     transfer_syntax: str = ExplicitVRLittleEndian
     must_refuse: bool = False  # storing it would be a defect
 
-    def write(self, folder: Path, index: int) -> Path:
+    def write(self, path: Path) -> Path:
+        """A Part 10 file at ``path`` that pynetdicom sends as it is (chunked_sending)."""
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = self.sop_class_uid
         meta.MediaStorageSOPInstanceUID = self.sop_instance_uid
         meta.TransferSyntaxUID = self.transfer_syntax
-        path = folder / f"{index:05d}.dcm"
         path.write_bytes(b"".join((bytes(128), b"DICM", encode_file_meta(meta), self.data_set)))
         return path
 
@@ -185,6 +185,13 @@ def _is_uid(text: str) -> bool:
     return 0 < len(text) <= 64 and all(part.isdigit() for part in text.split("."))
 
 
+# Explicit VRs whose length field has 4 bytes (PS3.5 7.1.2); the others have 2.
+LONG_LENGTH_VRS = {
+    vr.encode()
+    for vr in ("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV")
+}
+
+
 @dataclass(frozen=True)
 class Element:
     """Where a top-level element of an Explicit VR Little Endian data set lies."""
@@ -203,7 +210,7 @@ def elements(data: bytes) -> list[Element]:
     while offset + 8 <= len(data):
         group, number = struct.unpack_from("<HH", data, offset)
         vr = data[offset + 4 : offset + 6]
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"OD", b"OL", b"OV", b"UC", b"UR"):
+        if vr in LONG_LENGTH_VRS:
             length_at, size = offset + 8, 4
             (length,) = struct.unpack_from("<L", data, length_at)
         else:
@@ -232,7 +239,6 @@ def replace_value(data: bytes, tag: int, value: bytes) -> bytes:
 
 PIXEL_DATA = 0x7FE00010
 PATIENT_NAME_TAG = 0x00100010
-ROWS, COLUMNS = 0x00280010, 0x00280011
 
 
 def missing_attributes(rng: random.Random) -> Iterator[Instance]:
@@ -635,7 +641,8 @@ def malformed_inputs(
                 ds = base_dataset(64, 64)
                 if syntax in (RLELossless, JPEG2000Lossless):
                     ds.compress(syntax)
-                path = instance("warm-up", ds, transfer_syntax=syntax).write(inputs_folder, index)
+                warm = instance("warm-up", ds, transfer_syntax=syntax)
+                path = warm.write(inputs_folder / f"warm-up-{index}.dcm")
                 assert warm_up.store(path) == "0x0000", syntax
             warm_up.close()
             report.before = settled_stats(node.process.pid)
@@ -644,7 +651,8 @@ def malformed_inputs(
             protocol_count = max(count // 3, 60)
             data_sets = data_set_inputs(rng, count - protocol_count)
             for index, item in enumerate(data_sets, start=1):
-                _send_one(sender, item.write(inputs_folder, index), item, report, acknowledged)
+                path = item.write(inputs_folder / f"{index:05d}.dcm")
+                _send_one(sender, path, item, report, acknowledged)
                 # Re-sends of what was stored: identical (a quiet duplicate) or other content.
                 if item.label.startswith("pixel data longer") and acknowledged:
                     first = acknowledged[rng.choice(sorted(acknowledged))]
@@ -715,14 +723,8 @@ def _send_duplicates(
         if keyword in original and _is_uid(str(original[keyword].value)):
             setattr(other, keyword, original[keyword].value)
     conflicting = instance("conflicting duplicate", other, must_refuse=True)
-    path = conflicting.write(folder, index)
-    _send_one(
-        sender,
-        path.rename(path.with_name(f"{index:05d}-other.dcm")),
-        conflicting,
-        report,
-        acknowledged,
-    )
+    path = conflicting.write(folder / f"{index:05d}-other.dcm")
+    _send_one(sender, path, conflicting, report, acknowledged)
 
 
 def _abuse(batch: list[Abuse], port: int, report: MalformedReport) -> None:

@@ -31,6 +31,7 @@ from tests.nodeproc import (
     write_config,
 )
 from tests.peers import Orthanc
+from tests.reliability import settled_stats
 from tests.senders import send, storescu
 
 
@@ -151,46 +152,20 @@ def test_a_malformed_uid_does_not_carry_patient_identifiers_into_the_log(shared_
 # 6. Malformed PDUs end their association, not a thread of the node, and leak nothing.
 
 
-def process_counts(node: NodeProcess) -> tuple[int, int]:
-    """(threads, open file descriptors) of the node's process."""
-    pid = node.process.pid
-    status = Path(f"/proc/{pid}/status").read_text()
-    threads = int(next(line for line in status.splitlines() if line.startswith("Threads:"))[8:])
-    return threads, len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def at_rest(node: NodeProcess, expected: tuple[int, int] | None = None) -> tuple[int, int]:
-    """The node's counts once back to ``expected`` (at most 20 s: a connection that never
-    requested an association holds its thread the request timeout), or, without one, once
-    they held still for a second."""
-    deadline = time.monotonic() + 20
-    counts, since = process_counts(node), time.monotonic()
-    while time.monotonic() < deadline:
-        if expected is None and time.monotonic() - since >= 1:
-            break
-        if expected is not None and counts == expected:
-            break
-        time.sleep(0.1)
-        now = process_counts(node)
-        if now != counts:
-            counts, since = now, time.monotonic()
-    return counts
-
-
 @pytest.mark.parametrize("name", rawdicom.MALFORMED_MESSAGES)
 def test_a_malformed_pdu_after_association_aborts_it_cleanly(shared_node, name):
-    before = at_rest(shared_node)
+    before = settled_stats(shared_node.process.pid)
     with rawdicom.open_association(shared_node.port) as sock:
         sock.sendall(rawdicom.MALFORMED_MESSAGES[name]())
         assert rawdicom.ends_with_abort_or_close(sock, timeout=10), name
-    assert at_rest(shared_node, before) == before
+    assert settled_stats(shared_node.process.pid, before).counts() == before.counts()
     log = shared_node.log()
     assert "Traceback" not in log and "Exception in thread" not in log
     assert send(mr_series(1), shared_node.port) == [(0, "")]
 
 
 def test_malformed_association_requests_end_cleanly(shared_node):
-    before = at_rest(shared_node)
+    before = settled_stats(shared_node.process.pid)
     even_context = rawdicom.associate_rq(contexts=(rawdicom.Context(id=2),))
     # A request followed at once by garbage: the peer's PDU arrives while the node answers.
     request_then_garbage = rawdicom.associate_rq() + rawdicom.pdu(0x55, b"\x00" * 4)
@@ -201,7 +176,7 @@ def test_malformed_association_requests_end_cleanly(shared_node):
             if data is truncated:
                 sock.shutdown(socket.SHUT_WR)
             assert rawdicom.ends_with_abort_or_close(sock, timeout=10)
-    assert at_rest(shared_node, before) == before
+    assert settled_stats(shared_node.process.pid, before).counts() == before.counts()
     log = shared_node.log()
     assert "Traceback" not in log and "Exception in thread" not in log
 
