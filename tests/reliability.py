@@ -739,9 +739,9 @@ def _abuse(batch: list[Abuse], port: int, report: MalformedReport) -> None:
     # While they are all open, a real sender must still get through.
     if not echo_answers(port):
         report.hangs += 1
-    # The node's timeouts in the run are 1 s: whatever it still holds after 5 s, it waits
+    # The node's timeouts in the run are 1 s: whatever it still holds after 3 s, it waits
     # on legitimately (an incomplete message on an idle association, say).
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 3
     for _, sock in opened:
         report.statuses[_ending(sock, deadline)] += 1
         sock.close()

@@ -293,7 +293,7 @@ def test_a_restart_takes_back_at_once_what_its_killed_predecessor_held(tmp_path,
     node = NodeProcess(config, port).start()
     orthanc = None
     try:
-        assert storescu([mr_brain / "brats-met-00110" / "03_t1"], port).returncode == 0
+        assert storescu([mr_brain / "tcga-fg-6692-native" / "03_t1"], port).returncode == 0
         poll(lambda: first_row(node, "select id from job where state = 'running'"), 60, "a job")
         node.kill()  # in the middle of synthesis: the job's lease runs 15 minutes
 
