@@ -6,9 +6,11 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from node.config import DEFAULT_CONFIG, Config, ConfigError, check_models, load_config
+from pipeline.redact import RedactingFilter
 
 log = logging.getLogger("dicomnode")
 
@@ -105,7 +107,17 @@ def _setup_logging(level: str) -> None:
     # pynetdicom's own INFO lines repeat ours and, at DEBUG, dump whole datasets (patient
     # names included): keep it to warnings.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # Its state machine's errors are exceptions it raises next: node.acceptor catches them
+    # and logs one line each, so its own two lines per exception would only repeat it.
+    logging.getLogger("pynetdicom.fsm").setLevel(logging.CRITICAL)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # Libraries quote the values they warn about, and a malformed value can hold a patient's
+    # name: their records and Python's warnings go through the handler's redaction.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
+    logging.captureWarnings(True)
+    # pydicom logs each warning it also issues as a Python warning: once is enough.
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
 
 def _load_checked(path: Path) -> Config:
@@ -138,12 +150,14 @@ def _worker(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from node.service import build_worker
+    from node.service import build_worker, take_back_leases
     from pipeline.db import open_database
 
     config = _load_checked(args.config)
     _setup_logging(config.node.log_level)
-    worker = build_worker(config, open_database(config.node.database))
+    sessions = open_database(config.node.database)
+    take_back_leases(config, sessions)
+    worker = build_worker(config, sessions)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: (stop.set(), worker.wake.set()))

@@ -52,6 +52,11 @@ class NodeSettings(BaseModel):
     # Empty: any caller. Else "AE" or "AE@host" entries; others are rejected at association.
     allowed_callers: list[str] = []
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 16
+    # A PDU must arrive in full this long after its first byte, or the connection is
+    # aborted: a peer that announces a PDU and stalls holds nothing for longer.
+    pdu_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    # A connection that sends no A-ASSOCIATE-RQ this long after it opened is closed.
+    association_request_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0
     log_level: str = "INFO"
 
     @field_validator("allowed_callers")

@@ -4,11 +4,15 @@ Durable before acknowledged: a C-STORE is answered Success only after the file i
 disk under its final name and its database row is committed. Every other answer is a
 failure status with an ErrorComment that says why; the sender keeps the instance.
 
-Statuses this SCP returns (PS3.4 Annex B):
-  0x0000  Success (also for a duplicate of an instance already stored: it is kept once)
+Statuses this SCP returns (PS3.4 Annex B, PS3.7 Annex C):
+  0x0000  Success (also for an identical re-send of an instance already stored: it is
+          kept once)
+  0x0111  Duplicate SOP Instance - an instance of this SOP Instance UID is stored with
+          other content; the copy acknowledged first is kept, the ErrorComment names the UID
   0xA700  Refused: out of resources - the spool or the database cannot be written
   0xA900  Error: data set does not match SOP class - a UID or the pixel data is missing
-          or malformed
+          or malformed, its SOP Class UID is not the presentation context's, or its SOP
+          Instance UID is not the one the C-STORE request names
   0xC000  Error: cannot understand - the pixel data cannot be decoded
   0xC001  Error: cannot understand - the instance disagrees with its series (size,
           orientation, spacing, frame of reference, SOP class or study)
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -26,15 +31,17 @@ from pathlib import Path
 
 from pydicom import Dataset
 from pydicom.uid import UID
-from pynetdicom import AE, evt
+from pynetdicom import AE, Association, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import EnhancedMRImageStorage, MRImageStorage, Verification
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
+from node.acceptor import ConnectionLimits, start_server
 from node.config import NodeSettings
 from pipeline.intake import InstanceRefused, RefusalKind, inspect_instance, record_instance
-from pipeline.spool import write_atomically
+from pipeline.redact import redact
+from pipeline.spool import DurableFolders, stored_data_set, write_new
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +76,9 @@ _STATUS = {
 }
 OUT_OF_RESOURCES = 0xA700
 PROCESSING_FAILURE = 0x0110
+DUPLICATE_SOP_INSTANCE = 0x0111
+# ErrorComment is a Long String (PS3.5): 64 characters at most.
+ERROR_COMMENT_LENGTH = 64
 
 
 def set_tcp_nodelay(event: evt.Event) -> None:
@@ -99,6 +109,7 @@ class StorageSCP:
         self._settings = settings
         self._sessions = sessions
         self._storage = storage
+        self._folders = DurableFolders(storage)
         self._header_keywords = tuple(header_keywords)
         self._on_count_reached = on_count_reached
         self._tallies: dict[int, _AssociationTally] = {}
@@ -106,7 +117,11 @@ class StorageSCP:
         self._server = None
 
         ae = AE(ae_title=settings.ae_title)
-        ae.maximum_associations = settings.max_associations
+        # pynetdicom counts every acceptor thread against its limit, connections that never
+        # sent an A-ASSOCIATE-RQ included, so twenty stalled sockets locked every scanner
+        # out. The node's limit counts associations that were requested (_on_requested);
+        # a connection without a request is bounded in time by node.acceptor instead.
+        ae.maximum_associations = sys.maxsize
         # Reject associations addressed to another AE title ("called AE not recognized").
         ae.require_called_aet = True
         ae.add_supported_context(Verification)
@@ -129,8 +144,14 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = self._ae.start_server(
-            (self._settings.host, self._settings.port), block=False, evt_handlers=handlers
+        limits = ConnectionLimits(
+            pdu_timeout=self._settings.pdu_timeout_seconds,
+            request_timeout=self._settings.association_request_timeout_seconds,
+            acse_timeout=self._ae.acse_timeout,
+            max_pdu_length=self._ae.maximum_pdu_size,
+        )
+        self._server = start_server(
+            self._ae, (self._settings.host, self._settings.port), handlers, limits
         )
         log.info(
             "listening as %s on %s:%d", self._settings.ae_title, self._settings.host, self.port
@@ -154,10 +175,23 @@ class StorageSCP:
                 host,
             )
             # Rejected permanent, by the service user, "calling AE title not recognized".
-            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
-            # As pynetdicom does for its own rejections: let the DUL send the A-ASSOCIATE-RJ
-            # before the server closes the socket (else the peer sees only an abort).
-            event.assoc.kill()
+            _reject(event.assoc, 0x01, 0x01, 0x03)
+            return
+        requested = sum(
+            1
+            for assoc in self._ae.active_associations
+            if assoc.is_acceptor and assoc.requestor.primitive is not None
+        )
+        if requested > self._settings.max_associations:
+            log.warning(
+                "association from %s (%s) rejected: %d associations open, max_associations is %d",
+                calling,
+                host,
+                requested - 1,
+                self._settings.max_associations,
+            )
+            # Rejected transient, by the service provider, "local limit exceeded".
+            _reject(event.assoc, 0x02, 0x03, 0x02)
 
     def _on_established(self, event: evt.Event) -> None:
         calling, host = _peer(event)
@@ -203,65 +237,132 @@ class StorageSCP:
     def _on_store(self, event: evt.Event) -> Dataset | int:
         calling, host = _peer(event)
         tally = self._tallies.get(id(event.assoc)) or _AssociationTally()
-        status, reason, duplicate = self._store(event, calling)
-        if status == 0x0000:
-            if duplicate:
+        answer = self._store(event, calling)
+        if answer.status == 0x0000:
+            if answer.duplicate:
                 tally.duplicates += 1
             else:
                 tally.stored += 1
             return 0x0000
         tally.refused += 1
-        log.warning("C-STORE from %s (%s) refused with 0x%04X: %s", calling, host, status, reason)
+        log.warning(
+            "C-STORE from %s (%s) refused with 0x%04X: %s",
+            calling,
+            host,
+            answer.status,
+            answer.reason,
+        )
         response = Dataset()
-        response.Status = status
-        response.ErrorComment = reason[:64]
+        response.Status = answer.status
+        response.ErrorComment = answer.comment or answer.reason[:ERROR_COMMENT_LENGTH]
         return response
 
-    def _store(self, event: evt.Event, calling: str) -> tuple[int, str, bool]:
+    def _store(self, event: evt.Event, calling: str) -> _Answer:
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
-            facts = inspect_instance(ds, str(event.context.transfer_syntax), self._header_keywords)
+            context = event.context
+            facts = inspect_instance(
+                ds,
+                str(context.transfer_syntax),
+                self._header_keywords,
+                context_sop_class=str(context.abstract_syntax),
+                request_sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
+            )
         except InstanceRefused as refusal:
-            return _STATUS[refusal.kind], refusal.reason, False
+            return _Answer(_STATUS[refusal.kind], refusal.reason)
         except Exception as error:
-            return 0xA900, f"the data set cannot be parsed: {error}", False
+            return _Answer(0xA900, f"the data set cannot be parsed: {redact(str(error))}")
 
-        data = encode_received(event, calling)
+        received = event.encoded_dataset(include_meta=False)
+        data = encode_received(event, calling, received)
         path = self._storage / facts.relative_path()
         try:
-            write_atomically(path, data)
+            self._folders.make(path.parent)
+            created = write_new(path, data)
+            # Another copy lies there already: the first acknowledged one stays as it is.
+            if not created and not _same_data_set(path, received):
+                return _conflict(facts.sop_instance_uid)
         except OSError as error:
-            return OUT_OF_RESOURCES, f"spool cannot be written: {error.strerror}", False
+            return _Answer(OUT_OF_RESOURCES, f"spool cannot be written: {error.strerror}")
         try:
             with self._sessions.begin() as session:
                 outcome = record_instance(session, facts, len(data), calling)
         except InstanceRefused as refusal:
-            # Not a duplicate (that is checked first), so no stored row refers to the file.
-            path.unlink(missing_ok=True)
-            return _STATUS[refusal.kind], refusal.reason, False
+            # Refused: a file this call made goes; one that was there already is not ours.
+            if created:
+                path.unlink(missing_ok=True)
+            return _Answer(_STATUS[refusal.kind], refusal.reason)
         except (SQLAlchemyError, OSError) as error:
-            # The file may be an acknowledged duplicate's; leave it. A re-send overwrites it.
+            # Refused, so the file must not be recorded at the next start either.
+            if created:
+                path.unlink(missing_ok=True)
             log.exception("database write failed for instance %s", facts.sop_instance_uid)
-            return OUT_OF_RESOURCES, f"database cannot be written: {type(error).__name__}", False
+            return _Answer(OUT_OF_RESOURCES, f"database cannot be written: {type(error).__name__}")
         except Exception:
+            if created:
+                path.unlink(missing_ok=True)
             log.exception("unexpected error recording instance %s", facts.sop_instance_uid)
-            return PROCESSING_FAILURE, "unexpected error; see the node's log", False
-        if outcome.orphaned_file:
-            path.unlink(missing_ok=True)  # the stored copy, under its first UIDs, stays
+            return _Answer(PROCESSING_FAILURE, "unexpected error; see the node's log")
+        if outcome.duplicate:
+            if created and outcome.orphaned_file:
+                path.unlink(missing_ok=True)  # the stored copy, under its first UIDs, stays
+            if outcome.stored_path and not _same_data_set(
+                self._storage / outcome.stored_path, received
+            ):
+                return _conflict(facts.sop_instance_uid)
+            return _Answer(0x0000, duplicate=True)
         if outcome.count_reached:
             self._on_count_reached()
-        return 0x0000, "", outcome.duplicate
+        return _Answer(0x0000)
 
 
-def encode_received(event: evt.Event, calling_ae: str) -> bytes:
-    """The instance as received (not decoded and re-encoded), as a Part 10 file whose meta
-    names the calling AE, so recovery after a crash knows who sent it."""
+@dataclass(frozen=True)
+class _Answer:
+    """How a C-STORE is answered, and why (the log's words; ``comment`` is the shorter
+    ErrorComment when the reason's first 64 characters would not say it)."""
+
+    status: int
+    reason: str = ""
+    duplicate: bool = False
+    comment: str | None = None
+
+
+def _conflict(sop_instance_uid: str) -> _Answer:
+    comment = f"stored with other content: {sop_instance_uid}"
+    return _Answer(
+        DUPLICATE_SOP_INSTANCE,
+        f"SOP Instance UID {sop_instance_uid} is stored with other content; the copy "
+        "acknowledged first is kept",
+        # The UID whole, with as many of the words as fit.
+        comment=comment if len(comment) <= ERROR_COMMENT_LENGTH else sop_instance_uid,
+    )
+
+
+def _same_data_set(path: Path, received: bytes) -> bool:
+    """Whether the spool file at ``path`` holds ``received`` byte for byte (its file meta
+    aside, which names the sender). A missing file (its series purged) proves nothing
+    either way, so it counts as the same."""
+    try:
+        stored = stored_data_set(path)
+    except (OSError, ValueError):
+        return False
+    return stored is None or stored == received
+
+
+def encode_received(event: evt.Event, calling_ae: str, data_set: bytes) -> bytes:
+    """The instance as received (``data_set``, not decoded and re-encoded), as a Part 10
+    file whose meta names the calling AE, so recovery after a crash knows who sent it."""
     meta = event.file_meta
     meta.SourceApplicationEntityTitle = calling_ae
-    return b"".join(
-        (b"\x00" * 128, b"DICM", encode_file_meta(meta), event.encoded_dataset(include_meta=False))
-    )
+    return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta), data_set))
+
+
+def _reject(assoc: Association, result: int, source: int, diagnostic: int) -> None:
+    assoc.acse.send_reject(result, source, diagnostic)
+    # As pynetdicom does for its own rejections: let the DUL send the A-ASSOCIATE-RJ
+    # before the server closes the socket (else the peer sees only an abort).
+    assoc.kill()
 
 
 def _peer(event: evt.Event) -> tuple[str, str]:

@@ -19,18 +19,31 @@ from importlib.metadata import PackageNotFoundError, version
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
+from sqlalchemy import func, select
+from sqlalchemy.orm import sessionmaker
 from tzlocal import get_localzone
 
 from node.config import Config
 from node.dispatch import Dispatcher
 from node.scp import StorageSCP
 from pipeline.completion import complete_due_series
-from pipeline.db import open_database, utcnow
+from pipeline.db import (
+    Delivery,
+    DeliveryState,
+    Job,
+    JobState,
+    Series,
+    SeriesState,
+    open_database,
+    utcnow,
+)
+from pipeline.delivery import take_back_deliveries_of_gone_senders
 from pipeline.intake import recover_unrecorded
+from pipeline.jobs import take_back_jobs_of_gone_workers
 from pipeline.registry import ModelRegistry
 from pipeline.retention import purge_finished
 from pipeline.routing import header_keywords
-from pipeline.spool import remove_partial_files
+from pipeline.spool import make_folders, remove_partial_files
 from pipeline.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -55,13 +68,43 @@ def build_worker(config: Config, sessions) -> Worker:
     )
 
 
+def take_back_leases(config: Config, sessions: sessionmaker) -> None:
+    """Jobs and deliveries held by a process of this host that is gone (killed, crashed)
+    resume now instead of when its lease runs out (15 and 5 minutes by default)."""
+    take_back_jobs_of_gone_workers(sessions, config.worker.max_attempts)
+    take_back_deliveries_of_gone_senders(sessions, config.delivery)
+
+
+def work_in_hand(sessions: sessionmaker) -> str:
+    """What the stages have left to do, in words ("" when nothing), for the start's log."""
+    with sessions() as session:
+        receiving = session.scalar(
+            select(func.count()).select_from(Series).where(Series.state == SeriesState.RECEIVING)
+        )
+        jobs = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+        deliveries = dict(
+            session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all()
+        )
+    parts = [
+        (receiving, "series receiving"),
+        (jobs.get(JobState.QUEUED, 0), "job(s) queued"),
+        (jobs.get(JobState.RUNNING, 0), "job(s) running, held by a live or remote worker"),
+        (deliveries.get(DeliveryState.PENDING, 0), "delivery(ies) pending"),
+        (
+            deliveries.get(DeliveryState.SENDING, 0),
+            "delivery(ies) sending, held by a live or remote sender",
+        ),
+    ]
+    return ", ".join(f"{count} {what}" for count, what in parts if count)
+
+
 class NodeService:
     """Everything `dicomnode serve` runs, started and stopped together."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         storage = config.node.storage
-        storage.mkdir(parents=True, exist_ok=True)
+        make_folders(storage)
         self.sessions = open_database(config.node.database)
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.scp = StorageSCP(
@@ -88,6 +131,10 @@ class NodeService:
         recover_unrecorded(
             self.sessions, self.config.node.storage, header_keywords(self.config.routes)
         )
+        take_back_leases(self.config, self.sessions)
+        resuming = work_in_hand(self.sessions)
+        if resuming:
+            log.info("resuming: %s", resuming)
         self.scheduler.add_job(
             self._complete,
             "interval",

@@ -8,7 +8,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from pipeline.db import Delivery, Job, Series
+from pipeline.db import Delivery, Job, Leased, Series
+from pipeline.leases import Holder, holder_state
 
 
 def collect_status(sessions: sessionmaker, limit: int = 200) -> dict[str, Any]:
@@ -59,6 +60,7 @@ def collect_status(sessions: sessionmaker, limit: int = 200) -> dict[str, Any]:
                     "started_at": _iso(j.started_at),
                     "output_series_uid": j.output_series_uid,
                     "destinations": j.destinations,
+                    **_lease(j),
                     "created_at": _iso(j.created_at),
                     "updated_at": _iso(j.updated_at),
                 }
@@ -76,6 +78,7 @@ def collect_status(sessions: sessionmaker, limit: int = 200) -> dict[str, Any]:
                     "instances_total": d.instances_total,
                     "next_attempt_at": _iso(d.next_attempt_at),
                     "updated_at": _iso(d.updated_at),
+                    **_lease(d),
                 }
                 for d in deliveries
             ],
@@ -107,7 +110,7 @@ def format_status(status: dict[str, Any]) -> str:
             j["route"],
             j["state"],
             j["model_version"] or "",
-            j["reason"] or "",
+            _why(j),
         )
         for j in status["jobs"]
     ]
@@ -119,7 +122,7 @@ def format_status(status: dict[str, Any]) -> str:
             d["state"],
             f"{d['instances_sent']}/{d['instances_total'] or '?'}",
             d["attempts"],
-            d["reason"] or "",
+            _why(d),
         )
         for d in status["deliveries"]
     ]
@@ -140,6 +143,30 @@ def format_status(status: dict[str, Any]) -> str:
             ),
         ]
     )
+
+
+def _lease(row: Leased) -> dict[str, Any]:
+    """Who holds a running job or a delivery being sent, until when, and whether that
+    process still runs: alive, gone (a node starting on its host takes the row back at
+    once) or elsewhere (another host; the lease runs out by itself)."""
+    if row.lease_owner is None:
+        return {"held_by": None, "held_until": None, "holder": None}
+    return {
+        "held_by": row.lease_owner,
+        "held_until": _iso(row.lease_expires_at),
+        "holder": holder_state(row.lease_host, row.lease_pid, row.lease_process_start).value,
+    }
+
+
+def _why(entry: dict[str, Any]) -> str:
+    """The reason column: for a held row, whose lease holds it first."""
+    reason = entry["reason"] or ""
+    if not entry["held_by"]:
+        return reason
+    held = f"held by {entry['held_by']} until {entry['held_until']}"
+    if entry["holder"] == Holder.GONE:
+        held += " (that process is gone: the next start on its host takes it back)"
+    return f"{held}; {reason}" if reason else held
 
 
 def _table(headers: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:

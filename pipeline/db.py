@@ -12,7 +12,7 @@ import enum
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, ForeignKey, Index, String, create_engine, event
+from sqlalchemy import JSON, ForeignKey, Index, String, create_engine, event, inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
@@ -107,7 +107,23 @@ class Instance(Base):
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
-class Job(Base):
+class Leased:
+    """A row a worker (a job) or a sender (a delivery) holds by a lease while it works on
+    it. A holder that dies keeps it until the lease runs out, unless a node starting on its
+    host finds the process gone (pipeline.leases) and takes the row back at once."""
+
+    lease_owner: Mapped[str | None]  # host:pid:thread, for people (pipeline.worker)
+    lease_expires_at: Mapped[datetime | None]
+    lease_host: Mapped[str | None]
+    lease_pid: Mapped[int | None]
+    lease_process_start: Mapped[str | None]  # see pipeline.leases.ProcessIdentity
+
+    def release_lease(self) -> None:
+        self.lease_owner = self.lease_expires_at = None
+        self.lease_host = self.lease_pid = self.lease_process_start = None
+
+
+class Job(Leased, Base):
     __tablename__ = "job"
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -120,9 +136,6 @@ class Job(Base):
     state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED)
     reason: Mapped[str | None]
     attempts: Mapped[int] = mapped_column(default=0)
-    # A worker holds a job by a lease; a dead worker's lease runs out and the job is free.
-    lease_owner: Mapped[str | None]
-    lease_expires_at: Mapped[datetime | None]
     not_before: Mapped[datetime | None]
     started_at: Mapped[datetime | None]  # when the last attempt was claimed
     # What produced the output: filled by the worker.
@@ -142,7 +155,7 @@ class Job(Base):
     __table_args__ = (Index("ix_job_state", "state"),)
 
 
-class Delivery(Base):
+class Delivery(Leased, Base):
     __tablename__ = "delivery"
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -152,8 +165,6 @@ class Delivery(Base):
     reason: Mapped[str | None]
     attempts: Mapped[int] = mapped_column(default=0)
     next_attempt_at: Mapped[datetime | None]
-    lease_owner: Mapped[str | None]
-    lease_expires_at: Mapped[datetime | None]
     instances_total: Mapped[int | None]
     instances_sent: Mapped[int] = mapped_column(default=0)
     # Per-instance outcome of the last attempt: SOP Instance UID -> status or error text.
@@ -177,7 +188,27 @@ def open_database(url: str) -> sessionmaker:
     if is_sqlite:
         _configure_sqlite(engine)
     Base.metadata.create_all(engine)
+    _add_new_columns(engine)
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def _add_new_columns(engine: Engine) -> None:
+    """Add the columns a model gained since the database was made (create_all makes only
+    missing tables), so a node upgraded in place opens its existing database. Only nullable
+    columns are ever added this way; anything else needs a real migration."""
+    with engine.begin() as connection:
+        inspector = inspect(connection)
+        for table in Base.metadata.sorted_tables:
+            present = {column["name"] for column in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                if not column.nullable:
+                    raise RuntimeError(f"{table.name}.{column.name} is missing and not nullable")
+                kind = column.type.compile(dialect=engine.dialect)
+                connection.exec_driver_sql(
+                    f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"
+                )
 
 
 def _configure_sqlite(engine: Engine) -> None:

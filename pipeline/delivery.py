@@ -24,6 +24,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import Delivery, DeliveryState, Job, utcnow
+from pipeline.leases import Holder, holder_state, lease_values, this_process
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,7 @@ def claim_delivery(
         for delivery in candidates:
             values = {
                 "state": DeliveryState.SENDING,
-                "lease_owner": owner,
-                "lease_expires_at": now + timedelta(seconds=settings.lease_seconds),
+                **lease_values(owner, now + timedelta(seconds=settings.lease_seconds)),
                 "updated_at": now,
             }
             dead_owner = delivery.lease_owner if delivery.state == DeliveryState.SENDING else None
@@ -168,6 +168,50 @@ def claim_delivery(
                 attempt=delivery.attempts + 1,
             )
     return None
+
+
+def take_back_deliveries_of_gone_senders(
+    sessions: sessionmaker, settings: DeliverySettings
+) -> list[int]:
+    """At start: a delivery being sent under the lease of a process of this host that is
+    gone is taken back now instead of when its lease runs out. As when a lease expires,
+    the unfinished attempt counts: pending again at once, or failed if it was the last.
+    Returns the ids taken back."""
+    now = utcnow()
+    taken = []
+    with sessions.begin() as session:
+        sending = session.scalars(
+            select(Delivery).where(
+                Delivery.state == DeliveryState.SENDING,
+                Delivery.lease_host == this_process().host,
+            )
+        ).all()
+        for delivery in sending:
+            holder = (delivery.lease_host, delivery.lease_pid, delivery.lease_process_start)
+            if holder_state(*holder) != Holder.GONE:
+                continue
+            why = f"attempt by {delivery.lease_owner} did not finish (that process is gone)"
+            expired = delivery.lease_expires_at
+            delivery.release_lease()
+            delivery.attempts += 1
+            delivery.updated_at = now
+            if delivery.attempts < settings.max_attempts:
+                delivery.state = DeliveryState.PENDING
+                delivery.next_attempt_at = now
+                delivery.reason = why
+            else:
+                delivery.state = DeliveryState.FAILED
+                delivery.next_attempt_at = None
+                delivery.reason = f"gave up after {delivery.attempts} attempts: {why}"
+            log.warning(
+                "delivery %d: taken back, %s (its lease ran to %s UTC): %s",
+                delivery.id,
+                why,
+                expired.isoformat(sep=" ", timespec="seconds") if expired else "?",
+                delivery.state,
+            )
+            taken.append(delivery.id)
+    return taken
 
 
 def backoff_ceiling(attempts: int, settings: DeliverySettings) -> float:
@@ -219,7 +263,7 @@ def record_attempt(
         delivery.instances_sent = sent
         delivery.instances_total = max(len(merged), delivery.instances_total or 0)
         delivery.attempts += 1
-        delivery.lease_owner = delivery.lease_expires_at = None
+        delivery.release_lease()
         delivery.updated_at = now
         uid = delivery.job.output_series_uid
         if error is None and not merged:

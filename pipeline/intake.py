@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset, dcmread
+from pydicom.tag import Tag
+from pydicom.uid import UID
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.contrast import classify
 from pipeline.db import Instance, Job, JobState, Series, SeriesState, utcnow
 from pipeline.header import extract_header
+from pipeline.redact import redact
 from pipeline.spool import InvalidUID, check_uid
 
 log = logging.getLogger(__name__)
@@ -79,18 +82,41 @@ class InstanceFacts:
 
 
 def inspect_instance(
-    ds: Dataset, transfer_syntax_uid: str, extra_keywords: Iterable[str] = ()
+    ds: Dataset,
+    transfer_syntax_uid: str,
+    extra_keywords: Iterable[str] = (),
+    context_sop_class: str | None = None,
+    request_sop_instance_uid: str | None = None,
 ) -> InstanceFacts:
-    """Check ``ds`` can be stored and synthesized from; raise InstanceRefused if not."""
+    """Check ``ds`` can be stored and synthesized from; raise InstanceRefused if not.
+
+    ``context_sop_class`` is the abstract syntax of the presentation context it came on,
+    ``request_sop_instance_uid`` the C-STORE request's Affected SOP Instance UID: a data
+    set of another SOP class, or another instance, does not match its request (PS3.4
+    B.2.3, status A900), and acknowledging it would acknowledge what was not stored.
+    """
     uids = {}
     for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SOPClassUID"):
         value = str(ds.get(keyword, "") or "").strip()
         if not value:
             raise InstanceRefused(RefusalKind.INVALID, f"{keyword} is missing")
         try:
-            uids[keyword] = check_uid(value, keyword)
+            uids[keyword] = check_uid(value, f"{keyword} {Tag(keyword)}")
         except InvalidUID as error:
             raise InstanceRefused(RefusalKind.INVALID, str(error)) from None
+    if context_sop_class is not None and uids["SOPClassUID"] != context_sop_class:
+        sop_class = UID(uids["SOPClassUID"])
+        named = sop_class if sop_class.name == sop_class else f"{sop_class.name} ({sop_class})"
+        raise InstanceRefused(
+            RefusalKind.INVALID,
+            f"SOPClassUID differs from its context's {UID(context_sop_class).name}: {named}",
+        )
+    if request_sop_instance_uid is not None and uids["SOPInstanceUID"] != request_sop_instance_uid:
+        raise InstanceRefused(
+            RefusalKind.INVALID,
+            "SOPInstanceUID differs from the request's Affected SOP Instance UID "
+            f"{request_sop_instance_uid}",
+        )
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise InstanceRefused(RefusalKind.INVALID, "the instance has no pixel data")
     rows, columns = ds.get("Rows"), ds.get("Columns")
@@ -139,7 +165,15 @@ def _check_pixels_decode(ds: Dataset) -> None:
         ds.pixel_array  # noqa: B018
     except Exception as error:  # pydicom raises many types for corrupt pixel data
         raise InstanceRefused(
-            RefusalKind.UNDECODABLE, f"pixel data cannot be decoded: {error}"
+            RefusalKind.UNDECODABLE, f"pixel data cannot be decoded: {redact(str(error))}"
+        ) from None
+    except BaseException as error:
+        # The RLE decoder is Rust: on some corrupt streams it panics, which pyo3 raises as a
+        # PanicException, a BaseException. Anything else of that kind is not ours to stop.
+        if type(error).__name__ != "PanicException":
+            raise
+        raise InstanceRefused(
+            RefusalKind.UNDECODABLE, f"pixel data cannot be decoded: {redact(str(error))}"
         ) from None
 
 
@@ -170,6 +204,8 @@ class RecordOutcome:
     # For a duplicate that claims another study or series than the stored instance, the
     # new file lies elsewhere in the spool and nothing refers to it: the caller removes it.
     orphaned_file: bool = False
+    # For a duplicate: where the instance stored first lies, relative to the spool root.
+    stored_path: str | None = None
 
 
 def record_instance(
@@ -192,6 +228,7 @@ def record_instance(
             reopened=False,
             count_reached=False,
             orphaned_file=existing.path != str(facts.relative_path()),
+            stored_path=existing.path,
         )
 
     series = session.scalar(select(Series).where(Series.series_uid == facts.series_uid))

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import Delivery, DeliveryState, Instance, Job, JobState, Series, utcnow
 from pipeline.delivery import create_deliveries, retry_delivery
+from pipeline.leases import Holder, holder_state, lease_values, this_process
 from pipeline.routing import Route
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,7 @@ def claim_job(
                 .where(Job.id == job.id, runnable)
                 .values(
                     state=JobState.RUNNING,
-                    lease_owner=owner,
-                    lease_expires_at=now + timedelta(seconds=lease_seconds),
+                    **lease_values(owner, now + timedelta(seconds=lease_seconds)),
                     attempts=Job.attempts + 1,
                     started_at=now,
                     updated_at=now,
@@ -120,7 +120,7 @@ def finish_job(sessions: sessionmaker, job_id: int, owner: str, outcome: dict[st
             setattr(job, column, value)
         job.state = JobState.DONE
         job.reason = None
-        job.lease_owner = job.lease_expires_at = None
+        job.release_lease()
         job.updated_at = utcnow()
         deliveries = create_deliveries(session, job)
         # Older output of the same series still waiting to be sent would overwrite this
@@ -166,7 +166,7 @@ def fail_job(
         job = session.get(Job, job_id)
         if job is None or job.lease_owner != owner:
             return job.state if job else "missing"
-        job.lease_owner = job.lease_expires_at = None
+        job.release_lease()
         job.updated_at = now
         if retryable and job.attempts < max_attempts:
             job.state = JobState.QUEUED
@@ -177,6 +177,42 @@ def fail_job(
             job.reason = reason if not retryable else f"failed {job.attempts} time(s): {reason}"
         log.warning("job %d: %s: %s", job.id, job.state, job.reason)
         return job.state
+
+
+def take_back_jobs_of_gone_workers(sessions: sessionmaker, max_attempts: int) -> list[int]:
+    """At start: a job running under the lease of a process of this host that is gone
+    (killed, crashed) is taken back now instead of when its lease runs out: queued again,
+    or failed if that was its last attempt. Returns the ids taken back."""
+    now = utcnow()
+    taken = []
+    with sessions.begin() as session:
+        running = session.scalars(
+            select(Job).where(Job.state == JobState.RUNNING, Job.lease_host == this_process().host)
+        ).all()
+        for job in running:
+            if holder_state(job.lease_host, job.lease_pid, job.lease_process_start) != Holder.GONE:
+                continue
+            why = f"its worker {job.lease_owner} stopped while running attempt {job.attempts}"
+            expired = job.lease_expires_at
+            job.release_lease()
+            job.updated_at = now
+            if job.attempts < max_attempts:
+                job.state = JobState.QUEUED
+                job.not_before = None
+                job.reason = f"taken back: {why}"
+            else:
+                job.state = JobState.FAILED
+                job.reason = f"failed {job.attempts} time(s): {why}"
+            log.warning(
+                "job %d: taken back, %s, a process of this host that is gone (its lease ran "
+                "to %s UTC): %s",
+                job.id,
+                why,
+                expired.isoformat(sep=" ", timespec="seconds") if expired else "?",
+                job.state,
+            )
+            taken.append(job.id)
+    return taken
 
 
 def retry_job(sessions: sessionmaker, job_id: int) -> str:

@@ -1,16 +1,22 @@
 """The spool: where pixel data lives on disk, and how files get there durably.
 
 Every file is written to a temporary name in its final folder, flushed to disk, then
-renamed, and the folder itself is flushed, so a crash leaves either the whole file under
-its final name or nothing under it. Received instances live under
+renamed (or linked), and the folder itself is flushed, so a crash leaves either the whole
+file under its final name or nothing under it. A folder made on the way is flushed into
+its parent before the file counts as stored. Received instances live under
 ``incoming/<study>/<series>/<instance>.dcm``, synthetic ones under ``out/<job>/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import struct
+import threading
 from pathlib import Path
+
+from pipeline.redact import fingerprint
 
 # A DICOM UID is at most 64 characters of digits and dots (PS3.5 9.1). Anything else in a
 # UID that becomes a path component could walk out of the spool ("../..") or collide.
@@ -24,9 +30,10 @@ class InvalidUID(ValueError):
 
 
 def check_uid(uid: str, what: str) -> str:
-    """Return ``uid`` if it is a valid DICOM UID, else raise InvalidUID naming ``what``."""
+    """Return ``uid`` if it is a valid DICOM UID, else raise InvalidUID naming ``what``
+    and the value's length and hash (a malformed value can hold other elements' values)."""
     if not uid or len(uid) > 64 or not _UID.match(uid):
-        raise InvalidUID(f"{what} is not a valid DICOM UID: {uid!r}")
+        raise InvalidUID(f"{what} is not a valid DICOM UID: {fingerprint(uid)}")
     return uid
 
 
@@ -35,7 +42,7 @@ def write_atomically(path: Path, data: bytes) -> None:
 
     Raises OSError (ENOSPC, EACCES, EROFS...) with nothing left under ``path``'s new name.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(path.parent)
     temp = path.with_name(path.name + TEMP_SUFFIX)
     try:
         with open(temp, "wb") as file:
@@ -49,8 +56,100 @@ def write_atomically(path: Path, data: bytes) -> None:
     _fsync_directory(path.parent)
 
 
+def write_new(path: Path, data: bytes) -> bool:
+    """Write ``data`` to ``path`` durably unless a file is already there.
+
+    True when written; False when ``path`` already held a file, which is left untouched:
+    a file the node acknowledged is never replaced. The caller makes the folder (see
+    `DurableFolders`). Raises OSError with nothing left under ``path``.
+    """
+    # A temporary name of its own per thread: two senders of one instance write at once.
+    temp = path.with_name(f"{path.name}.{threading.get_ident()}{TEMP_SUFFIX}")
+    try:
+        with open(temp, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        # Unlike a rename, a link fails instead of replacing what is already there.
+        os.link(temp, path)
+    except FileExistsError:
+        return False
+    finally:
+        temp.unlink(missing_ok=True)
+    _fsync_directory(path.parent)
+    return True
+
+
+def stored_data_set(path: Path) -> bytes | None:
+    """The data set of a Part 10 file the spool holds, as encoded (its file meta left out);
+    None when there is no file at ``path``.
+
+    Raises ValueError for a file that does not start as the node writes them: preamble,
+    ``DICM``, then the file meta group led by its length (0002,0000).
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    if data[128:132] != b"DICM" or data[132:138] != b"\x02\x00\x00\x00UL":
+        raise ValueError(f"{path.name} is not a Part 10 file with a meta group length")
+    (meta_length,) = struct.unpack_from("<L", data, 140)
+    return data[144 + meta_length :]
+
+
+def make_folders(folder: Path) -> None:
+    """Create ``folder`` and its missing parents, each flushed into its parent folder: a
+    new folder's entry lives there, and without the flush a power loss may take the new
+    folder away with every file written into it."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another thread made it meanwhile
+            new.mkdir()
+        _fsync_directory(new.parent)
+
+
+class DurableFolders:
+    """Makes the folders of received files under ``root`` durable before a file in them is
+    acknowledged.
+
+    Each folder from ``root`` down is created if missing and flushed into its parent once
+    per process. A folder found made by someone else is flushed here all the same: its
+    maker may not have flushed it yet, and this thread may acknowledge first.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self._durable: set[Path] = set()
+
+    def make(self, folder: Path) -> None:
+        """Create ``folder`` (under the root) and its parents as needed, all durable."""
+        if folder in self._durable and folder.is_dir():
+            return
+        if self._root not in self._durable or not self._root.is_dir():
+            make_folders(self._root)
+            self._durable.add(self._root)
+        for relative in _prefixes(folder, self._root):
+            each = self._root / relative
+            if each in self._durable and each.is_dir():
+                continue
+            with contextlib.suppress(FileExistsError):
+                each.mkdir()
+            _fsync_directory(each.parent)
+            self._durable.add(each)
+
+
+def _prefixes(folder: Path, root: Path) -> list[Path]:
+    """``a``, ``a/b``, ``a/b/c`` for ``root/a/b/c``; ValueError if it is not under root."""
+    parts = folder.relative_to(root).parts
+    return [Path(*parts[: index + 1]) for index in range(len(parts))]
+
+
 def _fsync_directory(folder: Path) -> None:
-    # The rename is only durable once the directory entry itself is on disk.
+    # A new entry (a renamed or linked file, a new folder) is durable only once the
+    # folder holding it is flushed.
     descriptor = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(descriptor)

@@ -57,6 +57,21 @@ def test_every_problem_is_reported_with_its_key(tmp_path):
     assert len(found) == 4
 
 
+def test_connection_timeouts_are_checked_by_name(tmp_path):
+    found = problems(
+        tmp_path,
+        VALID.replace(
+            "port = 11112",
+            "port = 11112\npdu_timeout_seconds = 0\nassociation_request_timeout_seconds = -1",
+        ),
+    )
+    assert [p.split(":")[0] for p in found] == [
+        "node.pdu_timeout_seconds = 0",
+        "node.association_request_timeout_seconds = -1",
+    ]
+    assert all("greater than 0" in p for p in found)
+
+
 def test_route_to_unknown_destination(tmp_path):
     found = problems(tmp_path, VALID.replace('destinations = ["pacs"]', 'destinations = ["pacz"]'))
     assert found == [

@@ -101,13 +101,14 @@ def test_echo_and_duplicate(node, tmp_path):
     assert rows(node, "select count(*) from instance") == [(3,)]
 
 
-def test_a_duplicate_under_other_series_uids_leaves_no_second_file(node):
+def test_a_resend_under_other_series_uids_is_refused_and_leaves_no_second_file(node):
     (original,) = mr_series(1)
     assert send([original], node.port) == [(0, "")]
     moved = mr_series(1)[0]
     moved.SOPInstanceUID = original.SOPInstanceUID  # re-sent with other study/series UIDs
     moved.file_meta.MediaStorageSOPInstanceUID = original.SOPInstanceUID
-    assert send([moved], node.port) == [(0, "")]
+    ((status, comment),) = send([moved], node.port)
+    assert status == 0x0111 and original.SOPInstanceUID in comment  # Duplicate SOP Instance
     spool = node.config.parent / "spool"
     (stored,) = list(spool.rglob("*.dcm"))
     assert original.SeriesInstanceUID in str(stored)

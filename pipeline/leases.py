@@ -1,0 +1,109 @@
+"""Who holds a lease: a process, named by its host, its pid and when it started.
+
+A pid alone does not name a process: after a crash and a restart, or a reboot, the same
+pid may belong to another process, the dead one's own successor included. Linux gives a
+process its start time (clock ticks since boot, field 22 of /proc/<pid>/stat) and each boot
+an id (/proc/sys/kernel/random/boot_id); with the pid they name one process for good.
+Where /proc is missing, the start is unknown and a holder counts as alive while a process
+of its pid exists.
+
+A process can tell only whether a process of its own host is alive: a lease held on
+another host runs out by itself (PostgreSQL shared by several machines).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+PROC = Path("/proc")
+
+
+class Holder(enum.StrEnum):
+    """What can be told of a lease's holder from this process."""
+
+    ALIVE = "alive"
+    GONE = "gone"  # no such process on this host any more: its lease can be taken back
+    ELSEWHERE = "elsewhere"  # on another host: its lease runs out by itself
+
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    """One process of one machine, for good."""
+
+    host: str
+    pid: int
+    start: str | None  # "<boot id>/<start ticks>"; None where /proc cannot say
+
+
+def lease_values(owner: str, expires_at: datetime) -> dict[str, Any]:
+    """The lease columns of a row this process claims for ``owner`` (pipeline.db.Leased)."""
+    process = this_process()
+    return {
+        "lease_owner": owner,
+        "lease_expires_at": expires_at,
+        "lease_host": process.host,
+        "lease_pid": process.pid,
+        "lease_process_start": process.start,
+    }
+
+
+def this_process() -> ProcessIdentity:
+    """The calling process (its pid changes across a fork, its identity with it)."""
+    return _identity(os.getpid())
+
+
+@cache
+def _identity(pid: int) -> ProcessIdentity:
+    return ProcessIdentity(socket.gethostname(), pid, _started(pid))
+
+
+def holder_state(host: str | None, pid: int | None, start: str | None) -> Holder:
+    """Whether the process recorded as (``host``, ``pid``, ``start``) still runs."""
+    if host != socket.gethostname() or pid is None:
+        return Holder.ELSEWHERE
+    if not (PROC / "self" / "stat").exists():
+        return Holder.ALIVE if _pid_exists(pid) else Holder.GONE
+    now = _started(pid)
+    if now is None:
+        return Holder.GONE
+    # Without a recorded start a reused pid cannot be told from the holder: assume it is.
+    return Holder.ALIVE if start is None or now == start else Holder.GONE
+
+
+def _started(pid: int) -> str | None:
+    """``<boot id>/<start ticks>`` of a running process, None if none runs under ``pid``
+    (a zombie has died: only its exit status is left) or /proc cannot say."""
+    try:
+        stat = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    # The command name, in parentheses, may hold spaces: the fields follow its last ")".
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return f"{_boot_id()}/{fields[19]}"  # field 22 is the 20th after the name
+
+
+@cache
+def _boot_id() -> str:
+    try:
+        return (PROC / "sys" / "kernel" / "random" / "boot_id").read_text().strip()
+    except OSError:
+        return "unknown-boot"
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
