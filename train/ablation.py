@@ -86,6 +86,12 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "all-weighted": ("all, painted pixels weighing 5 in the loss", {**_ALL, "lesion_weight": 4.0}),
     "all-l1": ("all, with L1 + SSIM instead of MSE + SSIM", {**_ALL, "loss": "l1+ssim"}),
     "all-long": ("all, trained twice as long (24 x 150 steps)", {**_ALL, "epochs": 24}),
+    "v4-long": ("v4, trained twice as long (24 x 150 steps)", {**_V4, "epochs": 24}),
+    "v5": (
+        "the v5 recipe: v4 + neighbours 3 mm, painted lesions, thick slabs, lesion "
+        "oversampling, 24 x 150 steps",
+        {**_ALL, "epochs": 24},
+    ),
     "all-b16": ("all, base width 16", {**_ALL, "base_width": 16}),
 }
 # Keys of a configuration that are the network's arguments rather than TrainSettings fields.
