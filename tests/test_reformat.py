@@ -129,7 +129,10 @@ def test_a_sagittal_export_of_a_3d_t1_gets_the_synthetic_t2_of_its_axial_origina
             (float(ds.ImagePositionPatient[2]) - axial.positions[0][2]) / axial.slice_spacing
         )
         assert top == axial.pixels.shape[0] - 1  # the first row is the highest slice
-        np.testing.assert_array_equal(ds.pixel_array[::-1], expected[:, :, x])
+        # The neighbouring slices the model sees are placed from the axial headers' positions
+        # in one case and from the grid's spacing in the other: equal to float precision,
+        # which can move a rounded stored value by one level of 4096.
+        np.testing.assert_allclose(ds.pixel_array[::-1], expected[:, :, x], rtol=0, atol=1)
 
 
 def test_pixels_near_the_models_size_go_in_as_they_are_and_others_are_resized():
@@ -159,8 +162,9 @@ def test_a_slice_with_half_size_pixels_gets_the_synthetic_it_gets_at_the_models_
     # 0.5 mm would show it. Unresampled, the network sees the brain at twice its size.
     t1 = load_series(sorted((mr_brain / "brats-met-00110" / "03_t1").glob("*.dcm")))
     slices = t1.pixels[60:90:6]
+    offsets = t1.slice_offsets[60:90:6]
     synthesizer = Synthesizer(load_model(ModelRegistry(SHIPPED_MODELS).active_path("t1-to-t2")))
-    at_model_size = synthesizer.synthesize(slices, (1.0, 1.0))
+    at_model_size = synthesizer.synthesize(slices, (1.0, 1.0), offsets)
     fine = resize_slices(slices, (479, 479))  # 240 pixels of 1 mm as 0.5 mm ones
     head = head_mask(slices)
 
@@ -168,6 +172,6 @@ def test_a_slice_with_half_size_pixels_gets_the_synthetic_it_gets_at_the_models_
         back = resize_slices(fine_output, slices.shape[1:])
         return float(np.corrcoef(back[head], at_model_size[head])[0, 1])
 
-    resampled = agreement(synthesizer.synthesize(fine, (0.5, 0.5)))
-    as_it_is = agreement(synthesizer.synthesize(fine, (1.0, 1.0)))  # as if 1 mm pixels
+    resampled = agreement(synthesizer.synthesize(fine, (0.5, 0.5), offsets))
+    as_it_is = agreement(synthesizer.synthesize(fine, (1.0, 1.0), offsets))  # as if 1 mm
     assert resampled > 0.95 > 0.85 > as_it_is

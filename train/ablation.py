@@ -87,6 +87,11 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "all-l1": ("all, with L1 + SSIM instead of MSE + SSIM", {**_ALL, "loss": "l1+ssim"}),
     "all-long": ("all, trained twice as long (24 x 150 steps)", {**_ALL, "epochs": 24}),
     "v4-long": ("v4, trained twice as long (24 x 150 steps)", {**_V4, "epochs": 24}),
+    "v5-shortcut": (
+        "v5 plus a learnt affine map of the input added to the output",
+        {**_ALL, "epochs": 24, "input_shortcut": True},
+    ),
+    "v5-b16": ("v5 at base width 16", {**_ALL, "epochs": 24, "base_width": 16}),
     "v5": (
         "the v5 recipe: v4 + neighbours 3 mm, painted lesions, thick slabs, lesion "
         "oversampling, 24 x 150 steps",
