@@ -151,7 +151,7 @@ def _worker(args: argparse.Namespace) -> int:
     import threading
 
     from node.service import build_worker, take_back_leases
-    from pipeline.db import open_database
+    from pipeline.state.db import open_database
 
     config = _load_checked(args.config)
     _setup_logging(config.node.log_level)
@@ -183,9 +183,9 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _retry(args: argparse.Namespace) -> int:
-    from pipeline.db import open_database
-    from pipeline.delivery import retry_delivery
-    from pipeline.jobs import retry_job
+    from pipeline.state.db import open_database
+    from pipeline.state.deliveries import retry_delivery
+    from pipeline.state.jobs import retry_job
 
     config = load_config(args.config)
     sessions = open_database(config.node.database)
@@ -199,15 +199,15 @@ def _retry(args: argparse.Namespace) -> int:
 
 def _translate(args: argparse.Namespace) -> int:
     from node.service import software_version
-    from pipeline.contrast import classify
-    from pipeline.derived import write_series
-    from pipeline.inference import Synthesizer, pick_device
-    from pipeline.modelfile import ModelFileError, load_model
-    from pipeline.registry import ModelRegistry, RegistryError
+    from pipeline.dicom.contrast import classify
+    from pipeline.dicom.derived import write_series
+    from pipeline.dicom.seriesfiles import scan_series
+    from pipeline.dicom.volume import SeriesError
+    from pipeline.model.card import ModelFileError, load_model
+    from pipeline.model.inference import Synthesizer, pick_device
+    from pipeline.model.registry import ModelRegistry, RegistryError
     from pipeline.routing import Direction
-    from pipeline.seriesfiles import scan_series
     from pipeline.synthesis import synthesize_series
-    from pipeline.volume import SeriesError
 
     _setup_logging("WARNING")
     registry = ModelRegistry(load_config(args.config).models.registry) if not args.model else None
@@ -254,7 +254,7 @@ def _translate(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from node.status import collect_status, format_status
-    from pipeline.db import open_database
+    from pipeline.state.db import open_database
 
     config = load_config(args.config)
     status = collect_status(open_database(config.node.database), limit=args.limit)
@@ -272,9 +272,9 @@ def _config_check(args: argparse.Namespace) -> int:
 
 
 def _route(args: argparse.Namespace) -> int:
-    from pipeline.contrast import classify
+    from pipeline.dicom.contrast import classify
+    from pipeline.dicom.seriesfiles import scan_series
     from pipeline.routing import header_keywords, select_route
-    from pipeline.seriesfiles import scan_series
 
     config = load_config(args.config)
     found = scan_series(args.path, header_keywords(config.routes))

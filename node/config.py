@@ -16,10 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy.engine import make_url
 
 from pipeline.completion import CompletionSettings
-from pipeline.delivery import DeliverySettings
 from pipeline.retention import RetentionSettings
 from pipeline.routing import AE_TITLE_PATTERN, Destination, Route
 from pipeline.settings import ModelSettings, WorkerSettings
+from pipeline.state.deliveries import DeliverySettings
 from train.settings import RefreshSettings
 
 DEFAULT_CONFIG = Path("config.toml")
@@ -144,8 +144,8 @@ def check_refresh(config: Config) -> list[str]:
 
 def check_models(config: Config) -> list[str]:
     """Problems with the models the routes name: missing, damaged, or the wrong direction."""
-    from pipeline.modelfile import ModelFileError, describe, load_model
-    from pipeline.registry import ModelRegistry, RegistryError
+    from pipeline.model.card import ModelFileError, describe, load_model
+    from pipeline.model.registry import ModelRegistry, RegistryError
 
     registry = ModelRegistry(config.models.registry)
     problems = []

@@ -13,8 +13,8 @@ from pathlib import Path
 from sqlalchemy.orm import sessionmaker
 
 from node.scu import send_series
-from pipeline.delivery import DeliverySettings, claim_delivery, record_attempt
 from pipeline.routing import Destination
+from pipeline.state.deliveries import DeliverySettings, claim_delivery, record_attempt
 from pipeline.worker import worker_identity
 
 log = logging.getLogger(__name__)

@@ -38,8 +38,8 @@ from pynetdicom.status import (
 )
 
 from node.scp import set_tcp_nodelay
-from pipeline.delivery import SENT, DeliverySettings, is_sent
 from pipeline.routing import Destination
+from pipeline.state.deliveries import SENT, DeliverySettings, is_sent
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
 @dataclass(frozen=True)
 class SendResult:
-    """One attempt's outcome: per SOP Instance UID "sent" (see `pipeline.delivery.is_sent`)
+    """One attempt's outcome: per SOP Instance UID "sent" (see `pipeline.state.deliveries.is_sent`)
     or why not; ``error`` says why the attempt failed, None when every instance was sent."""
 
     results: dict[str, str]

@@ -27,7 +27,12 @@ from node.config import Config
 from node.dispatch import Dispatcher
 from node.scp import StorageSCP
 from pipeline.completion import complete_due_series
-from pipeline.db import (
+from pipeline.intake import recover_unrecorded
+from pipeline.model.registry import ModelRegistry
+from pipeline.retention import purge_finished
+from pipeline.routing import header_keywords
+from pipeline.spool import make_folders, remove_partial_files
+from pipeline.state.db import (
     Delivery,
     DeliveryState,
     Job,
@@ -37,13 +42,8 @@ from pipeline.db import (
     open_database,
     utcnow,
 )
-from pipeline.delivery import take_back_deliveries_of_gone_senders
-from pipeline.intake import recover_unrecorded
-from pipeline.jobs import take_back_jobs_of_gone_workers
-from pipeline.registry import ModelRegistry
-from pipeline.retention import purge_finished
-from pipeline.routing import header_keywords
-from pipeline.spool import make_folders, remove_partial_files
+from pipeline.state.deliveries import take_back_deliveries_of_gone_senders
+from pipeline.state.jobs import take_back_jobs_of_gone_workers
 from pipeline.worker import Worker
 
 log = logging.getLogger(__name__)

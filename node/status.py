@@ -8,8 +8,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from pipeline.db import Delivery, Job, Leased, Series
-from pipeline.leases import Holder, holder_state
+from pipeline.state.db import Delivery, Job, Leased, Series
+from pipeline.state.leases import Holder, holder_state
 
 
 def collect_status(sessions: sessionmaker, limit: int = 200) -> dict[str, Any]:

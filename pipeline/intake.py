@@ -21,11 +21,11 @@ from pydicom.uid import UID
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.contrast import classify
-from pipeline.db import Instance, Job, JobState, Series, SeriesState, utcnow
-from pipeline.header import extract_header
+from pipeline.dicom.contrast import classify
+from pipeline.dicom.header import extract_header
 from pipeline.redact import redact
 from pipeline.spool import InvalidUID, check_uid
+from pipeline.state.db import Instance, Job, JobState, Series, SeriesState, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class InstanceFacts:
     header_keywords: tuple[str, ...] = ()
 
     def header(self) -> dict[str, Any]:
-        """The header fields routing and classification read (see pipeline.header)."""
+        """The header fields routing and classification read (see pipeline.dicom.header)."""
         return extract_header(self.dataset, self.header_keywords)
 
     def relative_path(self) -> Path:

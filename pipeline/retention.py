@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from pipeline.db import DeliveryState, JobState, Series, SeriesState, utcnow
+from pipeline.state.db import DeliveryState, JobState, Series, SeriesState, utcnow
 
 log = logging.getLogger(__name__)
 

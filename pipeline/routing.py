@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydicom.datadict import tag_for_keyword
 
-from pipeline.contrast import Contrast
+from pipeline.dicom.contrast import Contrast
 
 # AE titles: 1-16 characters of the default character repertoire, no backslash or control.
 AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"

@@ -13,13 +13,13 @@ from pathlib import Path
 
 from pydicom import Dataset
 
-from pipeline.derived import ModelIdentity, build_synthetic_series, derived_series_uid
-from pipeline.inference import Synthesizer
-from pipeline.modelfile import ModelFileError, describe
-from pipeline.preprocess import to_stored_pixels
-from pipeline.reformat import axial_view
+from pipeline.dicom.derived import ModelIdentity, build_synthetic_series, derived_series_uid
+from pipeline.dicom.reformat import axial_view
+from pipeline.dicom.volume import load_series
+from pipeline.model.card import ModelFileError, describe
+from pipeline.model.inference import Synthesizer
+from pipeline.model.preprocess import to_stored_pixels
 from pipeline.routing import Direction
-from pipeline.volume import load_series
 
 
 @dataclass(frozen=True)

@@ -19,15 +19,15 @@ from pathlib import Path
 import torch
 from sqlalchemy.orm import sessionmaker
 
-from pipeline.derived import write_series
-from pipeline.inference import Synthesizer, pick_device
-from pipeline.jobs import ClaimedJob, claim_job, fail_job, finish_job
-from pipeline.modelfile import ModelFileError, describe, load_model
-from pipeline.registry import ModelRegistry, RegistryError
+from pipeline.dicom.derived import write_series
+from pipeline.dicom.volume import SeriesError
+from pipeline.model.card import ModelFileError, describe, load_model
+from pipeline.model.inference import Synthesizer, pick_device
+from pipeline.model.registry import ModelRegistry, RegistryError
 from pipeline.routing import Direction
 from pipeline.settings import WorkerSettings
+from pipeline.state.jobs import ClaimedJob, claim_job, fail_job, finish_job
 from pipeline.synthesis import synthesize_series
-from pipeline.volume import SeriesError
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import json
 
 import pydicom
 
-from pipeline.db import Job, JobState, open_database
+from pipeline.state.db import Job, JobState, open_database
 from tests.dicomgen import mr_series
 from tests.models import make_registry
 from tests.nodeproc import free_port, routes_toml, run_dicomnode

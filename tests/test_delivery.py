@@ -12,8 +12,9 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import MRImageStorage
 
 from node.scu import echo, send_series
-from pipeline.db import Delivery, Job, JobState, Series, open_database, utcnow
-from pipeline.delivery import (
+from pipeline.routing import Destination
+from pipeline.state.db import Delivery, Job, JobState, Series, open_database, utcnow
+from pipeline.state.deliveries import (
     DeliverySettings,
     backoff_ceiling,
     claim_delivery,
@@ -21,7 +22,6 @@ from pipeline.delivery import (
     record_attempt,
     retry_delivery,
 )
-from pipeline.routing import Destination
 from tests.dicomgen import mr_series, write
 from tests.nodeproc import free_port
 from tests.peers import Orthanc

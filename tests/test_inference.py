@@ -9,9 +9,9 @@ import pydicom
 import pytest
 import torch
 
-from pipeline.inference import Synthesizer, pick_device, slices_per_batch
-from pipeline.modelfile import LoadedModel, ModelCard, load_model, save_model
-from pipeline.preprocess import (
+from pipeline.model.card import LoadedModel, ModelCard, load_model, save_model
+from pipeline.model.inference import Synthesizer, pick_device, slices_per_batch
+from pipeline.model.preprocess import (
     NORMALIZATIONS,
     OUTPUT_CEILING,
     STORED_MAX,
@@ -21,7 +21,7 @@ from pipeline.preprocess import (
     normalize_volume,
     to_stored_pixels,
 )
-from pipeline.unet import UNet
+from pipeline.model.unet import UNet
 
 
 def read_series(folder: Path) -> np.ndarray:

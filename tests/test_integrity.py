@@ -18,7 +18,7 @@ from pynetdicom.sop_class import Verification
 
 from node.config import NodeSettings
 from node.scp import StorageSCP
-from pipeline.db import open_database
+from pipeline.state.db import open_database
 from tests import rawdicom
 from tests.dicomgen import mr_series, write
 from tests.models import make_registry

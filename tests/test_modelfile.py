@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.modelfile import (
+from pipeline.model.card import (
     FORMAT,
     ModelCard,
     ModelFileError,
@@ -17,7 +17,7 @@ from pipeline.modelfile import (
     save_model,
     weights_checksum,
 )
-from pipeline.unet import UNet
+from pipeline.model.unet import UNet
 
 ARGUMENTS = {"in_channels": 3, "base_width": 4, "depth": 2}
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.modelfile import ModelCard, save_model
-from pipeline.registry import ModelRegistry
-from pipeline.unet import DEFAULT_ARGUMENTS, UNet
+from pipeline.model.card import ModelCard, save_model
+from pipeline.model.registry import ModelRegistry
+from pipeline.model.unet import DEFAULT_ARGUMENTS, UNet
 from train.commands import add_commands, network_arguments, registry_root
 
 

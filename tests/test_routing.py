@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from pipeline.contrast import Contrast
+from pipeline.dicom.contrast import Contrast
 from pipeline.routing import Direction, Route, header_keywords, select_route
 
 T1_HEADER = {

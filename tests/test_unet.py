@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.unet import DEFAULT_ARGUMENTS, UNet
+from pipeline.model.unet import DEFAULT_ARGUMENTS, UNet
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from pipeline.volume import SeriesError, load_series
+from pipeline.dicom.volume import SeriesError, load_series
 from tests.dicomgen import enhanced_mr
 
 AXIAL = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]

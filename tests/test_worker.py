@@ -9,15 +9,15 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from pipeline.completion import CompletionSettings, complete_due_series
-from pipeline.db import Delivery, Job, open_database, utcnow
-from pipeline.derived import encode
+from pipeline.dicom.derived import encode
 from pipeline.intake import inspect_instance, record_instance
-from pipeline.jobs import claim_job, finish_job
-from pipeline.registry import ModelRegistry
+from pipeline.model.registry import ModelRegistry
 from pipeline.retention import RetentionSettings, purge_finished
 from pipeline.routing import Route
 from pipeline.settings import WorkerSettings
 from pipeline.spool import write_atomically
+from pipeline.state.db import Delivery, Job, open_database, utcnow
+from pipeline.state.jobs import claim_job, finish_job
 from pipeline.worker import Worker
 from tests.dicomgen import enhanced_mr, mr_series
 from tests.models import add_model, make_registry

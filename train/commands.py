@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.preprocess import NORMALIZATIONS
+from pipeline.model.preprocess import NORMALIZATIONS
 from pipeline.routing import Direction
 
 DEFAULT_CONFIG = Path("config.toml")
@@ -102,7 +102,7 @@ def add_commands(subparsers: Any) -> None:
         help="in-plane pixel size the model learns at: slices far from it are resampled, in "
         f"training and at inference (default {TrainSettings.pixel_spacing_mm})",
     )
-    shipped = " (default: the shipped models', pipeline.unet.DEFAULT_ARGUMENTS)"
+    shipped = " (default: the shipped models', pipeline.model.unet.DEFAULT_ARGUMENTS)"
     train.add_argument("--base-width", type=int, help="channels of the first level" + shipped)
     train.add_argument("--depth", type=int, help="number of poolings" + shipped)
     train.add_argument("--dropout", type=float, help="dropout probability" + shipped)
@@ -239,8 +239,8 @@ def registry_root(config: Path, override: Path | None) -> Path:
 
 def network_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """The U-Net's arguments: the shipped models' (DEFAULT_ARGUMENTS) with the options given."""
-    from pipeline.preprocess import input_channels
-    from pipeline.unet import DEFAULT_ARGUMENTS
+    from pipeline.model.preprocess import input_channels
+    from pipeline.model.unet import DEFAULT_ARGUMENTS
 
     given = {
         "base_width": args.base_width,
@@ -261,8 +261,8 @@ def network_arguments(args: argparse.Namespace) -> dict[str, Any]:
 def _train(args: argparse.Namespace) -> int:
     import torch
 
-    from pipeline.modelfile import ModelFileError
-    from pipeline.registry import ModelRegistry, RegistryError
+    from pipeline.model.card import ModelFileError
+    from pipeline.model.registry import ModelRegistry, RegistryError
     from train.lesions import LesionMasks
     from train.trainer import TrainSettings, console_progress
     from train.workflow import TrainRequest, load_reference_metrics, run_training
@@ -336,12 +336,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from pipeline.inference import Synthesizer
-    from pipeline.modelfile import ModelFileError
-    from pipeline.preprocess import head_mask, to_stored_pixels
-    from pipeline.reformat import axial_volume
-    from pipeline.registry import RegistryError
-    from pipeline.volume import SeriesError, load_series
+    from pipeline.dicom.reformat import axial_volume
+    from pipeline.dicom.volume import SeriesError, load_series
+    from pipeline.model.card import ModelFileError
+    from pipeline.model.inference import Synthesizer
+    from pipeline.model.preprocess import head_mask, to_stored_pixels
+    from pipeline.model.registry import RegistryError
     from train.evaluate import evaluate, format_table
     from train.figures import save_comparison
     from train.lesions import LesionMaskError, LesionMasks
@@ -422,9 +422,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _load_named_model(spec: str, root: Path) -> Any:
-    from pipeline.inference import pick_device
-    from pipeline.modelfile import load_model
-    from pipeline.registry import ModelRegistry
+    from pipeline.model.card import load_model
+    from pipeline.model.inference import pick_device
+    from pipeline.model.registry import ModelRegistry
 
     if Path(spec).is_file():
         return load_model(Path(spec), pick_device())
@@ -435,7 +435,7 @@ def _load_named_model(spec: str, root: Path) -> Any:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from pipeline.registry import ModelRegistry, RegistryError
+    from pipeline.model.registry import ModelRegistry, RegistryError
 
     registry = ModelRegistry(registry_root(args.config, args.registry))
     names = registry.names()
@@ -460,8 +460,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _activate(args: argparse.Namespace) -> int:
-    from pipeline.modelfile import ModelFileError
-    from pipeline.registry import ModelRegistry, RegistryError
+    from pipeline.model.card import ModelFileError
+    from pipeline.model.registry import ModelRegistry, RegistryError
 
     registry = ModelRegistry(registry_root(args.config, args.registry))
     try:
@@ -474,7 +474,7 @@ def _activate(args: argparse.Namespace) -> int:
 
 
 def _read_card(registry: Any, name: str, version: str) -> dict[str, Any]:
-    from pipeline.modelfile import ModelFileError, load_model
+    from pipeline.model.card import ModelFileError, load_model
 
     # The readable copy beside the model; the model file itself when it is missing.
     readable = registry.path(name, version).with_suffix(".json")

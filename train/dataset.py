@@ -1,6 +1,6 @@
 """Training data: paired volumes normalised as inference will see them, sampled as crops.
 
-The source is normalised over its whole series, exactly as ``pipeline.inference`` does
+The source is normalised over its whole series, exactly as ``pipeline.model.inference`` does
 before it runs the network, and only then are the usable slices picked, with the
 neighbouring slices a 2.5-D model sees; the target is normalised over its whole series
 too, with the normalisation the model's output is in.
@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import ndimage
 
-from pipeline.contrast import Contrast
-from pipeline.preprocess import model_input, neighbour_slices, normalize_volume
+from pipeline.dicom.contrast import Contrast
+from pipeline.model.preprocess import model_input, neighbour_slices, normalize_volume
 from pipeline.routing import Direction
 from train.augment import AugmentSettings, augment_intensity, crop_pair
 from train.lesionpaint import FluidLevels, fluid_levels, paint_lesions

@@ -1,7 +1,7 @@
 """Evaluating a model on paired studies through the node's own inference path.
 
-Every source series goes whole through ``pipeline.inference.Synthesizer`` and
-``pipeline.preprocess.to_stored_pixels``, as a job would, and what the node would send is
+Every source series goes whole through ``pipeline.model.inference.Synthesizer`` and
+``pipeline.model.preprocess.to_stored_pixels``, as a job would, and what the node would send is
 compared with the real target on the usable slices (see
 ``train.pairs``): per study, per patient (slices of all its studies pooled) and overall
 (the mean of the patients, so a patient with two studies does not count twice). Beside
@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.inference import Synthesizer
-from pipeline.modelfile import LoadedModel, describe
-from pipeline.preprocess import normalize_volume, to_stored_pixels
+from pipeline.model.card import LoadedModel, describe
+from pipeline.model.inference import Synthesizer
+from pipeline.model.preprocess import normalize_volume, to_stored_pixels
 from train.metrics import (
     LesionFidelity,
     collapse_check,

@@ -25,9 +25,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from scipy import ndimage
 
-from pipeline.preprocess import foreground_threshold
+from pipeline.dicom.volume import SeriesError
+from pipeline.model.preprocess import foreground_threshold
 from pipeline.routing import Direction
-from pipeline.volume import SeriesError
 from train.figures import pick_slices
 from train.metrics import minmax_slices
 from train.pairs import find_pairs, load_pair

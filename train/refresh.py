@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 
-from pipeline.modelfile import describe
-from pipeline.registry import ModelRegistry
-from pipeline.unet import DEFAULT_ARGUMENTS
+from pipeline.model.card import describe
+from pipeline.model.registry import ModelRegistry
+from pipeline.model.unet import DEFAULT_ARGUMENTS
 from train.settings import RefreshSettings
 from train.trainer import TrainSettings
 from train.workflow import TrainRequest, run_training

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.inference import pick_device
-from pipeline.preprocess import NORMALIZATIONS, input_channels, normalized_ceiling
+from pipeline.model.inference import pick_device
+from pipeline.model.preprocess import NORMALIZATIONS, input_channels, normalized_ceiling
+from pipeline.model.unet import DEFAULT_ARGUMENTS, UNet
 from pipeline.routing import Direction
 from pipeline.spool import write_atomically
-from pipeline.unet import DEFAULT_ARGUMENTS, UNet
 from train.augment import AugmentSettings
 from train.dataset import TrainingStudy, network_input, sample_batch
 from train.metrics import (
@@ -57,7 +57,7 @@ class TrainSettings:
     # The targets' normalisation, i.e. the output's space; None: the same as the input's.
     target_normalization: str | None = "percentile-volume"
     # In-plane pixel size (mm) the slices are resampled to where theirs is far from it
-    # (pipeline.reformat): the training data's own, about 1 mm.
+    # (pipeline.dicom.reformat): the training data's own, about 1 mm.
     pixel_spacing_mm: float = 1.0
     # The network also sees the slices this far (mm) below and above; None: 2-D.
     neighbour_distance_mm: float | None = None

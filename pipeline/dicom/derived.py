@@ -63,8 +63,8 @@ from pydicom.uid import (
     MRImageStorage,
 )
 
+from pipeline.dicom.volume import Volume
 from pipeline.spool import check_uid, write_atomically
-from pipeline.volume import Volume
 
 CONTRASTS = ("T1", "T2")
 SERIES_NUMBER_OFFSET = 1000

@@ -1,6 +1,6 @@
 """Which contrast a series has, from the physics in its header.
 
-``classify`` reads the dict of ``pipeline.header.extract_header`` and decides in this order:
+``classify`` reads the dict of ``pipeline.dicom.header.extract_header`` and decides in this order:
 
 1. Not a weighted image of the brain -> OTHER: another modality or SOP class, DERIVED or
    SECONDARY images (reformats, maps, our own synthetic output), phase/real/imaginary,

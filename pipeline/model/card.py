@@ -17,9 +17,9 @@ from typing import Any, Protocol
 
 import torch
 
-from pipeline.preprocess import NORMALIZATIONS, input_channels
+from pipeline.model.preprocess import NORMALIZATIONS, input_channels
+from pipeline.model.unet import UNet
 from pipeline.spool import write_atomically
-from pipeline.unet import UNet
 
 FORMAT = "dicomnode-model/1"
 DIRECTIONS = ("t1-to-t2", "t2-to-t1")
@@ -52,7 +52,7 @@ class ModelCard:
     # pixels are far from it. Every model before this field learnt at 0.88-1 mm.
     pixel_spacing_mm: float = 1.0
     # With a distance (mm), the network also sees the slices that far below and above each
-    # slice (pipeline.preprocess.neighbour_slices); None: each slice alone (every model
+    # slice (pipeline.model.preprocess.neighbour_slices); None: each slice alone (every model
     # before this field).
     neighbour_distance_mm: float | None = None
     architecture: str = "unet"

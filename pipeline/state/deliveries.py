@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.db import Delivery, DeliveryState, Job, utcnow
-from pipeline.leases import Holder, holder_state, lease_values, this_process
+from pipeline.state.db import Delivery, DeliveryState, Job, utcnow
+from pipeline.state.leases import Holder, holder_state, lease_values, this_process
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.db import Delivery, DeliveryState, Instance, Job, JobState, Series, utcnow
-from pipeline.delivery import create_deliveries, retry_delivery
-from pipeline.leases import Holder, holder_state, lease_values, this_process
 from pipeline.routing import Route
+from pipeline.state.db import Delivery, DeliveryState, Instance, Job, JobState, Series, utcnow
+from pipeline.state.deliveries import create_deliveries, retry_delivery
+from pipeline.state.leases import Holder, holder_state, lease_values, this_process
 
 log = logging.getLogger(__name__)
 

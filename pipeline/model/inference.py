@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from pipeline.modelfile import LoadedModel
-from pipeline.preprocess import head_mask, model_input, neighbour_slices, normalize_volume
-from pipeline.reformat import resize_slices, working_shape
+from pipeline.dicom.reformat import resize_slices, working_shape
+from pipeline.model.card import LoadedModel
+from pipeline.model.preprocess import head_mask, model_input, neighbour_slices, normalize_volume
 
 # CPU batches: the first level's feature maps of one batch should stay within about this
 # many bytes, so that a convolution's output is still in cache when the next one reads it.
@@ -88,7 +88,7 @@ class Synthesizer:
         ``volume`` is the rescaled float32 source series (slices, rows, columns) and
         ``pixel_spacing`` its (between rows, between columns) in mm: slices whose pixels are
         far from the size the model learnt go through the network resampled to it
-        (``pipeline.reformat``), and the output comes back on the volume's grid.
+        (``pipeline.dicom.reformat``), and the output comes back on the volume's grid.
         ``slice_offsets`` are the slices' positions along the normal (mm, ascending), which
         a model that sees neighbouring slices needs.
         Outside the source's head the output is 0: air is dark in every MR contrast, and a

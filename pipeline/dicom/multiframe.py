@@ -7,7 +7,7 @@ this way. Each frame becomes a header with those attributes where a classic imag
 so that ordering, the geometry checks, synthesis and the derived series treat both kinds the
 same; the frame's number stays with it, because the synthetic image must reference it.
 
-Headers only: ``pipeline.volume`` decodes the pixels, and turns the ValueErrors raised here
+Headers only: ``pipeline.dicom.volume`` decodes the pixels, and turns the ValueErrors raised here
 into its SeriesError, naming the file.
 """
 

@@ -43,7 +43,7 @@ class ProcessIdentity:
 
 
 def lease_values(owner: str, expires_at: datetime) -> dict[str, Any]:
-    """The lease columns of a row this process claims for ``owner`` (pipeline.db.Leased)."""
+    """The lease columns of a row this process claims for ``owner`` (pipeline.state.db.Leased)."""
     process = this_process()
     return {
         "lease_owner": owner,

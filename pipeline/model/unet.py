@@ -6,8 +6,8 @@ feature map concatenated onto the decoder's, a final 1x1 convolution. With
 ``skip_connections=False`` the same class is the paper's encoder-decoder baseline; with
 ``in_channels=1`` (no Sobel gradient channels) it is the plain U-Net baseline.
 
-No training or I/O code lives here: the pre/post-processing is ``pipeline.preprocess``, model
-files are ``pipeline.modelfile``.
+No training or I/O code lives here: the pre/post-processing is ``pipeline.model.preprocess``, model
+files are ``pipeline.model.card``.
 """
 
 from __future__ import annotations

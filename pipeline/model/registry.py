@@ -3,7 +3,7 @@
 Layout under the registry folder (``[models] registry`` in config.toml)::
 
     t1-to-t2/
-        v1.pt        a model file (weights and card, see pipeline.modelfile)
+        v1.pt        a model file (weights and card, see pipeline.model.card)
         v1.json      the same card, readable (written beside each model)
         ACTIVE       the active version's name, e.g. "v1"
 
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from pipeline.spool import write_atomically
 
 if TYPE_CHECKING:
-    from pipeline.modelfile import ModelCard
+    from pipeline.model.card import ModelCard
 
 MODEL_SUFFIX = ".pt"
 ACTIVE_FILE = "ACTIVE"
@@ -75,7 +75,7 @@ class ModelRegistry:
         if not path.is_file():
             known = ", ".join(self.versions(name)) or "none"
             raise RegistryError(f"model {name!r} has no version {version!r} (versions: {known})")
-        from pipeline.modelfile import load_model  # torch: only when a model is activated
+        from pipeline.model.card import load_model  # torch: only when a model is activated
 
         load_model(path)  # raises ModelFileError for a damaged file: never activate one
         write_atomically(self._folder(name) / ACTIVE_FILE, (version + "\n").encode())
