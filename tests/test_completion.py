@@ -11,7 +11,7 @@ from pipeline.completion import CompletionSettings, complete_due_series
 from pipeline.intake import InstanceRefused, inspect_instance, record_instance
 from pipeline.routing import Route
 from pipeline.state.db import Job, JobState, Series, open_database, utcnow
-from tests.dicomgen import mr_series
+from tests.support.dicomgen import mr_series
 
 ROUTES = [
     Route(name="t1", direction="t1-to-t2", destinations=["pacs"]),

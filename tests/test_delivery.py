@@ -22,9 +22,9 @@ from pipeline.state.deliveries import (
     record_attempt,
     retry_delivery,
 )
-from tests.dicomgen import mr_series, write
-from tests.nodeproc import free_port
-from tests.peers import Orthanc
+from tests.support.dicomgen import mr_series, write
+from tests.support.nodeproc import free_port
+from tests.support.peers import Orthanc
 
 SETTINGS = DeliverySettings(backoff_seconds=1, backoff_max_seconds=8, max_attempts=6)
 FAST = DeliverySettings(timeout_seconds=1, lease_seconds=10)

@@ -21,8 +21,8 @@ from pipeline.dicom.derived import (
 )
 from pipeline.dicom.volume import Volume, load_series
 from pipeline.spool import InvalidUID, check_uid
-from tests.dicomgen import enhanced_mr
-from tests.validators import assert_dciodvfy_finds_no_error
+from tests.support.dicomgen import enhanced_mr
+from tests.support.validators import assert_dciodvfy_finds_no_error
 
 MODEL = ModelIdentity(name="unet-t1-to-t2", version="1.2.0", checksum="9f" * 32)
 PATIENT_AND_STUDY = (

@@ -9,12 +9,12 @@ import pytest
 from pydicom import dcmread
 
 from pipeline.dicom.volume import load_series
-from tests.dicomgen import as_sagittal_files, enhanced_mr
-from tests.models import make_registry
-from tests.nodeproc import NodeProcess, free_port, routes_toml, write_config
-from tests.peers import Orthanc
-from tests.senders import storescu
-from tests.validators import assert_dciodvfy_finds_no_error
+from tests.support.dicomgen import as_sagittal_files, enhanced_mr
+from tests.support.models import make_registry
+from tests.support.nodeproc import NodeProcess, free_port, routes_toml, write_config
+from tests.support.peers import Orthanc
+from tests.support.senders import storescu
+from tests.support.validators import assert_dciodvfy_finds_no_error
 
 NATIVE_T1 = "tcga-fg-6692-native/03_t1"  # 26 oblique slices, with the skull
 

@@ -11,7 +11,7 @@ from pydicom import dcmread
 from pipeline.dicom.contrast import Contrast, classify
 from pipeline.dicom.volume import load_series
 from pipeline.model.preprocess import head_mask
-from tests.dicomgen import as_sagittal_files, enhanced_mr
+from tests.support.dicomgen import as_sagittal_files, enhanced_mr
 from train.pairs import find_pairs, load_pair, patient_label, split_by_patient
 
 

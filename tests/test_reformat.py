@@ -23,7 +23,7 @@ from pipeline.model.preprocess import head_mask
 from pipeline.model.registry import ModelRegistry
 from pipeline.routing import Direction
 from pipeline.synthesis import synthesize_series
-from tests.dicomgen import as_sagittal_files
+from tests.support.dicomgen import as_sagittal_files
 
 SHIPPED_MODELS = Path(__file__).resolve().parents[1] / "models"
 

@@ -19,8 +19,8 @@ from pipeline.spool import write_atomically
 from pipeline.state.db import Delivery, Job, open_database, utcnow
 from pipeline.state.jobs import claim_job, finish_job
 from pipeline.worker import Worker
-from tests.dicomgen import enhanced_mr, mr_series
-from tests.models import add_model, make_registry
+from tests.support.dicomgen import enhanced_mr, mr_series
+from tests.support.models import add_model, make_registry
 
 ROUTES = [Route(name="t1", direction="t1-to-t2", destinations=["pacs", "archive"])]
 SETTINGS = WorkerSettings(max_attempts=2, retry_delay_seconds=0)
