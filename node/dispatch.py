@@ -14,6 +14,7 @@ from sqlalchemy.orm import sessionmaker
 
 from node.scu import send_series
 from pipeline.routing import Destination
+from pipeline.spool import Spool
 from pipeline.state.deliveries import DeliverySettings, claim_delivery, record_attempt
 from pipeline.worker import worker_identity
 
@@ -30,7 +31,7 @@ class Dispatcher:
         calling_ae: str,
     ) -> None:
         self._sessions = sessions
-        self._storage = storage
+        self._spool = Spool(storage)
         self._destinations = destinations
         self._settings = settings
         self._calling_ae = calling_ae
@@ -53,7 +54,7 @@ class Dispatcher:
             elif not claimed.output_path:
                 error, results = "the job has no output to send", {}
             else:
-                files = sorted((self._storage / claimed.output_path).glob("*.dcm"))
+                files = self._spool.series_files(claimed.output_path)
                 outcome = send_series(
                     destination, files, set(claimed.already_sent), self._settings, self._calling_ae
                 )

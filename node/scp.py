@@ -39,9 +39,10 @@ from sqlalchemy.orm import sessionmaker
 
 from node.acceptor import ConnectionLimits, start_server
 from node.config import NodeSettings
+from pipeline.files import DurableFolders, write_new
 from pipeline.intake import InstanceRefused, RefusalKind, inspect_instance, record_instance
 from pipeline.redact import redact
-from pipeline.spool import DurableFolders, stored_data_set, write_new
+from pipeline.spool import Spool, stored_data_set
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class StorageSCP:
     ) -> None:
         self._settings = settings
         self._sessions = sessions
-        self._storage = storage
+        self._spool = Spool(storage)
         self._folders = DurableFolders(storage)
         self._header_keywords = tuple(header_keywords)
         self._on_count_reached = on_count_reached
@@ -276,7 +277,7 @@ class StorageSCP:
 
         received = event.encoded_dataset(include_meta=False)
         data = encode_received(event, calling, received)
-        path = self._storage / facts.relative_path()
+        path = self._spool.path(facts.relative_path())
         try:
             self._folders.make(path.parent)
             created = write_new(path, data)
@@ -308,7 +309,7 @@ class StorageSCP:
             if created and outcome.orphaned_file:
                 path.unlink(missing_ok=True)  # the stored copy, under its first UIDs, stays
             if outcome.stored_path and not _same_data_set(
-                self._storage / outcome.stored_path, received
+                self._spool.path(outcome.stored_path), received
             ):
                 return _conflict(facts.sop_instance_uid)
             return _Answer(0x0000, duplicate=True)

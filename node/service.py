@@ -31,7 +31,7 @@ from pipeline.intake import recover_unrecorded
 from pipeline.model.registry import ModelRegistry
 from pipeline.retention import purge_finished
 from pipeline.routing import header_keywords
-from pipeline.spool import make_folders, remove_partial_files
+from pipeline.spool import Spool
 from pipeline.state.db import (
     Delivery,
     DeliveryState,
@@ -104,7 +104,8 @@ class NodeService:
     def __init__(self, config: Config) -> None:
         self.config = config
         storage = config.node.storage
-        make_folders(storage)
+        self.spool = Spool(storage)
+        self.spool.make()
         self.sessions = open_database(config.node.database)
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.scp = StorageSCP(
@@ -125,7 +126,7 @@ class NodeService:
         self._listening_since = utcnow()
 
     def start(self) -> None:
-        removed = remove_partial_files(self.config.node.storage)
+        removed = self.spool.remove_partial_files()
         if removed:
             log.info("removed %d partial file(s) left by an earlier crash", removed)
         recover_unrecorded(

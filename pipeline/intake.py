@@ -23,8 +23,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.dicom.contrast import classify
 from pipeline.dicom.header import extract_header
+from pipeline.dicom.values import InvalidUID, check_uid
 from pipeline.redact import redact
-from pipeline.spool import InvalidUID, check_uid
+from pipeline.spool import Spool
 from pipeline.state.db import Instance, Job, JobState, Series, SeriesState, utcnow
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class InstanceFacts:
 
     def relative_path(self) -> Path:
         """Where the file goes under the spool; the UIDs were validated for this."""
-        return Path("incoming", self.study_uid, self.series_uid, self.sop_instance_uid + ".dcm")
+        return Spool.instance_file(self.study_uid, self.series_uid, self.sop_instance_uid)
 
 
 def inspect_instance(
@@ -401,13 +402,13 @@ def recover_unrecorded(
     lost with a power failure (the database does not flush every commit). Each file goes
     through the same checks and recording as when it arrived.
     """
-    incoming = storage / "incoming"
-    if not incoming.is_dir():
+    files = Spool(storage).received_files()
+    if not files:
         return 0
     with sessions() as session:
         known = set(session.scalars(select(Instance.path)))
     recovered = 0
-    for path in sorted(incoming.rglob("*.dcm")):
+    for path in files:
         relative = str(path.relative_to(storage))
         if relative in known:
             continue

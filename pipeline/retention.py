@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
+from pipeline.spool import Spool
 from pipeline.state.db import DeliveryState, JobState, Series, SeriesState, utcnow
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ def purge_finished(
     if settings.keep_days == 0:
         return 0
     cutoff = (now or utcnow()) - timedelta(days=settings.keep_days)
+    spool = Spool(storage)
     purged = 0
     with sessions.begin() as session:
         candidates = session.scalars(
@@ -56,8 +58,8 @@ def purge_finished(
         for series in candidates:
             if not _finished(series):
                 continue
-            folders = [storage / "incoming" / series.study_uid / series.series_uid]
-            folders += [storage / job.output_path for job in series.jobs if job.output_path]
+            folders = [spool.series_folder(series.study_uid, series.series_uid)]
+            folders += [spool.path(job.output_path) for job in series.jobs if job.output_path]
             for folder in folders:
                 shutil.rmtree(folder, ignore_errors=True)
             series.purged_at = utcnow()

@@ -26,6 +26,7 @@ from pipeline.model.inference import Synthesizer, pick_device
 from pipeline.model.registry import ModelRegistry, RegistryError
 from pipeline.routing import Direction
 from pipeline.settings import WorkerSettings
+from pipeline.spool import Spool
 from pipeline.state.jobs import ClaimedJob, claim_job, fail_job, finish_job
 from pipeline.synthesis import synthesize_series
 
@@ -49,7 +50,7 @@ class Worker:
         software_version: str,
     ) -> None:
         self._sessions = sessions
-        self._storage = storage
+        self._spool = Spool(storage)
         self._registry = registry
         self._settings = settings
         self._software_version = software_version
@@ -111,14 +112,14 @@ class Worker:
             raise SeriesError("the series has no stored instances")
         synthesizer = self.synthesizer(job.model)
         result = synthesize_series(
-            [self._storage / p for p in job.instance_paths],
+            [self._spool.path(p) for p in job.instance_paths],
             synthesizer,
             Direction(job.direction),
             self._software_version,
         )
-        output_folder = Path("out", f"job-{job.id}")
+        output_folder = Spool.job_folder(job.id)
         started = time.perf_counter()
-        write_series(result.datasets, self._storage / output_folder)
+        write_series(result.datasets, self._spool.path(output_folder))
         timings = result.timings | {
             "write_s": round(time.perf_counter() - started, 3),
             "slices": len(result.datasets),

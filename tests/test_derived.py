@@ -19,8 +19,8 @@ from pipeline.dicom.derived import (
     encode,
     write_series,
 )
+from pipeline.dicom.values import InvalidUID, check_uid
 from pipeline.dicom.volume import Volume, load_series
-from pipeline.spool import InvalidUID, check_uid
 from tests.support.dicomgen import enhanced_mr
 from tests.support.validators import assert_dciodvfy_finds_no_error
 

@@ -10,12 +10,12 @@ from sqlalchemy import select
 
 from pipeline.completion import CompletionSettings, complete_due_series
 from pipeline.dicom.derived import encode
+from pipeline.files import write_atomically
 from pipeline.intake import inspect_instance, record_instance
 from pipeline.model.registry import ModelRegistry
 from pipeline.retention import RetentionSettings, purge_finished
 from pipeline.routing import Route
 from pipeline.settings import WorkerSettings
-from pipeline.spool import write_atomically
 from pipeline.state.db import Delivery, Job, open_database, utcnow
 from pipeline.state.jobs import claim_job, finish_job
 from pipeline.worker import Worker

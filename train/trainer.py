@@ -20,11 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.files import write_atomically
 from pipeline.model.inference import pick_device
 from pipeline.model.preprocess import NORMALIZATIONS, input_channels, normalized_ceiling
 from pipeline.model.unet import DEFAULT_ARGUMENTS, UNet
 from pipeline.routing import Direction
-from pipeline.spool import write_atomically
 from train.augment import AugmentSettings
 from train.dataset import TrainingStudy, network_input, sample_batch
 from train.metrics import (

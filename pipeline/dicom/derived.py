@@ -63,8 +63,9 @@ from pydicom.uid import (
     MRImageStorage,
 )
 
+from pipeline.dicom.values import check_uid
 from pipeline.dicom.volume import Volume
-from pipeline.spool import check_uid, write_atomically
+from pipeline.files import write_atomically
 
 CONTRASTS = ("T1", "T2")
 SERIES_NUMBER_OFFSET = 1000

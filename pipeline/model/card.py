@@ -17,9 +17,9 @@ from typing import Any, Protocol
 
 import torch
 
+from pipeline.files import write_atomically
 from pipeline.model.preprocess import NORMALIZATIONS, input_channels
 from pipeline.model.unet import UNet
-from pipeline.spool import write_atomically
 
 FORMAT = "dicomnode-model/1"
 DIRECTIONS = ("t1-to-t2", "t2-to-t1")

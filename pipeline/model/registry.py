@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.spool import write_atomically
+from pipeline.files import write_atomically
 
 if TYPE_CHECKING:
     from pipeline.model.card import ModelCard
