@@ -16,7 +16,7 @@ from node.scu import send_series
 from pipeline.routing import Destination
 from pipeline.spool import Spool
 from pipeline.state.deliveries import DeliverySettings, claim_delivery, record_attempt
-from pipeline.worker import worker_identity
+from pipeline.state.leases import worker_identity
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,16 @@ import signal
 import threading
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 from tzlocal import get_localzone
+
+if TYPE_CHECKING:
+    from pipeline.worker import Worker
 
 from node.config import Config
 from node.dispatch import Dispatcher
@@ -44,7 +48,6 @@ from pipeline.state.db import (
 )
 from pipeline.state.deliveries import take_back_deliveries_of_gone_senders
 from pipeline.state.jobs import take_back_jobs_of_gone_workers
-from pipeline.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,11 @@ def software_version() -> str:
         return "0+unknown"
 
 
-def build_worker(config: Config, sessions) -> Worker:
+def build_worker(config: Config, sessions: sessionmaker) -> Worker:
+    """A synthesis worker on the node's database, spool and registry. Imports torch (2 s):
+    only a node that runs a worker pays for it."""
+    from pipeline.worker import Worker
+
     return Worker(
         sessions,
         config.node.storage,

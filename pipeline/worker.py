@@ -9,8 +9,6 @@ model is used from the next job on, while a job in flight finishes with the one 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -28,14 +26,10 @@ from pipeline.routing import Direction
 from pipeline.settings import WorkerSettings
 from pipeline.spool import Spool
 from pipeline.state.jobs import ClaimedJob, claim_job, fail_job, finish_job
+from pipeline.state.leases import worker_identity
 from pipeline.synthesis import synthesize_series
 
 log = logging.getLogger(__name__)
-
-
-def worker_identity() -> str:
-    """Who holds a lease: host, process and thread, so an admin can find it."""
-    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 100000}"
 
 
 class Worker:

@@ -16,6 +16,8 @@ from sqlalchemy import JSON, ForeignKey, Index, String, create_engine, event, in
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
+from pipeline.state.leases import Holder, holder_state
+
 
 def utcnow() -> datetime:
     """Now, as a naive UTC datetime (SQLite keeps no time zone; everything here is UTC)."""
@@ -112,11 +114,15 @@ class Leased:
     it. A holder that dies keeps it until the lease runs out, unless a node starting on its
     host finds the process gone (pipeline.state.leases) and takes the row back at once."""
 
-    lease_owner: Mapped[str | None]  # host:pid:thread, for people (pipeline.worker)
+    lease_owner: Mapped[str | None]  # host:pid:thread, for people (leases.worker_identity)
     lease_expires_at: Mapped[datetime | None]
     lease_host: Mapped[str | None]
     lease_pid: Mapped[int | None]
     lease_process_start: Mapped[str | None]  # see pipeline.state.leases.ProcessIdentity
+
+    def holder(self) -> Holder:
+        """Whether the process holding the lease still runs (pipeline.state.leases)."""
+        return holder_state(self.lease_host, self.lease_pid, self.lease_process_start)
 
     def release_lease(self) -> None:
         self.lease_owner = self.lease_expires_at = None

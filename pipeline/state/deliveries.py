@@ -17,14 +17,14 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.state.db import Delivery, DeliveryState, Job, utcnow
-from pipeline.state.leases import Holder, holder_state, lease_values, this_process
+from pipeline.state.leases import claim_oldest, held_by_gone_processes, lease_values
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,7 @@ def claim_delivery(
 ) -> ClaimedDelivery | None:
     """Take the oldest due delivery (pending and due, or sending under an expired lease).
 
-    The conditional UPDATE makes the claim exclusive on any database: of several senders
-    that pick the same row, exactly one changes it.
+    Exclusive on any database (``leases.claim_oldest``): of several senders, one gets it.
     """
     now = now or utcnow()
     claimable = or_(
@@ -119,55 +118,52 @@ def claim_delivery(
         and_(Delivery.state == DeliveryState.SENDING, Delivery.lease_expires_at < now),
     )
     with sessions.begin() as session:
-        candidates = session.scalars(
-            select(Delivery).where(claimable).order_by(Delivery.id).limit(5)
-        ).all()
-        for delivery in candidates:
-            values = {
+        dead_owners = {}
+
+        def values(delivery: Delivery) -> dict[str, Any]:
+            taken = {
                 "state": DeliveryState.SENDING,
                 **lease_values(owner, now + timedelta(seconds=settings.lease_seconds)),
                 "updated_at": now,
             }
-            dead_owner = delivery.lease_owner if delivery.state == DeliveryState.SENDING else None
-            if dead_owner is not None:
+            if delivery.state == DeliveryState.SENDING:
                 # The dead sender's attempt counts, so a series that kills its sender
                 # every time still ends as failed instead of being tried forever.
-                values["attempts"] = delivery.attempts + 1
-                values["reason"] = f"attempt by {dead_owner} did not finish (its lease expired)"
-            taken = session.execute(
-                update(Delivery)
-                .where(Delivery.id == delivery.id, Delivery.state == delivery.state, claimable)
-                .values(**values)
-                .execution_options(synchronize_session=False)
-            ).rowcount
-            if not taken:
-                continue
-            session.refresh(delivery)
-            job = delivery.job
-            outcomes = delivery.instance_results or {}
-            already_sent = frozenset(uid for uid, outcome in outcomes.items() if is_sent(outcome))
-            log.info(
-                "delivery %d: sending series %s of job %d to %s (attempt %d by %s, %d of %s "
-                "instances already sent)%s",
-                delivery.id,
-                job.output_series_uid,
-                job.id,
-                delivery.destination,
-                delivery.attempts + 1,
-                owner,
-                len(already_sent),
-                delivery.instances_total if delivery.instances_total is not None else "?",
-                f"; {dead_owner} held it and stopped" if dead_owner else "",
-            )
-            return ClaimedDelivery(
-                id=delivery.id,
-                job_id=job.id,
-                destination=delivery.destination,
-                output_path=job.output_path,
-                already_sent=already_sent,
-                attempt=delivery.attempts + 1,
-            )
-    return None
+                dead_owners[delivery.id] = delivery.lease_owner
+                taken["attempts"] = delivery.attempts + 1
+                taken["reason"] = (
+                    f"attempt by {delivery.lease_owner} did not finish (its lease expired)"
+                )
+            return taken
+
+        delivery = claim_oldest(session, Delivery, claimable, values)
+        if delivery is None:
+            return None
+        dead_owner = dead_owners.get(delivery.id)
+        job = delivery.job
+        outcomes = delivery.instance_results or {}
+        already_sent = frozenset(uid for uid, outcome in outcomes.items() if is_sent(outcome))
+        log.info(
+            "delivery %d: sending series %s of job %d to %s (attempt %d by %s, %d of %s "
+            "instances already sent)%s",
+            delivery.id,
+            job.output_series_uid,
+            job.id,
+            delivery.destination,
+            delivery.attempts + 1,
+            owner,
+            len(already_sent),
+            delivery.instances_total if delivery.instances_total is not None else "?",
+            f"; {dead_owner} held it and stopped" if dead_owner else "",
+        )
+        return ClaimedDelivery(
+            id=delivery.id,
+            job_id=job.id,
+            destination=delivery.destination,
+            output_path=job.output_path,
+            already_sent=already_sent,
+            attempt=delivery.attempts + 1,
+        )
 
 
 def take_back_deliveries_of_gone_senders(
@@ -180,16 +176,7 @@ def take_back_deliveries_of_gone_senders(
     now = utcnow()
     taken = []
     with sessions.begin() as session:
-        sending = session.scalars(
-            select(Delivery).where(
-                Delivery.state == DeliveryState.SENDING,
-                Delivery.lease_host == this_process().host,
-            )
-        ).all()
-        for delivery in sending:
-            holder = (delivery.lease_host, delivery.lease_pid, delivery.lease_process_start)
-            if holder_state(*holder) != Holder.GONE:
-                continue
+        for delivery in held_by_gone_processes(session, Delivery, DeliveryState.SENDING):
             why = f"attempt by {delivery.lease_owner} did not finish (that process is gone)"
             expired = delivery.lease_expires_at
             delivery.release_lease()

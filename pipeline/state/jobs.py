@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline.routing import Route
 from pipeline.state.db import Delivery, DeliveryState, Instance, Job, JobState, Series, utcnow
 from pipeline.state.deliveries import create_deliveries, retry_delivery
-from pipeline.state.leases import Holder, holder_state, lease_values, this_process
+from pipeline.state.leases import claim_oldest, held_by_gone_processes, lease_values
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,7 @@ def claim_job(
 ) -> ClaimedJob | None:
     """Take the oldest runnable job: queued and due, or running under an expired lease.
 
-    The conditional UPDATE makes the claim exclusive on any database: of several workers
-    that pick the same job, exactly one changes the row.
+    Exclusive on any database (``leases.claim_oldest``): of several workers, one gets it.
     """
     now = now or utcnow()
     runnable = or_(
@@ -69,40 +68,31 @@ def claim_job(
         and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now),
     )
     with sessions.begin() as session:
-        for job in session.scalars(select(Job).where(runnable).order_by(Job.id).limit(5)):
-            taken = session.execute(
-                update(Job)
-                .where(Job.id == job.id, runnable)
-                .values(
-                    state=JobState.RUNNING,
-                    **lease_values(owner, now + timedelta(seconds=lease_seconds)),
-                    attempts=Job.attempts + 1,
-                    started_at=now,
-                    updated_at=now,
-                )
-                .execution_options(synchronize_session=False)
-            ).rowcount
-            if taken:
-                session.refresh(job)
-                paths = session.scalars(
-                    select(Instance.path).where(Instance.series_id == job.series_id)
-                ).all()
-                log.info(
-                    "job %d: running (attempt %d) on %s for series %s",
-                    job.id,
-                    job.attempts,
-                    owner,
-                    job.series.series_uid,
-                )
-                return ClaimedJob(
-                    job.id,
-                    job.series.series_uid,
-                    job.direction,
-                    job.model,
-                    job.attempts,
-                    list(paths),
-                )
-    return None
+        job = claim_oldest(
+            session,
+            Job,
+            runnable,
+            lambda _: {
+                "state": JobState.RUNNING,
+                **lease_values(owner, now + timedelta(seconds=lease_seconds)),
+                "attempts": Job.attempts + 1,
+                "started_at": now,
+                "updated_at": now,
+            },
+        )
+        if job is None:
+            return None
+        paths = session.scalars(select(Instance.path).where(Instance.series_id == job.series_id))
+        log.info(
+            "job %d: running (attempt %d) on %s for series %s",
+            job.id,
+            job.attempts,
+            owner,
+            job.series.series_uid,
+        )
+        return ClaimedJob(
+            job.id, job.series.series_uid, job.direction, job.model, job.attempts, list(paths)
+        )
 
 
 def finish_job(sessions: sessionmaker, job_id: int, owner: str, outcome: dict[str, Any]) -> bool:
@@ -186,12 +176,7 @@ def take_back_jobs_of_gone_workers(sessions: sessionmaker, max_attempts: int) ->
     now = utcnow()
     taken = []
     with sessions.begin() as session:
-        running = session.scalars(
-            select(Job).where(Job.state == JobState.RUNNING, Job.lease_host == this_process().host)
-        ).all()
-        for job in running:
-            if holder_state(job.lease_host, job.lease_pid, job.lease_process_start) != Holder.GONE:
-                continue
+        for job in held_by_gone_processes(session, Job, JobState.RUNNING):
             why = f"its worker {job.lease_owner} stopped while running attempt {job.attempts}"
             expired = job.lease_expires_at
             job.release_lease()

@@ -9,6 +9,9 @@ of its pid exists.
 
 A process can tell only whether a process of its own host is alive: a lease held on
 another host runs out by itself (PostgreSQL shared by several machines).
+
+Jobs and deliveries are both held this way, and both are claimed and taken back through
+``claim_oldest`` and ``held_by_gone_processes``.
 """
 
 from __future__ import annotations
@@ -16,13 +19,26 @@ from __future__ import annotations
 import enum
 import os
 import socket
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import ColumnElement, select, update
+from sqlalchemy.orm import Session
+
+if TYPE_CHECKING:
+    from pipeline.state.db import Leased
 
 PROC = Path("/proc")
+# Rows read per claim: of several holders that read the same oldest row, those that lose it
+# try the next ones instead of coming back empty.
+CANDIDATES = 5
+
+Row = TypeVar("Row", bound="Leased")
 
 
 class Holder(enum.StrEnum):
@@ -42,6 +58,11 @@ class ProcessIdentity:
     start: str | None  # "<boot id>/<start ticks>"; None where /proc cannot say
 
 
+def worker_identity() -> str:
+    """Who holds a lease, for people: host, process and thread, so an admin can find it."""
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 100000}"
+
+
 def lease_values(owner: str, expires_at: datetime) -> dict[str, Any]:
     """The lease columns of a row this process claims for ``owner`` (pipeline.state.db.Leased)."""
     process = this_process()
@@ -52,6 +73,40 @@ def lease_values(owner: str, expires_at: datetime) -> dict[str, Any]:
         "lease_pid": process.pid,
         "lease_process_start": process.start,
     }
+
+
+def claim_oldest(
+    session: Session,
+    table: type[Row],
+    claimable: ColumnElement[bool],
+    values: Callable[[Row], dict[str, Any]],
+) -> Row | None:
+    """Take the oldest row of ``table`` that ``claimable`` selects, in the caller's
+    transaction, setting the columns ``values`` gives for the row as it was read.
+
+    The conditional UPDATE (the row still in the state it was read in, and still
+    claimable) makes the claim exclusive on any database: of several holders that pick the
+    same row, exactly one changes it.
+    """
+    candidates = select(table).where(claimable).order_by(table.id).limit(CANDIDATES)
+    for row in session.scalars(candidates).all():
+        taken = session.execute(
+            update(table)
+            .where(table.id == row.id, table.state == row.state, claimable)
+            .values(**values(row))
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if taken:
+            session.refresh(row)
+            return row
+    return None
+
+
+def held_by_gone_processes(session: Session, table: type[Row], state: str) -> list[Row]:
+    """The rows of ``table`` in ``state`` held by a process of this host that is gone
+    (killed, crashed): a start takes them back instead of waiting for their leases."""
+    held_here = select(table).where(table.state == state, table.lease_host == this_process().host)
+    return [row for row in session.scalars(held_here).all() if row.holder() is Holder.GONE]
 
 
 def this_process() -> ProcessIdentity:
