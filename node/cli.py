@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 from node.config import DEFAULT_CONFIG, Config, ConfigError, check_models, load_config
+from pipeline.dicom.contrast import Direction
 from pipeline.redact import RedactingFilter
 
 log = logging.getLogger("dicomnode")
@@ -75,7 +76,7 @@ def _parser(training: bool) -> argparse.ArgumentParser:
     translate.add_argument("output", type=Path, metavar="OUTPUT")
     translate.add_argument(
         "--direction",
-        choices=["t1-to-t2", "t2-to-t1"],
+        choices=[direction.value for direction in Direction],
         help="default: the one each series' classified contrast implies",
     )
     translate.add_argument(
@@ -206,7 +207,6 @@ def _translate(args: argparse.Namespace) -> int:
     from pipeline.model.card import ModelFileError, load_model
     from pipeline.model.inference import Synthesizer, pick_device
     from pipeline.model.registry import ModelRegistry, RegistryError
-    from pipeline.routing import Direction
     from pipeline.synthesis import synthesize_series
 
     _setup_logging("WARNING")

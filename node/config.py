@@ -155,10 +155,10 @@ def check_models(config: Config) -> list[str]:
         except (RegistryError, ModelFileError) as error:
             problems.append(f"routes[{index}].model = {route.model_name!r}: {error}")
             continue
-        if card.direction != route.direction.value:
+        if card.direction != route.direction:
             problems.append(
                 f"routes[{index}].model = {route.model_name!r}: {describe(card)} synthesizes "
-                f"{card.direction}, but the route's direction is {route.direction.value}"
+                f"{card.direction}, but the route's direction is {route.direction}"
             )
     return problems
 

@@ -7,7 +7,6 @@ ignored, and the reason lists why each rule did not match.
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,28 +15,10 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydicom.datadict import tag_for_keyword
 
-from pipeline.dicom.contrast import Contrast
+from pipeline.dicom.contrast import Contrast, Direction
 
 # AE titles: 1-16 characters of the default character repertoire, no backslash or control.
 AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"
-
-
-class Direction(enum.StrEnum):
-    T1_TO_T2 = "t1-to-t2"
-    T2_TO_T1 = "t2-to-t1"
-
-    @property
-    def source(self) -> Contrast:
-        return Contrast.T1 if self is Direction.T1_TO_T2 else Contrast.T2
-
-    @property
-    def target(self) -> Contrast:
-        return Contrast.T2 if self is Direction.T1_TO_T2 else Contrast.T1
-
-    @classmethod
-    def for_source(cls, contrast: Contrast) -> Direction | None:
-        """The direction that synthesizes from a series of this contrast, if any."""
-        return {Contrast.T1: cls.T1_TO_T2, Contrast.T2: cls.T2_TO_T1}.get(contrast)
 
 
 class _Strict(BaseModel):

@@ -13,13 +13,13 @@ from pathlib import Path
 
 from pydicom import Dataset
 
+from pipeline.dicom.contrast import Direction
 from pipeline.dicom.derived import ModelIdentity, build_synthetic_series, derived_series_uid
 from pipeline.dicom.reformat import axial_view
 from pipeline.dicom.volume import load_series
 from pipeline.model.card import ModelFileError, describe
 from pipeline.model.inference import Synthesizer
 from pipeline.model.preprocess import to_stored_pixels
-from pipeline.routing import Direction
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,9 @@ def synthesize_series(
     not synthesize ``direction``), each with a reason an admin can read.
     """
     card = synthesizer.card
-    if card.direction != direction.value:
+    if card.direction != direction:
         raise ModelFileError(
-            f"model {describe(card)} synthesizes {card.direction}, but {direction.value} "
+            f"model {describe(card)} synthesizes {card.direction}, but {direction} "
             "is needed: fix the route's (or --model's) model"
         )
     started = time.perf_counter()
@@ -60,7 +60,7 @@ def synthesize_series(
         bits_stored=stored.bits_stored,
         window_center=stored.window_center,
         window_width=stored.window_width,
-        target_contrast=direction.target.value,
+        target_contrast=direction.target,
         model=identity,
         software_version=software_version,
     )

@@ -22,7 +22,6 @@ from pipeline.dicom.volume import SeriesError
 from pipeline.model.card import ModelFileError, describe, load_model
 from pipeline.model.inference import Synthesizer, pick_device
 from pipeline.model.registry import ModelRegistry, RegistryError
-from pipeline.routing import Direction
 from pipeline.settings import WorkerSettings
 from pipeline.spool import Spool
 from pipeline.state.jobs import ClaimedJob, claim_job, fail_job, finish_job
@@ -108,7 +107,7 @@ class Worker:
         result = synthesize_series(
             [self._spool.path(p) for p in job.instance_paths],
             synthesizer,
-            Direction(job.direction),
+            job.direction,
             self._software_version,
         )
         output_folder = Spool.job_folder(job.id)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
+from pipeline.dicom.contrast import Direction
 from pipeline.dicom.reformat import (
     at_pixel_size,
     axial_view,
@@ -21,7 +22,6 @@ from pipeline.model.card import load_model
 from pipeline.model.inference import Synthesizer
 from pipeline.model.preprocess import head_mask
 from pipeline.model.registry import ModelRegistry
-from pipeline.routing import Direction
 from pipeline.synthesis import synthesize_series
 from tests.support.dicomgen import as_sagittal_files
 

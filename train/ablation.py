@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.dicom.contrast import Direction
 from pipeline.model.card import LoadedModel, ModelCard, load_model, save_model, weights_checksum
 from pipeline.model.preprocess import input_channels
 from pipeline.model.registry import ModelRegistry
 from pipeline.model.unet import DEFAULT_ARGUMENTS
-from pipeline.routing import Direction
 from train.dataset import TrainingStudy, prepare_study
 from train.evaluate import PREDICTORS, evaluate
 from train.figures import save_comparison

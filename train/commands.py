@@ -21,8 +21,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.model.preprocess import NORMALIZATIONS
-from pipeline.routing import Direction
+from pipeline.dicom.contrast import Direction
+from pipeline.model.preprocess import Normalization
 
 DEFAULT_CONFIG = Path("config.toml")
 DEFAULT_REGISTRY = "models"
@@ -82,14 +82,14 @@ def add_commands(subparsers: Any) -> None:
     )
     train.add_argument(
         "--normalization",
-        choices=NORMALIZATIONS,
+        choices=[normalization.value for normalization in Normalization],
         default=TrainSettings.normalization,
         help="of the input: percentile-volume, scale-volume, median-volume or minmax-slice "
         f"(the paper's) (default {TrainSettings.normalization})",
     )
     train.add_argument(
         "--target-normalization",
-        choices=NORMALIZATIONS,
+        choices=[normalization.value for normalization in Normalization],
         default=TrainSettings.target_normalization,
         help="of the targets, i.e. the space the model's output is in "
         f"(default {TrainSettings.target_normalization})",
@@ -388,7 +388,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             )
             print(f"figure: {figure}")
     for contrast, series in search.unpaired:
-        if contrast is not Direction(direction).source:
+        if contrast is not direction.source:
             continue
         try:
             volume = axial_volume(load_series(series.files))

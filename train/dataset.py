@@ -16,7 +16,6 @@ from scipy import ndimage
 
 from pipeline.dicom.contrast import Contrast
 from pipeline.model.preprocess import model_input, neighbour_slices, normalize_volume
-from pipeline.routing import Direction
 from train.augment import AugmentSettings, augment_intensity, crop_pair
 from train.lesionpaint import FluidLevels, fluid_levels, paint_lesions
 from train.pairs import PairedVolume
@@ -89,7 +88,7 @@ def prepare_study(paired: PairedVolume, settings: TrainSettings) -> TrainingStud
             ndimage.gaussian_filter(np.asarray(paired.source.pixels), sigma),
             ndimage.gaussian_filter(paired.target, sigma),
         )
-    source_is_t1 = Direction(settings.direction).source is Contrast.T1
+    source_is_t1 = settings.direction.source is Contrast.T1
     head = paired.head[keep]
     covered = paired.covered[keep]
     lesions = paired.lesions[keep] & covered if paired.lesions is not None else None

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.dicom.contrast import Direction
 from pipeline.model.card import LoadedModel, describe
 from pipeline.model.inference import Synthesizer
 from pipeline.model.preprocess import normalize_volume, to_stored_pixels
@@ -56,7 +57,7 @@ class StudyResult:
 @dataclass
 class Evaluation:
     model: str
-    direction: str
+    direction: Direction
     studies: list[StudyResult]
 
     def patients(self) -> dict[str, dict[str, dict[str, float]]]:

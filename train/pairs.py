@@ -24,13 +24,12 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from pipeline.dicom.contrast import Contrast, classify
+from pipeline.dicom.contrast import Contrast, Direction, classify
 from pipeline.dicom.reformat import at_pixel_size, axial_volume
 from pipeline.dicom.registration import Rigid, register_rigid, resample_onto
 from pipeline.dicom.seriesfiles import SeriesFiles, scan_series
 from pipeline.dicom.volume import SeriesError, Volume, load_series
 from pipeline.model.preprocess import foreground_threshold, head_mask
-from pipeline.routing import Direction
 from train.lesions import LESION_LEVEL, LesionMasks
 
 PAIR_KEYWORDS = ("PatientID", "FrameOfReferenceUID")
@@ -68,9 +67,8 @@ class StudyPair:
     def patient(self) -> str:
         return patient_label(self.patient_id)
 
-    def source_and_target(self, direction: str) -> tuple[SeriesFiles, SeriesFiles]:
-        # Direction() raises ValueError naming the known directions.
-        first_is_t1 = Direction(direction).source is Contrast.T1
+    def source_and_target(self, direction: Direction) -> tuple[SeriesFiles, SeriesFiles]:
+        first_is_t1 = Direction.parse(direction, "direction").source is Contrast.T1
         return (self.t1, self.t2) if first_is_t1 else (self.t2, self.t1)
 
 
@@ -86,7 +84,7 @@ class PairedVolume:
     """A source series with its target resampled onto its grid, and which slices pair up."""
 
     pair: StudyPair
-    direction: str
+    direction: Direction
     source: Volume
     target: np.ndarray  # float32 (S, H, W): target intensities on the source grid
     covered: np.ndarray  # bool (S, H, W): source pixels that lie inside the target's volume
@@ -162,7 +160,7 @@ def find_pairs(roots: Sequence[Path]) -> PairSearch:
 
 def load_pair(
     pair: StudyPair,
-    direction: str,
+    direction: Direction,
     register: bool = True,
     pixel_spacing_mm: float | None = None,
     lesions: LesionMasks | None = None,

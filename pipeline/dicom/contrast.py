@@ -35,21 +35,43 @@ tissue T1 and T2* of the field: gray matter T1 about 1100 ms at 1.5 T, 1450 ms a
 
 from __future__ import annotations
 
-import enum
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.choices import Choice
 
-class Contrast(enum.StrEnum):
+
+class Contrast(Choice):
     T1 = "T1"
     T2 = "T2"
     FLAIR = "FLAIR"
     T1C = "T1C"  # T1-weighted after a contrast agent
     PD = "PD"
     OTHER = "OTHER"
+
+
+class Direction(Choice):
+    """What the node synthesizes from what: routes, model cards, training settings and the
+    derived series all name it so."""
+
+    T1_TO_T2 = "t1-to-t2"
+    T2_TO_T1 = "t2-to-t1"
+
+    @property
+    def source(self) -> Contrast:
+        return Contrast.T1 if self is Direction.T1_TO_T2 else Contrast.T2
+
+    @property
+    def target(self) -> Contrast:
+        return Contrast.T2 if self is Direction.T1_TO_T2 else Contrast.T1
+
+    @classmethod
+    def for_source(cls, contrast: Contrast) -> Direction | None:
+        """The direction that synthesizes from a series of this contrast, if any."""
+        return {Contrast.T1: cls.T1_TO_T2, Contrast.T2: cls.T2_TO_T1}.get(contrast)
 
 
 @dataclass(frozen=True)

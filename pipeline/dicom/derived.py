@@ -63,11 +63,13 @@ from pydicom.uid import (
     MRImageStorage,
 )
 
+from pipeline.dicom.contrast import Contrast
 from pipeline.dicom.values import check_uid
 from pipeline.dicom.volume import Volume
 from pipeline.files import write_atomically
 
-CONTRASTS = ("T1", "T2")
+# What the models synthesize: a Direction's target.
+SYNTHESIZED = (Contrast.T1, Contrast.T2)
 SERIES_NUMBER_OFFSET = 1000
 _IS_MAX = 2**31 - 1
 _LO_MAX, _ST_MAX = 64, 1024
@@ -209,7 +211,7 @@ def build_synthetic_series(
     bits_stored: int,
     window_center: float,
     window_width: float,
-    target_contrast: str,
+    target_contrast: Contrast,
     model: ModelIdentity,
     software_version: str,
 ) -> list[Dataset]:
@@ -355,10 +357,12 @@ def write_series(datasets: Iterable[Dataset], folder: Path) -> list[Path]:
 
 
 def _check_arguments(
-    source: Volume, pixels: np.ndarray, bits_stored: int, target_contrast: str
+    source: Volume, pixels: np.ndarray, bits_stored: int, target_contrast: Contrast
 ) -> None:
-    if target_contrast not in CONTRASTS:
-        raise ValueError(f"target contrast {target_contrast!r} is not one of {CONTRASTS}")
+    if target_contrast not in SYNTHESIZED:
+        raise ValueError(
+            f"target contrast '{target_contrast}' is not one of {', '.join(SYNTHESIZED)}"
+        )
     if pixels.dtype != np.uint16:
         raise ValueError(f"synthetic pixels must be uint16, not {pixels.dtype}")
     if pixels.shape != source.pixels.shape:
@@ -423,7 +427,7 @@ def _software_versions(model: ModelIdentity, software_version: str) -> list[str]
 
 
 def _synthesizing_equipment(
-    model: ModelIdentity, software_version: str, target_contrast: str, now: datetime
+    model: ModelIdentity, software_version: str, target_contrast: Contrast, now: datetime
 ) -> Dataset:
     item = Dataset()
     item.PurposeOfReferenceCodeSequence = DicomSequence(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -86,8 +85,10 @@ class ModelRegistry:
 
     def write_card(self, name: str, card: ModelCard) -> Path:
         """The readable copy of a card, beside its model file."""
+        from pipeline.model.card import card_dict  # torch: only where a card is written
+
         path = self._folder(name) / f"{card.version}.json"
-        write_atomically(path, (json.dumps(asdict(card), indent=2) + "\n").encode())
+        write_atomically(path, (json.dumps(card_dict(card), indent=2) + "\n").encode())
         return path
 
     def _folder(self, name: str) -> Path:

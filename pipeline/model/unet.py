@@ -19,8 +19,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NORMS = ("batch", "instance", "none")
-UPSAMPLINGS = ("transpose", "transpose-icnr", "bilinear", "nearest-conv")
+from pipeline.choices import Choice
+
+
+class Norm(Choice):
+    """The normalisation after each convolution (see UNet)."""
+
+    BATCH = "batch"
+    INSTANCE = "instance"
+    NONE = "none"
+
+
+class Upsampling(Choice):
+    """How the decoder doubles its maps (see UNet)."""
+
+    TRANSPOSE = "transpose"
+    TRANSPOSE_ICNR = "transpose-icnr"
+    BILINEAR = "bilinear"
+    NEAREST_CONV = "nearest-conv"
+
 
 # What the shipped models use. Depth 4 gives a receptive field of about 140 pixels, enough to
 # see most of a brain slice, which a contrast mapping needs. Base width 8 (a 2 MB file) trains
@@ -40,10 +57,10 @@ DEFAULT_ARGUMENTS: dict[str, Any] = {
 }
 
 
-def _norm_layer(norm: str, channels: int) -> nn.Module:
-    if norm == "batch":
+def _norm_layer(norm: Norm, channels: int) -> nn.Module:
+    if norm is Norm.BATCH:
         return nn.BatchNorm2d(channels)
-    if norm == "instance":
+    if norm is Norm.INSTANCE:
         return nn.InstanceNorm2d(channels, affine=True)
     return nn.Identity()
 
@@ -51,9 +68,9 @@ def _norm_layer(norm: str, channels: int) -> nn.Module:
 class _DoubleConv(nn.Sequential):
     """conv3x3 -> norm -> ReLU -> dropout -> conv3x3 -> norm -> ReLU."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float, norm: str) -> None:
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, norm: Norm) -> None:
         # A bias before a normalisation is cancelled by its mean subtraction.
-        bias = norm == "none"
+        bias = norm is Norm.NONE
         super().__init__(
             nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias),
             _norm_layer(norm, out_channels),
@@ -65,10 +82,10 @@ class _DoubleConv(nn.Sequential):
         )
 
 
-def _upsampling_layer(upsampling: str, in_channels: int, out_channels: int) -> nn.Module:
-    if upsampling.startswith("transpose"):
+def _upsampling_layer(upsampling: Upsampling, in_channels: int, out_channels: int) -> nn.Module:
+    if upsampling in (Upsampling.TRANSPOSE, Upsampling.TRANSPOSE_ICNR):
         return nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)
-    if upsampling == "nearest-conv":
+    if upsampling is Upsampling.NEAREST_CONV:
         return nn.Sequential(
             nn.Upsample(scale_factor=2, mode="nearest"),
             nn.Conv2d(in_channels, out_channels, 3, padding=1),
@@ -132,15 +149,13 @@ class UNet(nn.Module):
         depth: int = 4,
         dropout: float = 0.1,
         skip_connections: bool = True,
-        norm: str = "batch",
-        upsampling: str = "transpose",
+        norm: Norm = Norm.BATCH,
+        upsampling: Upsampling = Upsampling.TRANSPOSE,
         input_shortcut: bool = False,
     ) -> None:
         super().__init__()
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, not {norm!r}")
-        if upsampling not in UPSAMPLINGS:
-            raise ValueError(f"upsampling must be one of {UPSAMPLINGS}, not {upsampling!r}")
+        norm = Norm.parse(norm, "norm")
+        upsampling = Upsampling.parse(upsampling, "upsampling")
         if depth < 1 or base_width < 1 or in_channels < 1 or out_channels < 1:
             raise ValueError("depth, base_width, in_channels and out_channels must be >= 1")
         if not 0.0 <= dropout < 1.0:
@@ -172,7 +187,7 @@ class UNet(nn.Module):
             nn.init.zeros_(self.shortcut.weight)
             nn.init.zeros_(self.shortcut.bias)
 
-    def _initialise(self, upsampling_kind: str) -> None:
+    def _initialise(self, upsampling_kind: Upsampling) -> None:
         upsampling = set(self.upsample.modules())
         for module in self.modules():
             if not isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
@@ -186,7 +201,7 @@ class UNet(nn.Module):
                 # in_channels; torch's fan calculation reads a transposed weight as a plain
                 # convolution's and gets it wrong. No ReLU follows, hence gain 1.
                 nn.init.normal_(module.weight, std=1.0 / math.sqrt(module.in_channels))
-                if upsampling_kind == "transpose-icnr":
+                if upsampling_kind is Upsampling.TRANSPOSE_ICNR:
                     with torch.no_grad():
                         module.weight.copy_(module.weight[..., :1, :1].expand_as(module.weight))
             else:

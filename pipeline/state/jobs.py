@@ -9,15 +9,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.routing import Route
+from pipeline.dicom.contrast import Direction
 from pipeline.state.db import Delivery, DeliveryState, Instance, Job, JobState, Series, utcnow
 from pipeline.state.deliveries import create_deliveries, retry_delivery
 from pipeline.state.leases import claim_oldest, held_by_gone_processes, lease_values
+
+if TYPE_CHECKING:
+    from pipeline.routing import Route
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ class ClaimedJob:
 
     id: int
     series_uid: str
-    direction: str
+    direction: Direction
     model: str
     attempt: int
     instance_paths: list[str]  # relative to the spool root
@@ -91,7 +94,12 @@ def claim_job(
             job.series.series_uid,
         )
         return ClaimedJob(
-            job.id, job.series.series_uid, job.direction, job.model, job.attempts, list(paths)
+            job.id,
+            job.series.series_uid,
+            Direction(job.direction),
+            job.model,
+            job.attempts,
+            list(paths),
         )
 
 
