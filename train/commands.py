@@ -102,7 +102,7 @@ def add_commands(subparsers: Any) -> None:
         help="in-plane pixel size the model learns at: slices far from it are resampled, in "
         f"training and at inference (default {TrainSettings.pixel_spacing_mm})",
     )
-    shipped = " (default: the shipped models', pipeline.model.unet.DEFAULT_ARGUMENTS)"
+    shipped = " (default: the shipped models', UNet's own)"
     train.add_argument("--base-width", type=int, help="channels of the first level" + shipped)
     train.add_argument("--depth", type=int, help="number of poolings" + shipped)
     train.add_argument("--dropout", type=float, help="dropout probability" + shipped)
@@ -238,9 +238,9 @@ def registry_root(config: Path, override: Path | None) -> Path:
 
 
 def network_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    """The U-Net's arguments: the shipped models' (DEFAULT_ARGUMENTS) with the options given."""
+    """The U-Net's arguments: the shipped models' (UNet's defaults) with the options given."""
     from pipeline.model.preprocess import input_channels
-    from pipeline.model.unet import DEFAULT_ARGUMENTS
+    from pipeline.model.unet import default_arguments
 
     given = {
         "base_width": args.base_width,
@@ -251,7 +251,7 @@ def network_arguments(args: argparse.Namespace) -> dict[str, Any]:
         "input_shortcut": args.input_shortcut,
     }
     return {
-        **DEFAULT_ARGUMENTS,
+        **default_arguments(),
         **{key: value for key, value in given.items() if value is not None},
         "in_channels": input_channels(not args.no_gradient_channels, bool(args.neighbours)),
         "skip_connections": not args.no_skip_connections,

@@ -25,7 +25,7 @@ from pipeline.dicom.contrast import Direction
 from pipeline.files import write_atomically
 from pipeline.model.inference import pick_device
 from pipeline.model.preprocess import Normalization, input_channels, normalized_ceiling
-from pipeline.model.unet import DEFAULT_ARGUMENTS, UNet
+from pipeline.model.unet import UNet, default_arguments
 from train.augment import AugmentSettings
 from train.dataset import TrainingStudy, network_input, sample_batch
 from train.metrics import (
@@ -73,7 +73,7 @@ class TrainSettings:
     neighbour_distance_mm: float | None = None
     gradient_channels: bool = True  # the paper's Sobel channels beside the slice
     # The U-Net's arguments; in_channels must be ``input_channels``.
-    arguments: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ARGUMENTS))
+    arguments: dict[str, Any] = field(default_factory=default_arguments)
     epochs: int = 12
     steps_per_epoch: int = 150
     batch_size: int = 16
@@ -116,7 +116,7 @@ class TrainSettings:
                 raise ValueError(f"{name} is a probability, not {getattr(self, name)}")
         if self.lesion_weight < 0:
             raise ValueError(f"lesion_weight must not be negative, not {self.lesion_weight}")
-        given = self.arguments.get("in_channels", 3)
+        given = (default_arguments() | self.arguments)["in_channels"]
         if given != self.input_channels:
             raise ValueError(
                 f"in_channels {given} does not fit the input: {self.input_channels} channels "

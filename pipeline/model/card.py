@@ -24,7 +24,7 @@ import torch
 from pipeline.dicom.contrast import Direction
 from pipeline.files import write_atomically
 from pipeline.model.preprocess import Normalization, input_channels
-from pipeline.model.unet import UNet
+from pipeline.model.unet import UNet, default_arguments
 
 FORMAT = "dicomnode-model/1"
 ARCHITECTURES = ("unet",)
@@ -250,7 +250,7 @@ def _checked(card: ModelCard, path: Path) -> ModelCard:
             "of millimetres (or null for a model that sees each slice alone)"
         )
     expected = input_channels(card.gradient_channels, distance is not None)
-    in_channels = card.arguments.get("in_channels", 3)
+    in_channels = (default_arguments() | card.arguments)["in_channels"]
     if in_channels != expected:
         raise ModelFileError(
             f"{path}: the card says gradient_channels={card.gradient_channels} and "

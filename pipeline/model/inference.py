@@ -70,7 +70,7 @@ class Synthesizer:
     def __init__(self, model: LoadedModel) -> None:
         self.card = model.card
         self.device = next(model.network.parameters()).device
-        self._base_width = int(model.card.arguments.get("base_width", 16))
+        self._base_width = model.network.base_width
         # A copy, so the LoadedModel's network stays as the file describes it. Channels-last
         # lets oneDNN and cuDNN run their fastest convolutions without reordering every map:
         # 1.4x on the CPU, measured.

@@ -6,12 +6,14 @@ feature map concatenated onto the decoder's, a final 1x1 convolution. With
 ``skip_connections=False`` the same class is the paper's encoder-decoder baseline; with
 ``in_channels=1`` (no Sobel gradient channels) it is the plain U-Net baseline.
 
-No training or I/O code lives here: the pre/post-processing is ``pipeline.model.preprocess``, model
-files are ``pipeline.model.card``.
+No training or I/O code lives here: the pre/post-processing is ``pipeline.model.preprocess``,
+model files are ``pipeline.model.card``. The constructor's defaults are the shipped models'
+architecture, and ``default_arguments`` reads them from there: there is no second copy.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -37,24 +39,6 @@ class Upsampling(Choice):
     TRANSPOSE_ICNR = "transpose-icnr"
     BILINEAR = "bilinear"
     NEAREST_CONV = "nearest-conv"
-
-
-# What the shipped models use. Depth 4 gives a receptive field of about 140 pixels, enough to
-# see most of a brain slice, which a contrast mapping needs. Base width 8 (a 2 MB file) trains
-# and runs 2.6 times faster than 16 (7.8 MB): on the 2 CPU cores the shipped models are
-# trained on, that buys 2.6 times the training steps, which held-out scores needed more than
-# width (docs/ablation.md). Base 32 at depth 4 would be 31 MB, over the 10 MB budget.
-DEFAULT_ARGUMENTS: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 1,
-    "base_width": 8,
-    "depth": 4,
-    "dropout": 0.1,
-    "skip_connections": True,
-    "norm": "batch",
-    "upsampling": "transpose",
-    "input_shortcut": False,
-}
 
 
 def _norm_layer(norm: Norm, channels: int) -> nn.Module:
@@ -136,6 +120,14 @@ class UNet(nn.Module):
             that structure without rebuilding it through four levels. It starts at zero, so
             an untrained network is the same with or without it.
 
+    The defaults are the shipped models'. Depth 4 gives a receptive field of about 140
+    pixels, enough to see most of a brain slice, which a contrast mapping needs. Base width 8
+    (a 2 MB file) trains and runs 2.6 times faster than 16 (7.8 MB): on the 2 CPU cores the
+    shipped models are trained on, that buys 2.6 times the training steps, which held-out
+    scores needed more than width (docs/ablation.md). Base 32 at depth 4 would be 31 MB,
+    over the 10 MB budget. A model card records every argument, so a change of default
+    changes no model.
+
     The output is linear (no sigmoid): with a sigmoid the model collapsed to a constant image
     in this project's trials. Weights use He initialisation, which trained where PyTorch's
     default did not.
@@ -145,7 +137,7 @@ class UNet(nn.Module):
         self,
         in_channels: int = 3,
         out_channels: int = 1,
-        base_width: int = 16,
+        base_width: int = 8,
         depth: int = 4,
         dropout: float = 0.1,
         skip_connections: bool = True,
@@ -160,6 +152,8 @@ class UNet(nn.Module):
             raise ValueError("depth, base_width, in_channels and out_channels must be >= 1")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), not {dropout}")
+        self.in_channels = in_channels
+        self.base_width = base_width
         self.depth = depth
         self.skip_connections = skip_connections
         widths = [base_width * 2**level for level in range(depth + 1)]
@@ -234,3 +228,12 @@ class UNet(nn.Module):
         if self.shortcut is not None:
             output = output + self.shortcut(image)
         return output[..., :height, :width]
+
+
+def default_arguments() -> dict[str, Any]:
+    """UNet's constructor arguments with their defaults: the shipped architecture, as a
+    model card records it."""
+    parameters = inspect.signature(UNet.__init__).parameters.values()
+    return {
+        parameter.name: parameter.default for parameter in parameters if parameter.name != "self"
+    }
