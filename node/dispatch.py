@@ -15,7 +15,12 @@ from sqlalchemy.orm import sessionmaker
 from node.scu import send_series
 from pipeline.routing import Destination
 from pipeline.spool import Spool
-from pipeline.state.deliveries import DeliverySettings, claim_delivery, record_attempt
+from pipeline.state.deliveries import (
+    DeliverySettings,
+    InstanceResult,
+    claim_delivery,
+    record_attempt,
+)
 from pipeline.state.leases import worker_identity
 
 log = logging.getLogger(__name__)
@@ -50,7 +55,7 @@ class Dispatcher:
                     f"destination {claimed.destination!r} is no longer in config.toml "
                     "(add it back, then `dicomnode retry`)"
                 )
-                results: dict[str, str] = {}
+                results: dict[str, InstanceResult] = {}
             elif not claimed.output_path:
                 error, results = "the job has no output to send", {}
             else:

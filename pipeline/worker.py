@@ -24,7 +24,7 @@ from pipeline.model.inference import Synthesizer, pick_device
 from pipeline.model.registry import ModelRegistry, RegistryError
 from pipeline.settings import WorkerSettings
 from pipeline.spool import Spool
-from pipeline.state.jobs import ClaimedJob, claim_job, fail_job, finish_job
+from pipeline.state.jobs import ClaimedJob, JobOutput, claim_job, fail_job, finish_job
 from pipeline.state.leases import worker_identity
 from pipeline.synthesis import synthesize_series
 
@@ -78,7 +78,7 @@ class Worker:
 
     def _run(self, job: ClaimedJob) -> None:
         try:
-            outcome = self._synthesize(job)
+            output = self._synthesize(job)
         except (SeriesError, ModelFileError, RegistryError) as error:
             # The same input or model would fail again: no point in retrying by itself.
             self._fail(job, str(error), retryable=False)
@@ -86,7 +86,7 @@ class Worker:
             log.exception("job %d: unexpected error", job.id)
             self._fail(job, f"{type(error).__name__}: {error}", retryable=True)
         else:
-            if finish_job(self._sessions, job.id, self.owner, outcome):
+            if finish_job(self._sessions, job.id, self.owner, output):
                 self.on_job_done()
 
     def _fail(self, job: ClaimedJob, reason: str, *, retryable: bool) -> None:
@@ -100,7 +100,7 @@ class Worker:
             retry_delay_seconds=self._settings.retry_delay_seconds,
         )
 
-    def _synthesize(self, job: ClaimedJob) -> dict:
+    def _synthesize(self, job: ClaimedJob) -> JobOutput:
         if not job.instance_paths:
             raise SeriesError("the series has no stored instances")
         synthesizer = self.synthesizer(job.model)
@@ -130,15 +130,15 @@ class Worker:
             timings["inference_s"],
             timings["write_s"],
         )
-        return {
-            "model_version": card.version,
-            "model_checksum": card.checksum,
-            "device": str(synthesizer.device),
-            "timings": timings,
-            "output_series_uid": result.series_uid,
-            "output_path": str(output_folder),
-            "output_count": len(result.datasets),
-        }
+        return JobOutput(
+            model_version=card.version,
+            model_checksum=card.checksum,
+            device=str(synthesizer.device),
+            timings=timings,
+            series_uid=result.series_uid,
+            path=str(output_folder),
+            count=len(result.datasets),
+        )
 
     def synthesizer(self, model_name: str) -> Synthesizer:
         """The active version of ``model_name``, loaded once and reused while it stays active."""

@@ -17,7 +17,7 @@ from pipeline.retention import RetentionSettings, purge_finished
 from pipeline.routing import Route
 from pipeline.settings import WorkerSettings
 from pipeline.state.db import Delivery, Job, open_database, utcnow
-from pipeline.state.jobs import claim_job, finish_job
+from pipeline.state.jobs import JobOutput, claim_job, finish_job
 from pipeline.worker import Worker
 from tests.support.dicomgen import enhanced_mr, mr_series
 from tests.support.models import add_model, make_registry
@@ -114,7 +114,8 @@ def test_an_expired_lease_is_taken_over_and_the_late_result_discarded(node):
     later = utcnow() + timedelta(seconds=61)
     second = claim_job(sessions, "other", lease_seconds=60, now=later)
     assert second.id == first.id and second.attempt == 2
-    assert finish_job(sessions, first.id, "dead-worker", {}) is False
+    late = JobOutput("v1", "0" * 64, "cpu", {}, "1.2.3", "out/job-1", 0)
+    assert finish_job(sessions, first.id, "dead-worker", late) is False
 
 
 def test_a_newly_activated_model_is_used_from_the_next_job(node):

@@ -4,10 +4,8 @@ States: pending -> sending -> sent, or back to pending after a failed attempt (w
 exponential backoff) until ``max_attempts``, then failed. A sender holds a delivery by a
 lease; a dead sender's lease runs out and another sender takes the delivery over.
 
-``instance_results`` keeps the outcome per SOP Instance UID across attempts, so a retry
-sends only what the destination has not acknowledged. An outcome is ``"sent"``, or starts
-with ``"sent, "`` when the destination stored it with a warning; anything else is why it
-was not stored.
+``instance_results`` keeps an ``InstanceResult`` per SOP Instance UID across attempts, so a
+retry sends only what the destination has not acknowledged.
 """
 
 from __future__ import annotations
@@ -28,12 +26,47 @@ from pipeline.state.leases import claim_oldest, held_by_gone_processes, lease_va
 
 log = logging.getLogger(__name__)
 
-SENT = "sent"
+
+@dataclass(frozen=True)
+class InstanceResult:
+    """What a destination did with one instance in one attempt: stored it (perhaps with a
+    warning status), or not, and why."""
+
+    stored: bool
+    # Stored: the destination's warning status, if it answered with one. Not stored: why.
+    detail: str | None = None
+
+    @classmethod
+    def sent(cls, warning: str | None = None) -> InstanceResult:
+        return cls(stored=True, detail=warning)
+
+    @classmethod
+    def not_sent(cls, reason: str) -> InstanceResult:
+        return cls(stored=False, detail=reason)
+
+    def __str__(self) -> str:
+        """For logs and a delivery's reason: "sent", "sent, warning <status>", or why not."""
+        if not self.stored:
+            return self.detail or "not sent"
+        return f"sent, warning {self.detail}" if self.detail else "sent"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stored": self.stored, "detail": self.detail}
+
+    @classmethod
+    def from_json(cls, value: Any) -> InstanceResult:
+        """A result as ``to_json`` wrote it, or as the text of ``__str__``, which deliveries
+        recorded before results had a type hold: a node upgraded with deliveries pending
+        must still know what their destinations acknowledged."""
+        if isinstance(value, str):
+            stored = value == "sent" or value.startswith("sent, warning ")
+            if not stored:
+                return cls.not_sent(value)
+            return cls.sent(value.removeprefix("sent, warning ") if value != "sent" else None)
+        return cls(stored=bool(value["stored"]), detail=value.get("detail"))
 
 
-def is_sent(outcome: str) -> bool:
-    """True when an instance outcome says the destination stored it (maybe with a warning)."""
-    return outcome == SENT or outcome.startswith(SENT + ", ")
+SENT = InstanceResult.sent()
 
 
 class DeliverySettings(BaseModel):
@@ -141,8 +174,7 @@ def claim_delivery(
             return None
         dead_owner = dead_owners.get(delivery.id)
         job = delivery.job
-        outcomes = delivery.instance_results or {}
-        already_sent = frozenset(uid for uid, outcome in outcomes.items() if is_sent(outcome))
+        already_sent = frozenset(uid for uid, result in _results(delivery).items() if result.stored)
         log.info(
             "delivery %d: sending series %s of job %d to %s (attempt %d by %s, %d of %s "
             "instances already sent)%s",
@@ -201,6 +233,11 @@ def take_back_deliveries_of_gone_senders(
     return taken
 
 
+def _results(delivery: Delivery) -> dict[str, InstanceResult]:
+    recorded = delivery.instance_results or {}
+    return {uid: InstanceResult.from_json(value) for uid, value in recorded.items()}
+
+
 def backoff_ceiling(attempts: int, settings: DeliverySettings) -> float:
     """Longest wait after ``attempts`` failed attempts; the actual wait is uniform below it.
 
@@ -215,18 +252,18 @@ def record_attempt(
     sessions: sessionmaker,
     delivery_id: int,
     owner: str,
-    results: Mapping[str, str],
+    results: Mapping[str, InstanceResult],
     error: str | None,
     settings: DeliverySettings,
     now: datetime | None = None,
 ) -> str:
     """Record one attempt's outcome and return the delivery's new state.
 
-    ``results`` maps SOP Instance UID to ``"sent"`` (see `is_sent`) or why it was not
-    stored; ``error`` says why the attempt as a whole failed, None when it did not. Sent
-    when every instance so far is sent and the attempt had no error; else pending again
-    after a backoff while attempts remain; else failed. A result from a sender that lost
-    its lease meanwhile is ignored: another sender holds the delivery now.
+    ``results`` maps SOP Instance UID to what the destination did with it; ``error`` says
+    why the attempt as a whole failed, None when it did not. Sent when every instance so
+    far is sent and the attempt had no error; else pending again after a backoff while
+    attempts remain; else failed. A result from a sender that lost its lease meanwhile is
+    ignored: another sender holds the delivery now.
     """
     now = now or utcnow()
     with sessions.begin() as session:
@@ -244,9 +281,9 @@ def record_attempt(
                 delivery.lease_owner,
             )
             return delivery.state
-        merged = {**(delivery.instance_results or {}), **results}
-        sent = sum(is_sent(outcome) for outcome in merged.values())
-        delivery.instance_results = merged
+        merged = {**_results(delivery), **results}
+        sent = sum(result.stored for result in merged.values())
+        delivery.instance_results = {uid: result.to_json() for uid, result in merged.items()}
         delivery.instances_sent = sent
         delivery.instances_total = max(len(merged), delivery.instances_total or 0)
         delivery.attempts += 1

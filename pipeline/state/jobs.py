@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -103,19 +103,33 @@ def claim_job(
         )
 
 
-def finish_job(sessions: sessionmaker, job_id: int, owner: str, outcome: dict[str, Any]) -> bool:
-    """Record a job's output and queue its deliveries; False if the lease was lost meanwhile.
+@dataclass(frozen=True)
+class JobOutput:
+    """What a job made, and with what: recorded on the job by ``finish_job``."""
 
-    ``outcome`` holds the Job columns the worker fills (model_version, model_checksum,
-    device, timings, output_series_uid, output_path, output_count).
-    """
+    model_version: str
+    model_checksum: str
+    device: str  # where the network ran: cpu, cuda...
+    timings: dict[str, float]  # seconds per stage, and the slice count
+    series_uid: str  # of the synthetic series
+    path: str  # its folder, relative to the spool root
+    count: int  # its instances
+
+
+def finish_job(sessions: sessionmaker, job_id: int, owner: str, output: JobOutput) -> bool:
+    """Record a job's output and queue its deliveries; False if the lease was lost meanwhile."""
     with sessions.begin() as session:
         job = session.get(Job, job_id)
         if job is None or job.lease_owner != owner or job.state != JobState.RUNNING:
             log.warning("job %d: result of %s discarded, its lease was lost", job_id, owner)
             return False
-        for column, value in outcome.items():
-            setattr(job, column, value)
+        job.model_version = output.model_version
+        job.model_checksum = output.model_checksum
+        job.device = output.device
+        job.timings = output.timings
+        job.output_series_uid = output.series_uid
+        job.output_path = output.path
+        job.output_count = output.count
         job.state = JobState.DONE
         job.reason = None
         job.release_lease()
