@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from datetime import timedelta
 
 import pytest
@@ -183,3 +184,29 @@ def test_the_clean_stage_removes_only_finished_series_after_the_retention(node):
     incoming = [p.parent.name for p in (spool / "incoming").rglob("*.dcm")]
     assert set(incoming) == {pending_uid}
     assert purge_finished(sessions, spool, RetentionSettings(keep_days=0), now=later) == 0
+
+
+def test_a_file_the_clean_stage_cannot_remove_keeps_its_series_unpurged(node):
+    sessions, spool, _ = node
+    receive(node, mr_series(3))
+    worker(node).run_due_jobs()
+    (done,) = jobs(node)
+    with sessions.begin() as session:
+        for delivery in session.scalars(select(Delivery)):
+            delivery.state = "sent"
+        blocked = spool / session.get(Job, done.id).series.instances[0].path
+    # A folder where the file was: its deletion fails, as a file on a read-only or broken
+    # file system would (root deletes anything else).
+    blocked.unlink()
+    blocked.mkdir()
+    (blocked / "inside").write_text("x")
+    keep, later = RetentionSettings(keep_days=30), utcnow() + timedelta(days=31)
+    assert purge_finished(sessions, spool, keep, now=later) == 0
+    with sessions() as session:
+        assert session.get(Job, done.id).series.purged_at is None
+    shutil.rmtree(blocked)
+    assert purge_finished(sessions, spool, keep, now=later) == 1
+    with sessions() as session:
+        assert session.get(Job, done.id).series.purged_at is not None
+    assert not list((spool / "incoming").rglob("*.dcm"))
+    assert not (spool / done.output_path).exists()
