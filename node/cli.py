@@ -84,7 +84,7 @@ def _parser(training: bool) -> argparse.ArgumentParser:
     )
 
     if training:
-        from train.commands import add_commands
+        from node.train_commands import add_commands
 
         add_commands(commands)
     else:
@@ -200,50 +200,35 @@ def _retry(args: argparse.Namespace) -> int:
 
 def _translate(args: argparse.Namespace) -> int:
     from node.service import software_version
-    from pipeline.dicom.contrast import classify
-    from pipeline.dicom.derived import write_series
     from pipeline.dicom.seriesfiles import scan_series
-    from pipeline.dicom.volume import SeriesError
-    from pipeline.model.card import ModelFileError, load_model
-    from pipeline.model.inference import Synthesizer, pick_device
-    from pipeline.model.registry import ModelRegistry, RegistryError
-    from pipeline.synthesis import synthesize_series
+    from pipeline.model.registry import ModelRegistry
+    from pipeline.synthesis import translate_series
 
     _setup_logging("WARNING")
-    registry = ModelRegistry(load_config(args.config).models.registry) if not args.model else None
+    registry = None if args.model else ModelRegistry(load_config(args.config).models.registry)
+
+    def model_for(direction: Direction) -> Path:
+        return args.model or registry.active_path(direction.value)
+
     found = scan_series([args.input])
-    synthesizers: dict[Path, Synthesizer] = {}  # each model loaded once, not per series
+    forced = Direction(args.direction) if args.direction else None
     failures = 0
-    for entry in found.series:
-        classification = classify(entry.header)
-        direction = Direction.for_source(classification.contrast)
-        if args.direction:
-            direction = Direction(args.direction)
-        label = f"{entry.folder} ({entry.header.get('SeriesDescription', '')})"
-        if direction is None:
+    for done in translate_series(found.series, args.output, model_for, software_version(), forced):
+        series, classification = done.series, done.classification
+        label = f"{series.folder} ({series.header.get('SeriesDescription', '')})"
+        if done.direction is None:
             print(
                 f"skipped {label}: contrast {classification.contrast}, neither T1 nor T2 "
                 f"({classification.reason}); give --direction to force one"
             )
-            continue
-        try:
-            path = args.model or registry.active_path(direction.value)
-            if path not in synthesizers:
-                synthesizers[path] = Synthesizer(load_model(path, pick_device()))
-            result = synthesize_series(
-                entry.files, synthesizers[path], direction, software_version()
-            )
-        except (SeriesError, ModelFileError, RegistryError) as error:
-            print(f"failed  {label}: {error}")
+        elif done.error is not None:
+            print(f"failed  {label}: {done.error}")
             failures += 1
-            continue
-        folder = args.output / result.series_uid
-        write_series(result.datasets, folder)
-        print(
-            f"wrote   {folder}: {len(result.datasets)} {result.source_plane} synthetic "
-            f"{direction.target} slice(s) "
-            f"from {label}"
-        )
+        else:
+            print(
+                f"wrote   {done.folder}: {len(done.result.datasets)} {done.result.source_plane} "
+                f"synthetic {done.direction.target} slice(s) from {label}"
+            )
     for path, reason in found.unreadable:
         print(f"skipped {path}: {reason}")
     if not found.series:

@@ -129,6 +129,12 @@ def load_config(path: Path = DEFAULT_CONFIG) -> Config:
     return parse_config(raw, path)
 
 
+def load_config_or_defaults(path: Path) -> Config:
+    """``load_config(path)``, or where there is no such file the defaults, resolved against
+    its folder: the ML engineer's commands run where no node is configured."""
+    return load_config(path) if Path(path).is_file() else parse_config({}, Path(path))
+
+
 def check_refresh(config: Config) -> list[str]:
     """A scheduled refresh needs its data folders."""
     if not config.refresh.enabled:

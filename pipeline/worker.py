@@ -19,8 +19,8 @@ from sqlalchemy.orm import sessionmaker
 
 from pipeline.dicom.derived import write_series
 from pipeline.dicom.volume import SeriesError
-from pipeline.model.card import ModelFileError, describe, load_model
-from pipeline.model.inference import Synthesizer, pick_device
+from pipeline.model.card import ModelFileError, describe
+from pipeline.model.inference import Synthesizer, Synthesizers, pick_device
 from pipeline.model.registry import ModelRegistry, RegistryError
 from pipeline.settings import WorkerSettings
 from pipeline.spool import Spool
@@ -47,8 +47,8 @@ class Worker:
         self._registry = registry
         self._settings = settings
         self._software_version = software_version
-        self._device = pick_device() if settings.device == "auto" else torch.device(settings.device)
-        self._synthesizers: dict[Path, Synthesizer] = {}
+        device = pick_device() if settings.device == "auto" else torch.device(settings.device)
+        self._synthesizers = Synthesizers(device)
         self.owner = worker_identity()
         # Set when a job is queued, so the loop starts it at once instead of at its next poll.
         self.wake = threading.Event()
@@ -142,11 +142,4 @@ class Worker:
 
     def synthesizer(self, model_name: str) -> Synthesizer:
         """The active version of ``model_name``, loaded once and reused while it stays active."""
-        path = self._registry.active_path(model_name)
-        if path not in self._synthesizers:
-            loaded = load_model(path, self._device)
-            self._synthesizers = {path: Synthesizer(loaded)} | {
-                p: s for p, s in self._synthesizers.items() if p.parent != path.parent
-            }
-            log.info("model %s loaded from %s on %s", describe(loaded.card), path, self._device)
-        return self._synthesizers[path]
+        return self._synthesizers.get(self._registry.active_path(model_name))

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from node.train_commands import add_commands, network_arguments, registry_root
 from pipeline.model.card import ModelCard, save_model
 from pipeline.model.registry import ModelRegistry
 from pipeline.model.unet import UNet, default_arguments
-from train.commands import add_commands, network_arguments, registry_root
 
 
 def run(argv: list[str]) -> int:

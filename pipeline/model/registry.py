@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.files import write_atomically
 
@@ -64,6 +64,14 @@ class ModelRegistry:
     def active_path(self, name: str) -> Path:
         return self.path(name, self.active_version(name))
 
+    def find(self, spec: str) -> Path:
+        """A model file named by ``spec``: a file itself, else NAME (its active version) or
+        NAME:VERSION in this registry. Raises RegistryError when there is none."""
+        if Path(spec).is_file():
+            return Path(spec)
+        name, _, version = spec.partition(":")
+        return self.path(name, version) if version else self.active_path(name)
+
     def path(self, name: str, version: str) -> Path:
         _check_name(version, "version")
         return self._folder(name) / (version + MODEL_SUFFIX)
@@ -82,6 +90,16 @@ class ModelRegistry:
     def next_version(self, name: str) -> str:
         numbers = [int(v[1:]) for v in self.versions(name) if re.fullmatch(r"v\d+", v)]
         return f"v{max(numbers, default=0) + 1}"
+
+    def read_card(self, name: str, version: str) -> dict[str, Any]:
+        """A version's card as plain data: the readable copy beside its file, else the
+        file's own. Raises ModelFileError for a damaged file without a readable copy."""
+        readable = self.path(name, version).with_suffix(".json")
+        if readable.is_file():
+            return json.loads(readable.read_text(encoding="utf-8"))
+        from pipeline.model.card import card_dict, load_model  # torch: only without a copy
+
+        return card_dict(load_model(self.path(name, version)).card)
 
     def write_card(self, name: str, card: ModelCard) -> Path:
         """The readable copy of a card, beside its model file."""

@@ -1,9 +1,10 @@
 """The ML engineer's subcommands of `dicomnode`: train, evaluate, models.
 
-``add_commands`` adds them to the node's command line (node/cli.py). The registry is
-``--registry`` when given, else ``[models] registry`` of config.toml, else ``models/``
-beside config.toml; relative paths resolve against the config file's folder, as the rest
-of the configuration does.
+``add_commands`` adds them to the node's command line (node/cli.py). They parse, call the
+library (``train.workflow``, ``train.evaluate``, ``pipeline.model.registry``) and print.
+The registry is ``--registry`` when given, else ``[models] registry`` of config.toml, read
+by ``node.config`` as for the node (relative paths resolve against the file's folder),
+else its default beside config.toml when there is no such file.
 
 torch, matplotlib and the training modules are imported by the commands that use them, not
 here: every `dicomnode` invocation builds this parser, and `dicomnode status` should not
@@ -13,19 +14,14 @@ pay a second or two of imports for it.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
-import tomllib
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from node.config import DEFAULT_CONFIG, load_config_or_defaults
 from pipeline.dicom.contrast import Direction
 from pipeline.model.preprocess import Normalization
-
-DEFAULT_CONFIG = Path("config.toml")
-DEFAULT_REGISTRY = "models"
 
 
 def add_commands(subparsers: Any) -> None:
@@ -225,16 +221,11 @@ def add_commands(subparsers: Any) -> None:
 
 
 def registry_root(config: Path, override: Path | None) -> Path:
-    """The registry folder: ``override``, else config.toml's ``[models] registry``, else
-    ``models`` beside config.toml."""
+    """The registry folder: ``override``, else config.toml's ``[models] registry``, read
+    as the node reads it, else (no such file) its default beside config.toml."""
     if override is not None:
         return override
-    folder = config.resolve().parent
-    configured = DEFAULT_REGISTRY
-    if config.is_file():
-        with open(config, "rb") as file:
-            configured = tomllib.load(file).get("models", {}).get("registry", DEFAULT_REGISTRY)
-    return folder / configured
+    return load_config_or_defaults(config).models.registry
 
 
 def network_arguments(args: argparse.Namespace) -> dict[str, Any]:
@@ -259,16 +250,15 @@ def network_arguments(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import torch
-
     from pipeline.model.card import ModelFileError
+    from pipeline.model.inference import use_threads
     from pipeline.model.registry import ModelRegistry, RegistryError
     from train.lesions import LesionMasks
     from train.trainer import TrainSettings, console_progress
     from train.workflow import TrainRequest, load_reference_metrics, run_training
 
     if args.threads:
-        torch.set_num_threads(args.threads)
+        use_threads(args.threads)
     try:
         settings = TrainSettings(
             direction=args.direction,
@@ -336,105 +326,31 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from pipeline.dicom.reformat import axial_volume
-    from pipeline.dicom.volume import SeriesError, load_series
-    from pipeline.model.card import ModelFileError
-    from pipeline.model.inference import Synthesizer
-    from pipeline.model.preprocess import head_mask, to_stored_pixels
-    from pipeline.model.registry import RegistryError
-    from train.evaluate import evaluate, format_table
-    from train.figures import save_comparison
+    from pipeline.model.card import ModelFileError, load_model
+    from pipeline.model.inference import pick_device
+    from pipeline.model.registry import ModelRegistry, RegistryError
+    from train.evaluate import evaluate_folders
     from train.lesions import LesionMaskError, LesionMasks
-    from train.metrics import collapse_check
-    from train.pairs import PairedVolume, find_pairs, load_pair
 
     try:
-        model = _load_named_model(args.model, registry_root(args.config, args.registry))
+        registry = ModelRegistry(registry_root(args.config, args.registry))
+        model = load_model(registry.find(args.model), pick_device())
         lesions = LesionMasks.load(*args.lesions) if args.lesions else None
     except (ModelFileError, RegistryError, LesionMaskError) as error:
         print(f"evaluate: {error}", file=sys.stderr)
         return 1
-    direction = model.card.direction
-    search = find_pairs(args.data)
-    for note in search.notes:
-        print(note)
-    paired: list[PairedVolume] = []
-    for pair in search.pairs:
-        try:
-            paired.append(load_pair(pair, direction, not args.no_register, lesions=lesions))
-        except (SeriesError, LesionMaskError) as error:
-            print(f"{pair.label}: not evaluated: {error}")
-            continue
-        print(paired[-1].summary())
-    paired = [item for item in paired if len(item.slices)]
-    report_folder: Path = args.report
-    stem = f"{model.card.name}-{model.card.version}"
-    report: dict[str, Any] = {"model": stem, "pairs": None, "unpaired": []}
-    collapsed = False
-    if paired:
-        result = evaluate(model, paired)
-        print(format_table(result))
-        report["pairs"] = result.report()
-        collapsed = result.collapsed()
-        for patient in {study.patient for study in result.studies}:
-            studies = [s for s in result.studies if s.patient == patient]
-            # The patient's largest study: the figure should show the most anatomy.
-            study = max(studies, key=lambda s: s.slices)
-            figure = save_comparison(
-                report_folder / f"{stem}-{patient}.png",
-                f"{model.card.name} {model.card.version} ({direction}) on {study.label}",
-                *study.images,
-                focus=study.focus,
-            )
-            print(f"figure: {figure}")
-    for contrast, series in search.unpaired:
-        if contrast is not direction.source:
-            continue
-        try:
-            volume = axial_volume(load_series(series.files))
-        except SeriesError as error:
-            print(f"{series.folder}: not evaluated: {error}")
-            continue
-        output = Synthesizer(model).synthesize(
-            volume.pixels, volume.pixel_spacing, volume.slice_offsets
-        )
-        check = collapse_check(output, head_mask(volume.pixels))
-        collapsed = collapsed or bool(check["collapsed"])
-        figure = save_comparison(
-            report_folder / f"{stem}-{series.folder.parent.name}-unpaired.png",
-            f"{model.card.name} {model.card.version} ({direction}) on {series.folder} (no "
-            "real target)",
-            volume.pixels,
-            to_stored_pixels(output).pixels,
-        )
-        report["unpaired"].append(
-            {"series": str(series.folder), "collapse": check, "figure": str(figure)}
-        )
-        print(f"{series.folder}: no pair; output spread {check['spread']:.3f}; figure: {figure}")
-    if report["pairs"] is None and not report["unpaired"]:
+    result = evaluate_folders(
+        model, args.data, args.report, register=not args.no_register, lesions=lesions
+    )
+    if result.path is None:
         print("evaluate: no pairs and no unpaired source series found", file=sys.stderr)
         return 1
-    report_folder.mkdir(parents=True, exist_ok=True)
-    path = report_folder / f"{stem}.json"
-    path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    print(f"report: {path}")
-    return 1 if collapsed else 0
-
-
-def _load_named_model(spec: str, root: Path) -> Any:
-    from pipeline.model.card import load_model
-    from pipeline.model.inference import pick_device
-    from pipeline.model.registry import ModelRegistry
-
-    if Path(spec).is_file():
-        return load_model(Path(spec), pick_device())
-    registry = ModelRegistry(root)
-    name, _, version = spec.partition(":")
-    path = registry.path(name, version) if version else registry.active_path(name)
-    return load_model(path, pick_device())
+    print(f"report: {result.path}")
+    return 1 if result.collapsed else 0
 
 
 def _list(args: argparse.Namespace) -> int:
+    from pipeline.model.card import ModelFileError
     from pipeline.model.registry import ModelRegistry, RegistryError
 
     registry = ModelRegistry(registry_root(args.config, args.registry))
@@ -448,7 +364,10 @@ def _list(args: argparse.Namespace) -> int:
         except RegistryError:
             active = None
         for version in registry.versions(name):
-            card = _read_card(registry, name, version)
+            try:
+                card = registry.read_card(name, version)
+            except ModelFileError as error:
+                card = {"direction": f"unreadable: {error}"}
             marker = "*" if version == active else " "
             print(
                 f"{marker} {name} {version}  {card.get('direction', '?')}  "
@@ -471,20 +390,6 @@ def _activate(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.name} {args.version} is now active")
     return 0
-
-
-def _read_card(registry: Any, name: str, version: str) -> dict[str, Any]:
-    from pipeline.model.card import ModelFileError, load_model
-
-    # The readable copy beside the model; the model file itself when it is missing.
-    readable = registry.path(name, version).with_suffix(".json")
-    if readable.is_file():
-        return json.loads(readable.read_text(encoding="utf-8"))
-    try:
-        loaded = load_model(registry.path(name, version))
-    except ModelFileError as error:
-        return {"direction": f"unreadable: {error}"}
-    return asdict(loaded.card)
 
 
 def _metrics_line(metrics: dict[str, Any]) -> str:
