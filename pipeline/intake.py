@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.dicom.contrast import classify
 from pipeline.dicom.header import extract_header
-from pipeline.dicom.values import InvalidUID, check_uid
+from pipeline.dicom.values import InvalidUID, check_uid, int_or_none
 from pipeline.redact import redact
 from pipeline.spool import Spool
 from pipeline.state.db import Instance, Job, JobState, Series, SeriesState, utcnow
@@ -136,9 +136,9 @@ def inspect_instance(
         pixel_spacing=_joined(ds.get("PixelSpacing")),
         frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "") or "") or None,
         announced_count=announced_count(ds),
-        acquisition_number=_int_or_none(ds.get("AcquisitionNumber")),
-        instance_number=_int_or_none(ds.get("InstanceNumber")),
-        series_number=_int_or_none(ds.get("SeriesNumber")),
+        acquisition_number=int_or_none(ds.get("AcquisitionNumber")),
+        instance_number=int_or_none(ds.get("InstanceNumber")),
+        series_number=int_or_none(ds.get("SeriesNumber")),
         description=str(ds.get("SeriesDescription", "") or "")[:64] or None,
         dataset=ds,
         header_keywords=tuple(extra_keywords),
@@ -180,12 +180,12 @@ def _check_pixels_decode(ds: Dataset) -> None:
 
 def announced_count(ds: Dataset) -> int | None:
     """How many instances the series announces, from ImagesInAcquisition or its relatives."""
-    value = _int_or_none(ds.get("ImagesInAcquisition"))
+    value = int_or_none(ds.get("ImagesInAcquisition"))
     if value is None:
         # GE writes "Images in Series" in its private group 0025 (creator GEMS_SERS_01).
         block = _private_block(ds, 0x0025, "GEMS_SERS_01")
         if block is not None and 0x07 in block:
-            value = _int_or_none(block[0x07].value)
+            value = int_or_none(block[0x07].value)
     return value if value and value > 0 else None
 
 
@@ -384,13 +384,6 @@ def _close(a: str | None, b: str | None) -> bool:
         )
     except ValueError:
         return a == b
-
-
-def _int_or_none(value: Any) -> int | None:
-    try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
 
 
 def recover_unrecorded(

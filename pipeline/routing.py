@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydicom.datadict import tag_for_keyword
 
 from pipeline.dicom.contrast import Contrast, Direction
+from pipeline.dicom.values import number_or_none
 
 # AE titles: 1-16 characters of the default character repertoire, no backslash or control.
 AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"
@@ -69,26 +70,17 @@ class HeaderCondition(_Strict):
             return f"{keyword} {text!r} does not match /{self.regex}/"
         if self.equals is not None:
             if isinstance(self.equals, (float, int)):
-                ok = _as_float(value) == float(self.equals)
+                ok = number_or_none(value) == float(self.equals)
             else:
                 ok = text == self.equals
             return None if ok else f"{keyword} {text!r} is not {self.equals!r}"
-        number = _as_float(value)
+        number = number_or_none(value)
         if number is None:
             return f"{keyword} {text!r} is not a number"
         if (self.min is not None and number < self.min) or (
             self.max is not None and number > self.max
         ):
             return f"{keyword} {number:g} is outside [{self.min}, {self.max}]"
-        return None
-
-
-def _as_float(value: Any) -> float | None:
-    if isinstance(value, list):
-        value = value[0] if value else None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
         return None
 
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.choices import Choice
+from pipeline.dicom.values import number_or_none
 
 
 class Contrast(Choice):
@@ -519,16 +520,10 @@ def _words(text: str) -> str:
 
 
 def _number(value: Any) -> float | None:
-    """A positive finite number from a header value (first of several), else None."""
-    if isinstance(value, list):
-        value = value[0] if value else None
-    if isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) and number > 0 else None
+    """A positive number from a header value (the first of several), else None: a TR, TE or
+    field strength of 0 is a placeholder."""
+    number = number_or_none(value)
+    return number if number is not None and number > 0 else None
 
 
 def _list(value: Any) -> list[Any]:
