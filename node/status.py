@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from pipeline.state.db import Delivery, Job, Leased, Series
-from pipeline.state.leases import Holder
+from pipeline.state.leases import Holder, holder_of
 
 
 def collect_status(sessions: sessionmaker, limit: int = 200) -> dict[str, Any]:
@@ -154,7 +154,7 @@ def _lease(row: Leased) -> dict[str, Any]:
     return {
         "held_by": row.lease_owner,
         "held_until": _iso(row.lease_expires_at),
-        "holder": row.holder().value,
+        "holder": holder_of(row).value,
     }
 
 

@@ -25,10 +25,7 @@ def write_atomically(path: Path, data: bytes) -> None:
     make_folders(path.parent)
     temp = path.with_name(path.name + TEMP_SUFFIX)
     try:
-        with open(temp, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
+        _write_flushed(temp, data)
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
@@ -46,10 +43,7 @@ def write_new(path: Path, data: bytes) -> bool:
     # A temporary name of its own per thread: two senders of one instance write at once.
     temp = path.with_name(f"{path.name}.{threading.get_ident()}{TEMP_SUFFIX}")
     try:
-        with open(temp, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
+        _write_flushed(temp, data)
         # Unlike a rename, a link fails instead of replacing what is already there.
         os.link(temp, path)
     except FileExistsError:
@@ -58,6 +52,13 @@ def write_new(path: Path, data: bytes) -> bool:
         temp.unlink(missing_ok=True)
     _fsync_directory(path.parent)
     return True
+
+
+def _write_flushed(path: Path, data: bytes) -> None:
+    with open(path, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def make_folders(folder: Path) -> None:

@@ -16,8 +16,6 @@ from sqlalchemy import JSON, ForeignKey, Index, String, create_engine, event, in
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
-from pipeline.state.leases import Holder, holder_state
-
 
 def utcnow() -> datetime:
     """Now, as a naive UTC datetime (SQLite keeps no time zone; everything here is UTC)."""
@@ -119,10 +117,6 @@ class Leased:
     lease_host: Mapped[str | None]
     lease_pid: Mapped[int | None]
     lease_process_start: Mapped[str | None]  # see pipeline.state.leases.ProcessIdentity
-
-    def holder(self) -> Holder:
-        """Whether the process holding the lease still runs (pipeline.state.leases)."""
-        return holder_state(self.lease_host, self.lease_pid, self.lease_process_start)
 
     def release_lease(self) -> None:
         self.lease_owner = self.lease_expires_at = None

@@ -18,11 +18,11 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.state.db import Delivery, DeliveryState, Job, utcnow
-from pipeline.state.leases import claim_oldest, held_by_gone_processes, lease_values
+from pipeline.state.leases import claim_oldest, take_back
 
 log = logging.getLogger(__name__)
 
@@ -143,33 +143,31 @@ def claim_delivery(
     Exclusive on any database (``leases.claim_oldest``): of several senders, one gets it.
     """
     now = now or utcnow()
-    claimable = or_(
-        and_(
-            Delivery.state == DeliveryState.PENDING,
-            or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
-        ),
-        and_(Delivery.state == DeliveryState.SENDING, Delivery.lease_expires_at < now),
-    )
+    dead_owners: dict[int, str | None] = {}
+
+    def changes(delivery: Delivery) -> dict[str, Any]:
+        if delivery.state != DeliveryState.SENDING:
+            return {}
+        # The dead sender's attempt counts, so a series that kills its sender every time
+        # still ends as failed instead of being tried forever.
+        dead_owners[delivery.id] = delivery.lease_owner
+        return {
+            "attempts": delivery.attempts + 1,
+            "reason": f"attempt by {delivery.lease_owner} did not finish (its lease expired)",
+        }
+
     with sessions.begin() as session:
-        dead_owners = {}
-
-        def values(delivery: Delivery) -> dict[str, Any]:
-            taken = {
-                "state": DeliveryState.SENDING,
-                **lease_values(owner, now + timedelta(seconds=settings.lease_seconds)),
-                "updated_at": now,
-            }
-            if delivery.state == DeliveryState.SENDING:
-                # The dead sender's attempt counts, so a series that kills its sender
-                # every time still ends as failed instead of being tried forever.
-                dead_owners[delivery.id] = delivery.lease_owner
-                taken["attempts"] = delivery.attempts + 1
-                taken["reason"] = (
-                    f"attempt by {delivery.lease_owner} did not finish (its lease expired)"
-                )
-            return taken
-
-        delivery = claim_oldest(session, Delivery, claimable, values)
+        delivery = claim_oldest(
+            session,
+            Delivery,
+            owner=owner,
+            lease_seconds=settings.lease_seconds,
+            now=now,
+            waiting=DeliveryState.PENDING,
+            due_at=Delivery.next_attempt_at,
+            held=DeliveryState.SENDING,
+            changes=changes,
+        )
         if delivery is None:
             return None
         dead_owner = dead_owners.get(delivery.id)
@@ -205,32 +203,25 @@ def take_back_deliveries_of_gone_senders(
     gone is taken back now instead of when its lease runs out. As when a lease expires,
     the unfinished attempt counts: pending again at once, or failed if it was the last.
     Returns the ids taken back."""
-    now = utcnow()
-    taken = []
-    with sessions.begin() as session:
-        for delivery in held_by_gone_processes(session, Delivery, DeliveryState.SENDING):
-            why = f"attempt by {delivery.lease_owner} did not finish (that process is gone)"
-            expired = delivery.lease_expires_at
-            delivery.release_lease()
-            delivery.attempts += 1
-            delivery.updated_at = now
-            if delivery.attempts < settings.max_attempts:
-                delivery.state = DeliveryState.PENDING
-                delivery.next_attempt_at = now
-                delivery.reason = why
-            else:
-                delivery.state = DeliveryState.FAILED
-                delivery.next_attempt_at = None
-                delivery.reason = f"gave up after {delivery.attempts} attempts: {why}"
-            log.warning(
-                "delivery %d: taken back, %s (its lease ran to %s UTC): %s",
-                delivery.id,
-                why,
-                expired.isoformat(sep=" ", timespec="seconds") if expired else "?",
-                delivery.state,
-            )
-            taken.append(delivery.id)
-    return taken
+
+    def put_back(delivery: Delivery, sender: str | None) -> str:
+        why = f"attempt by {sender} did not finish (that process is gone)"
+        delivery.attempts += 1
+        if delivery.attempts < settings.max_attempts:
+            delivery.state = DeliveryState.PENDING
+            delivery.next_attempt_at = delivery.updated_at
+            delivery.reason = why
+        else:
+            _give_up(delivery, why)
+        return why
+
+    return take_back(sessions, Delivery, DeliveryState.SENDING, put_back)
+
+
+def _give_up(delivery: Delivery, why: str) -> None:
+    delivery.state = DeliveryState.FAILED
+    delivery.next_attempt_at = None
+    delivery.reason = f"gave up after {delivery.attempts} attempts: {why}"
 
 
 def _results(delivery: Delivery) -> dict[str, InstanceResult]:
@@ -325,9 +316,7 @@ def record_attempt(
                 error,
             )
         else:
-            delivery.state = DeliveryState.FAILED
-            delivery.next_attempt_at = None
-            delivery.reason = f"gave up after {delivery.attempts} attempts: {error}"
+            _give_up(delivery, error)
             log.error(
                 "delivery %d: failed, series %s to %s (%d/%d sent): %s",
                 delivery.id,

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.dicom.contrast import Direction
 from pipeline.state.db import Delivery, DeliveryState, Instance, Job, JobState, Series, utcnow
 from pipeline.state.deliveries import create_deliveries, retry_delivery
-from pipeline.state.leases import claim_oldest, held_by_gone_processes, lease_values
+from pipeline.state.leases import claim_oldest, take_back
 
 if TYPE_CHECKING:
     from pipeline.routing import Route
@@ -66,22 +66,17 @@ def claim_job(
     Exclusive on any database (``leases.claim_oldest``): of several workers, one gets it.
     """
     now = now or utcnow()
-    runnable = or_(
-        and_(Job.state == JobState.QUEUED, or_(Job.not_before.is_(None), Job.not_before <= now)),
-        and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now),
-    )
     with sessions.begin() as session:
         job = claim_oldest(
             session,
             Job,
-            runnable,
-            lambda _: {
-                "state": JobState.RUNNING,
-                **lease_values(owner, now + timedelta(seconds=lease_seconds)),
-                "attempts": Job.attempts + 1,
-                "started_at": now,
-                "updated_at": now,
-            },
+            owner=owner,
+            lease_seconds=lease_seconds,
+            now=now,
+            waiting=JobState.QUEUED,
+            due_at=Job.not_before,
+            held=JobState.RUNNING,
+            changes=lambda _: {"attempts": Job.attempts + 1, "started_at": now},
         )
         if job is None:
             return None
@@ -195,31 +190,19 @@ def take_back_jobs_of_gone_workers(sessions: sessionmaker, max_attempts: int) ->
     """At start: a job running under the lease of a process of this host that is gone
     (killed, crashed) is taken back now instead of when its lease runs out: queued again,
     or failed if that was its last attempt. Returns the ids taken back."""
-    now = utcnow()
-    taken = []
-    with sessions.begin() as session:
-        for job in held_by_gone_processes(session, Job, JobState.RUNNING):
-            why = f"its worker {job.lease_owner} stopped while running attempt {job.attempts}"
-            expired = job.lease_expires_at
-            job.release_lease()
-            job.updated_at = now
-            if job.attempts < max_attempts:
-                job.state = JobState.QUEUED
-                job.not_before = None
-                job.reason = f"taken back: {why}"
-            else:
-                job.state = JobState.FAILED
-                job.reason = f"failed {job.attempts} time(s): {why}"
-            log.warning(
-                "job %d: taken back, %s, a process of this host that is gone (its lease ran "
-                "to %s UTC): %s",
-                job.id,
-                why,
-                expired.isoformat(sep=" ", timespec="seconds") if expired else "?",
-                job.state,
-            )
-            taken.append(job.id)
-    return taken
+
+    def put_back(job: Job, worker: str | None) -> str:
+        why = f"its worker {worker} stopped while running attempt {job.attempts}"
+        if job.attempts < max_attempts:
+            job.state = JobState.QUEUED
+            job.not_before = None
+            job.reason = f"taken back: {why}"
+        else:
+            job.state = JobState.FAILED
+            job.reason = f"failed {job.attempts} time(s): {why}"
+        return f"{why}, a process of this host that is gone"
+
+    return take_back(sessions, Job, JobState.RUNNING, put_back)
 
 
 def retry_job(sessions: sessionmaker, job_id: int) -> str:

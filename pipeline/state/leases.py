@@ -11,34 +11,36 @@ A process can tell only whether a process of its own host is alive: a lease held
 another host runs out by itself (PostgreSQL shared by several machines).
 
 Jobs and deliveries are both held this way, and both are claimed and taken back through
-``claim_oldest`` and ``held_by_gone_processes``.
+``claim_oldest`` and ``take_back``.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import os
 import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 
-if TYPE_CHECKING:
-    from pipeline.state.db import Leased
+from pipeline.state.db import Leased, utcnow
+
+log = logging.getLogger(__name__)
 
 PROC = Path("/proc")
 # Rows read per claim: of several holders that read the same oldest row, those that lose it
 # try the next ones instead of coming back empty.
 CANDIDATES = 5
 
-Row = TypeVar("Row", bound="Leased")
+Row = TypeVar("Row", bound=Leased)
 
 
 class Holder(enum.StrEnum):
@@ -78,22 +80,35 @@ def lease_values(owner: str, expires_at: datetime) -> dict[str, Any]:
 def claim_oldest(
     session: Session,
     table: type[Row],
-    claimable: ColumnElement[bool],
-    values: Callable[[Row], dict[str, Any]],
+    *,
+    owner: str,
+    lease_seconds: float,
+    now: datetime,
+    waiting: str,
+    due_at: InstrumentedAttribute[datetime | None],
+    held: str,
+    changes: Callable[[Row], dict[str, Any]],
 ) -> Row | None:
-    """Take the oldest row of ``table`` that ``claimable`` selects, in the caller's
-    transaction, setting the columns ``values`` gives for the row as it was read.
+    """Take the oldest claimable row of ``table`` for ``owner``, in the caller's transaction:
+    one ``waiting`` and due (``due_at`` passed or unset), or one ``held`` under a lease that
+    expired. It becomes ``held`` under ``owner``'s lease, with the other columns ``changes``
+    gives for the row as it was read.
 
     The conditional UPDATE (the row still in the state it was read in, and still
     claimable) makes the claim exclusive on any database: of several holders that pick the
     same row, exactly one changes it.
     """
+    claimable = or_(
+        and_(table.state == waiting, or_(due_at.is_(None), due_at <= now)),
+        and_(table.state == held, table.lease_expires_at < now),
+    )
+    lease = lease_values(owner, now + timedelta(seconds=lease_seconds))
     candidates = select(table).where(claimable).order_by(table.id).limit(CANDIDATES)
     for row in session.scalars(candidates).all():
         taken = session.execute(
             update(table)
             .where(table.id == row.id, table.state == row.state, claimable)
-            .values(**values(row))
+            .values(state=held, **lease, updated_at=now, **changes(row))
             .execution_options(synchronize_session=False)
         ).rowcount
         if taken:
@@ -102,11 +117,44 @@ def claim_oldest(
     return None
 
 
-def held_by_gone_processes(session: Session, table: type[Row], state: str) -> list[Row]:
-    """The rows of ``table`` in ``state`` held by a process of this host that is gone
-    (killed, crashed): a start takes them back instead of waiting for their leases."""
-    held_here = select(table).where(table.state == state, table.lease_host == this_process().host)
-    return [row for row in session.scalars(held_here).all() if row.holder() is Holder.GONE]
+def take_back(
+    sessions: sessionmaker,
+    table: type[Row],
+    held: str,
+    put_back: Callable[[Row, str | None], str],
+) -> list[int]:
+    """At start: the rows of ``table`` ``held`` by a process of this host that is gone
+    (killed, crashed) are taken back now instead of when their leases run out. Each is
+    released, then ``put_back(row, its holder)`` makes it waiting again or failed and says
+    why, for the log. Returns the ids taken back."""
+    now = utcnow()
+    taken = []
+    with sessions.begin() as session:
+        held_here = select(table).where(
+            table.state == held, table.lease_host == this_process().host
+        )
+        for row in session.scalars(held_here).all():
+            if holder_of(row) is not Holder.GONE:
+                continue
+            holder, expired = row.lease_owner, row.lease_expires_at
+            row.release_lease()
+            row.updated_at = now
+            why = put_back(row, holder)
+            log.warning(
+                "%s %d: taken back, %s (its lease ran to %s UTC): %s",
+                table.__tablename__,
+                row.id,
+                why,
+                expired.isoformat(sep=" ", timespec="seconds") if expired else "?",
+                row.state,
+            )
+            taken.append(row.id)
+    return taken
+
+
+def holder_of(row: Leased) -> Holder:
+    """Whether the process holding ``row``'s lease still runs."""
+    return holder_state(row.lease_host, row.lease_pid, row.lease_process_start)
 
 
 def this_process() -> ProcessIdentity:
