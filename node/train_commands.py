@@ -6,9 +6,9 @@ The registry is ``--registry`` when given, else ``[models] registry`` of config.
 by ``node.config`` as for the node (relative paths resolve against the file's folder),
 else its default beside config.toml when there is no such file.
 
-torch, matplotlib and the training modules are imported by the commands that use them, not
-here: every `dicomnode` invocation builds this parser, and `dicomnode status` should not
-pay a second or two of imports for it.
+node/cli.py builds this parser only when one of these commands is run, and torch,
+matplotlib and the training modules are imported by the commands that use them: the
+admin's quick commands do not pay a second or two of imports for them.
 """
 
 from __future__ import annotations

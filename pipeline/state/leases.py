@@ -65,7 +65,7 @@ def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 100000}"
 
 
-def lease_values(owner: str, expires_at: datetime) -> dict[str, Any]:
+def _lease_values(owner: str, expires_at: datetime) -> dict[str, Any]:
     """The lease columns of a row this process claims for ``owner`` (pipeline.state.db.Leased)."""
     process = this_process()
     return {
@@ -102,7 +102,7 @@ def claim_oldest(
         and_(table.state == waiting, or_(due_at.is_(None), due_at <= now)),
         and_(table.state == held, table.lease_expires_at < now),
     )
-    lease = lease_values(owner, now + timedelta(seconds=lease_seconds))
+    lease = _lease_values(owner, now + timedelta(seconds=lease_seconds))
     candidates = select(table).where(claimable).order_by(table.id).limit(CANDIDATES)
     for row in session.scalars(candidates).all():
         taken = session.execute(
