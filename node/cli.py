@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 from node.config import DEFAULT_CONFIG, Config, ConfigError, check_models, load_config
+from pipeline.dicom.contrast import Direction
 from pipeline.redact import RedactingFilter
 
 log = logging.getLogger("dicomnode")
@@ -75,7 +76,7 @@ def _parser(training: bool) -> argparse.ArgumentParser:
     translate.add_argument("output", type=Path, metavar="OUTPUT")
     translate.add_argument(
         "--direction",
-        choices=["t1-to-t2", "t2-to-t1"],
+        choices=[direction.value for direction in Direction],
         help="default: the one each series' classified contrast implies",
     )
     translate.add_argument(
@@ -83,7 +84,7 @@ def _parser(training: bool) -> argparse.ArgumentParser:
     )
 
     if training:
-        from train.commands import add_commands
+        from node.train_commands import add_commands
 
         add_commands(commands)
     else:
@@ -151,7 +152,7 @@ def _worker(args: argparse.Namespace) -> int:
     import threading
 
     from node.service import build_worker, take_back_leases
-    from pipeline.db import open_database
+    from pipeline.state.db import open_database
 
     config = _load_checked(args.config)
     _setup_logging(config.node.log_level)
@@ -183,9 +184,9 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _retry(args: argparse.Namespace) -> int:
-    from pipeline.db import open_database
-    from pipeline.delivery import retry_delivery
-    from pipeline.jobs import retry_job
+    from pipeline.state.db import open_database
+    from pipeline.state.deliveries import retry_delivery
+    from pipeline.state.jobs import retry_job
 
     config = load_config(args.config)
     sessions = open_database(config.node.database)
@@ -199,51 +200,35 @@ def _retry(args: argparse.Namespace) -> int:
 
 def _translate(args: argparse.Namespace) -> int:
     from node.service import software_version
-    from pipeline.contrast import classify
-    from pipeline.derived import write_series
-    from pipeline.inference import Synthesizer, pick_device
-    from pipeline.modelfile import ModelFileError, load_model
-    from pipeline.registry import ModelRegistry, RegistryError
-    from pipeline.routing import Direction
-    from pipeline.seriesfiles import scan_series
-    from pipeline.synthesis import synthesize_series
-    from pipeline.volume import SeriesError
+    from pipeline.dicom.seriesfiles import scan_series
+    from pipeline.model.registry import ModelRegistry
+    from pipeline.synthesis import translate_series
 
     _setup_logging("WARNING")
-    registry = ModelRegistry(load_config(args.config).models.registry) if not args.model else None
+    registry = None if args.model else ModelRegistry(load_config(args.config).models.registry)
+
+    def model_for(direction: Direction) -> Path:
+        return args.model or registry.active_path(direction.value)
+
     found = scan_series([args.input])
-    synthesizers: dict[Path, Synthesizer] = {}  # each model loaded once, not per series
+    forced = Direction(args.direction) if args.direction else None
     failures = 0
-    for entry in found.series:
-        classification = classify(entry.header)
-        direction = Direction.for_source(classification.contrast)
-        if args.direction:
-            direction = Direction(args.direction)
-        label = f"{entry.folder} ({entry.header.get('SeriesDescription', '')})"
-        if direction is None:
+    for done in translate_series(found.series, args.output, model_for, software_version(), forced):
+        series, classification = done.series, done.classification
+        label = f"{series.folder} ({series.header.get('SeriesDescription', '')})"
+        if done.direction is None:
             print(
                 f"skipped {label}: contrast {classification.contrast}, neither T1 nor T2 "
                 f"({classification.reason}); give --direction to force one"
             )
-            continue
-        try:
-            path = args.model or registry.active_path(direction.value)
-            if path not in synthesizers:
-                synthesizers[path] = Synthesizer(load_model(path, pick_device()))
-            result = synthesize_series(
-                entry.files, synthesizers[path], direction, software_version()
-            )
-        except (SeriesError, ModelFileError, RegistryError) as error:
-            print(f"failed  {label}: {error}")
+        elif done.error is not None:
+            print(f"failed  {label}: {done.error}")
             failures += 1
-            continue
-        folder = args.output / result.series_uid
-        write_series(result.datasets, folder)
-        print(
-            f"wrote   {folder}: {len(result.datasets)} {result.source_plane} synthetic "
-            f"{direction.target} slice(s) "
-            f"from {label}"
-        )
+        else:
+            print(
+                f"wrote   {done.folder}: {len(done.result.datasets)} {done.result.source_plane} "
+                f"synthetic {done.direction.target} slice(s) from {label}"
+            )
     for path, reason in found.unreadable:
         print(f"skipped {path}: {reason}")
     if not found.series:
@@ -254,7 +239,7 @@ def _translate(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from node.status import collect_status, format_status
-    from pipeline.db import open_database
+    from pipeline.state.db import open_database
 
     config = load_config(args.config)
     status = collect_status(open_database(config.node.database), limit=args.limit)
@@ -272,9 +257,9 @@ def _config_check(args: argparse.Namespace) -> int:
 
 
 def _route(args: argparse.Namespace) -> int:
-    from pipeline.contrast import classify
+    from pipeline.dicom.contrast import classify
+    from pipeline.dicom.seriesfiles import scan_series
     from pipeline.routing import header_keywords, select_route
-    from pipeline.seriesfiles import scan_series
 
     config = load_config(args.config)
     found = scan_series(args.path, header_keywords(config.routes))

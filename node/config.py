@@ -16,10 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy.engine import make_url
 
 from pipeline.completion import CompletionSettings
-from pipeline.delivery import DeliverySettings
 from pipeline.retention import RetentionSettings
 from pipeline.routing import AE_TITLE_PATTERN, Destination, Route
 from pipeline.settings import ModelSettings, WorkerSettings
+from pipeline.state.deliveries import DeliverySettings
 from train.settings import RefreshSettings
 
 DEFAULT_CONFIG = Path("config.toml")
@@ -129,6 +129,12 @@ def load_config(path: Path = DEFAULT_CONFIG) -> Config:
     return parse_config(raw, path)
 
 
+def load_config_or_defaults(path: Path) -> Config:
+    """``load_config(path)``, or where there is no such file the defaults, resolved against
+    its folder: the ML engineer's commands run where no node is configured."""
+    return load_config(path) if Path(path).is_file() else parse_config({}, Path(path))
+
+
 def check_refresh(config: Config) -> list[str]:
     """A scheduled refresh needs its data folders."""
     if not config.refresh.enabled:
@@ -144,8 +150,8 @@ def check_refresh(config: Config) -> list[str]:
 
 def check_models(config: Config) -> list[str]:
     """Problems with the models the routes name: missing, damaged, or the wrong direction."""
-    from pipeline.modelfile import ModelFileError, describe, load_model
-    from pipeline.registry import ModelRegistry, RegistryError
+    from pipeline.model.card import ModelFileError, describe, load_model
+    from pipeline.model.registry import ModelRegistry, RegistryError
 
     registry = ModelRegistry(config.models.registry)
     problems = []
@@ -155,10 +161,10 @@ def check_models(config: Config) -> list[str]:
         except (RegistryError, ModelFileError) as error:
             problems.append(f"routes[{index}].model = {route.model_name!r}: {error}")
             continue
-        if card.direction != route.direction.value:
+        if card.direction != route.direction:
             problems.append(
                 f"routes[{index}].model = {route.model_name!r}: {describe(card)} synthesizes "
-                f"{card.direction}, but the route's direction is {route.direction.value}"
+                f"{card.direction}, but the route's direction is {route.direction}"
             )
     return problems
 

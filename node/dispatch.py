@@ -13,9 +13,15 @@ from pathlib import Path
 from sqlalchemy.orm import sessionmaker
 
 from node.scu import send_series
-from pipeline.delivery import DeliverySettings, claim_delivery, record_attempt
 from pipeline.routing import Destination
-from pipeline.worker import worker_identity
+from pipeline.spool import Spool
+from pipeline.state.deliveries import (
+    DeliverySettings,
+    InstanceResult,
+    claim_delivery,
+    record_attempt,
+)
+from pipeline.state.leases import worker_identity
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +36,7 @@ class Dispatcher:
         calling_ae: str,
     ) -> None:
         self._sessions = sessions
-        self._storage = storage
+        self._spool = Spool(storage)
         self._destinations = destinations
         self._settings = settings
         self._calling_ae = calling_ae
@@ -49,11 +55,11 @@ class Dispatcher:
                     f"destination {claimed.destination!r} is no longer in config.toml "
                     "(add it back, then `dicomnode retry`)"
                 )
-                results: dict[str, str] = {}
+                results: dict[str, InstanceResult] = {}
             elif not claimed.output_path:
                 error, results = "the job has no output to send", {}
             else:
-                files = sorted((self._storage / claimed.output_path).glob("*.dcm"))
+                files = self._spool.series_files(claimed.output_path)
                 outcome = send_series(
                     destination, files, set(claimed.already_sent), self._settings, self._calling_ae
                 )

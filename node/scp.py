@@ -3,24 +3,12 @@
 Durable before acknowledged: a C-STORE is answered Success only after the file is on
 disk under its final name and its database row is committed. Every other answer is a
 failure status with an ErrorComment that says why; the sender keeps the instance.
-
-Statuses this SCP returns (PS3.4 Annex B, PS3.7 Annex C):
-  0x0000  Success (also for an identical re-send of an instance already stored: it is
-          kept once)
-  0x0111  Duplicate SOP Instance - an instance of this SOP Instance UID is stored with
-          other content; the copy acknowledged first is kept, the ErrorComment names the UID
-  0xA700  Refused: out of resources - the spool or the database cannot be written
-  0xA900  Error: data set does not match SOP class - a UID or the pixel data is missing
-          or malformed, its SOP Class UID is not the presentation context's, or its SOP
-          Instance UID is not the one the C-STORE request names
-  0xC000  Error: cannot understand - the pixel data cannot be decoded
-  0xC001  Error: cannot understand - the instance disagrees with its series (size,
-          orientation, spacing, frame of reference, SOP class or study)
-  0x0110  Processing failure - an unexpected error; the log has the details
+``StoreStatus`` lists the statuses this SCP returns and what each means.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import socket
 import sys
@@ -39,9 +27,10 @@ from sqlalchemy.orm import sessionmaker
 
 from node.acceptor import ConnectionLimits, start_server
 from node.config import NodeSettings
+from pipeline.files import DurableFolders, write_new
 from pipeline.intake import InstanceRefused, RefusalKind, inspect_instance, record_instance
 from pipeline.redact import redact
-from pipeline.spool import DurableFolders, stored_data_set, write_new
+from pipeline.spool import Spool, stored_data_set
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +58,46 @@ TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
 ]
 
+
+class StoreStatus(enum.IntEnum):
+    """The C-STORE statuses this SCP returns (PS3.4 Annex B, PS3.7 Annex C)."""
+
+    # Also for an identical re-send of an instance already stored: it is kept once.
+    SUCCESS = 0x0000
+    # An unexpected error; the log has the details.
+    PROCESSING_FAILURE = 0x0110
+    # An instance of this SOP Instance UID is stored with other content; the copy
+    # acknowledged first is kept, the ErrorComment names the UID.
+    DUPLICATE_SOP_INSTANCE = 0x0111
+    # Refused: out of resources. The spool or the database cannot be written.
+    OUT_OF_RESOURCES = 0xA700
+    # Error: data set does not match SOP class. A UID or the pixel data is missing or
+    # malformed, its SOP Class UID is not the presentation context's, or its SOP Instance
+    # UID is not the one the C-STORE request names.
+    DATA_SET_MISMATCH = 0xA900
+    # Error: cannot understand. The pixel data cannot be decoded.
+    UNDECODABLE = 0xC000
+    # Error: cannot understand. The instance disagrees with its series (size,
+    # orientation, spacing, frame of reference, SOP class or study).
+    INCONSISTENT = 0xC001
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """How a C-STORE is answered, and why (the log's words; ``comment`` is the shorter
+    ErrorComment when the reason's first 64 characters would not say it)."""
+
+    status: StoreStatus
+    reason: str = ""
+    duplicate: bool = False  # Success for an identical re-send: nothing was stored
+    comment: str | None = None
+
+
 _STATUS = {
-    RefusalKind.INVALID: 0xA900,
-    RefusalKind.UNDECODABLE: 0xC000,
-    RefusalKind.INCONSISTENT: 0xC001,
+    RefusalKind.INVALID: StoreStatus.DATA_SET_MISMATCH,
+    RefusalKind.UNDECODABLE: StoreStatus.UNDECODABLE,
+    RefusalKind.INCONSISTENT: StoreStatus.INCONSISTENT,
 }
-OUT_OF_RESOURCES = 0xA700
-PROCESSING_FAILURE = 0x0110
-DUPLICATE_SOP_INSTANCE = 0x0111
 # ErrorComment is a Long String (PS3.5): 64 characters at most.
 ERROR_COMMENT_LENGTH = 64
 
@@ -108,7 +129,7 @@ class StorageSCP:
     ) -> None:
         self._settings = settings
         self._sessions = sessions
-        self._storage = storage
+        self._spool = Spool(storage)
         self._folders = DurableFolders(storage)
         self._header_keywords = tuple(header_keywords)
         self._on_count_reached = on_count_reached
@@ -238,12 +259,12 @@ class StorageSCP:
         calling, host = _peer(event)
         tally = self._tallies.get(id(event.assoc)) or _AssociationTally()
         answer = self._store(event, calling)
-        if answer.status == 0x0000:
+        if answer.status is StoreStatus.SUCCESS:
             if answer.duplicate:
                 tally.duplicates += 1
             else:
                 tally.stored += 1
-            return 0x0000
+            return int(StoreStatus.SUCCESS)
         tally.refused += 1
         log.warning(
             "C-STORE from %s (%s) refused with 0x%04X: %s",
@@ -253,11 +274,11 @@ class StorageSCP:
             answer.reason,
         )
         response = Dataset()
-        response.Status = answer.status
+        response.Status = int(answer.status)
         response.ErrorComment = answer.comment or answer.reason[:ERROR_COMMENT_LENGTH]
         return response
 
-    def _store(self, event: evt.Event, calling: str) -> _Answer:
+    def _store(self, event: evt.Event, calling: str) -> StoreResult:
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
@@ -270,13 +291,16 @@ class StorageSCP:
                 request_sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
             )
         except InstanceRefused as refusal:
-            return _Answer(_STATUS[refusal.kind], refusal.reason)
+            return StoreResult(_STATUS[refusal.kind], refusal.reason)
         except Exception as error:
-            return _Answer(0xA900, f"the data set cannot be parsed: {redact(str(error))}")
+            return StoreResult(
+                StoreStatus.DATA_SET_MISMATCH,
+                f"the data set cannot be parsed: {redact(str(error))}",
+            )
 
         received = event.encoded_dataset(include_meta=False)
         data = encode_received(event, calling, received)
-        path = self._storage / facts.relative_path()
+        path = self._spool.path(facts.relative_path())
         try:
             self._folders.make(path.parent)
             created = write_new(path, data)
@@ -284,7 +308,9 @@ class StorageSCP:
             if not created and not _same_data_set(path, received):
                 return _conflict(facts.sop_instance_uid)
         except OSError as error:
-            return _Answer(OUT_OF_RESOURCES, f"spool cannot be written: {error.strerror}")
+            return StoreResult(
+                StoreStatus.OUT_OF_RESOURCES, f"spool cannot be written: {error.strerror}"
+            )
         try:
             with self._sessions.begin() as session:
                 outcome = record_instance(session, facts, len(data), calling)
@@ -292,46 +318,40 @@ class StorageSCP:
             # Refused: a file this call made goes; one that was there already is not ours.
             if created:
                 path.unlink(missing_ok=True)
-            return _Answer(_STATUS[refusal.kind], refusal.reason)
+            return StoreResult(_STATUS[refusal.kind], refusal.reason)
         except (SQLAlchemyError, OSError) as error:
             # Refused, so the file must not be recorded at the next start either.
             if created:
                 path.unlink(missing_ok=True)
             log.exception("database write failed for instance %s", facts.sop_instance_uid)
-            return _Answer(OUT_OF_RESOURCES, f"database cannot be written: {type(error).__name__}")
+            return StoreResult(
+                StoreStatus.OUT_OF_RESOURCES,
+                f"database cannot be written: {type(error).__name__}",
+            )
         except Exception:
             if created:
                 path.unlink(missing_ok=True)
             log.exception("unexpected error recording instance %s", facts.sop_instance_uid)
-            return _Answer(PROCESSING_FAILURE, "unexpected error; see the node's log")
+            return StoreResult(
+                StoreStatus.PROCESSING_FAILURE, "unexpected error; see the node's log"
+            )
         if outcome.duplicate:
             if created and outcome.orphaned_file:
                 path.unlink(missing_ok=True)  # the stored copy, under its first UIDs, stays
             if outcome.stored_path and not _same_data_set(
-                self._storage / outcome.stored_path, received
+                self._spool.path(outcome.stored_path), received
             ):
                 return _conflict(facts.sop_instance_uid)
-            return _Answer(0x0000, duplicate=True)
+            return StoreResult(StoreStatus.SUCCESS, duplicate=True)
         if outcome.count_reached:
             self._on_count_reached()
-        return _Answer(0x0000)
+        return StoreResult(StoreStatus.SUCCESS)
 
 
-@dataclass(frozen=True)
-class _Answer:
-    """How a C-STORE is answered, and why (the log's words; ``comment`` is the shorter
-    ErrorComment when the reason's first 64 characters would not say it)."""
-
-    status: int
-    reason: str = ""
-    duplicate: bool = False
-    comment: str | None = None
-
-
-def _conflict(sop_instance_uid: str) -> _Answer:
+def _conflict(sop_instance_uid: str) -> StoreResult:
     comment = f"stored with other content: {sop_instance_uid}"
-    return _Answer(
-        DUPLICATE_SOP_INSTANCE,
+    return StoreResult(
+        StoreStatus.DUPLICATE_SOP_INSTANCE,
         f"SOP Instance UID {sop_instance_uid} is stored with other content; the copy "
         "acknowledged first is kept",
         # The UID whole, with as many of the words as fit.

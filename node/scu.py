@@ -38,8 +38,8 @@ from pynetdicom.status import (
 )
 
 from node.scp import set_tcp_nodelay
-from pipeline.delivery import SENT, DeliverySettings, is_sent
 from pipeline.routing import Destination
+from pipeline.state.deliveries import DeliverySettings, InstanceResult
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,10 @@ TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
 @dataclass(frozen=True)
 class SendResult:
-    """One attempt's outcome: per SOP Instance UID "sent" (see `pipeline.delivery.is_sent`)
-    or why not; ``error`` says why the attempt failed, None when every instance was sent."""
+    """One attempt's outcome: what the destination did with each SOP Instance UID sent;
+    ``error`` says why the attempt failed, None when every instance was stored."""
 
-    results: dict[str, str]
+    results: dict[str, InstanceResult]
     error: str | None
 
 
@@ -89,26 +89,29 @@ def send_series(
     assoc, failure = _associate(ae, destination, settings)
     if assoc is None:
         log.warning("sending %d instance(s) to %s failed: %s", len(to_send), label, failure)
-        return SendResult({uid: f"not sent: {failure}" for _, _, uid in to_send}, failure)
+        not_sent = InstanceResult.not_sent(f"not sent: {failure}")
+        return SendResult({uid: not_sent for _, _, uid in to_send}, failure)
 
-    results = {}
+    results: dict[str, InstanceResult] = {}
     try:
         for path, _, uid in to_send:
             if not assoc.is_established:
-                results[uid] = "not sent: the association ended before its turn"
+                results[uid] = InstanceResult.not_sent(
+                    "not sent: the association ended before its turn"
+                )
                 continue
             results[uid] = _store(assoc, path, settings)
     finally:
         if assoc.is_established:
             assoc.release()
 
-    failed = [(uid, outcome) for uid, outcome in results.items() if not is_sent(outcome)]
-    warned = [uid for uid, outcome in results.items() if outcome != SENT and is_sent(outcome)]
+    failed = [(uid, result) for uid, result in results.items() if not result.stored]
+    warned = [uid for uid, result in results.items() if result.stored and result.detail]
     if failed:
-        uid, outcome = failed[0]
+        uid, result = failed[0]
         problems.insert(
             0,
-            f"{len(failed)} of {len(to_send)} instance(s) not stored by {label} ({uid}: {outcome})",
+            f"{len(failed)} of {len(to_send)} instance(s) not stored by {label} ({uid}: {result})",
         )
     log.info(
         "sent %d of %d instance(s) to %s (%d with a warning, %d skipped as sent before)",
@@ -210,26 +213,28 @@ def _connect_failure(destination: Destination, timeout: float, elapsed: float) -
         return (error.strerror or str(error)).lower()
 
 
-def _store(assoc: Association, path: Path, settings: DeliverySettings) -> str:
+def _store(assoc: Association, path: Path, settings: DeliverySettings) -> InstanceResult:
     started = time.monotonic()
     try:
         status = assoc.send_c_store(path)
     except (OSError, InvalidDicomError, AttributeError, ValueError, RuntimeError) as error:
         # Unreadable file, no accepted context for its SOP class, association just ended.
-        return f"not sent: {error}"
+        return InstanceResult.not_sent(f"not sent: {error}")
     if "Status" not in status:
         if time.monotonic() - started >= settings.timeout_seconds:
-            return (
+            return InstanceResult.not_sent(
                 f"no response within {settings.timeout_seconds:g} s "
                 "(lost or late; the association was aborted)"
             )
-        return "no response: the association was aborted or the connection closed"
+        return InstanceResult.not_sent(
+            "no response: the association was aborted or the connection closed"
+        )
     category = code_to_category(status.Status)
     if category == STATUS_SUCCESS:
-        return SENT
+        return InstanceResult.sent()
     if category == STATUS_WARNING:
-        return f"{SENT}, warning {_describe(status)}"
-    return f"status {_describe(status)}"
+        return InstanceResult.sent(warning=_describe(status))
+    return InstanceResult.not_sent(f"status {_describe(status)}")
 
 
 def _describe(status: Dataset) -> str:

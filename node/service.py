@@ -16,6 +16,7 @@ import signal
 import threading
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
@@ -23,11 +24,19 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 from tzlocal import get_localzone
 
+if TYPE_CHECKING:
+    from pipeline.worker import Worker
+
 from node.config import Config
 from node.dispatch import Dispatcher
 from node.scp import StorageSCP
 from pipeline.completion import complete_due_series
-from pipeline.db import (
+from pipeline.intake import recover_unrecorded
+from pipeline.model.registry import ModelRegistry
+from pipeline.retention import purge_finished
+from pipeline.routing import header_keywords
+from pipeline.spool import Spool
+from pipeline.state.db import (
     Delivery,
     DeliveryState,
     Job,
@@ -37,14 +46,8 @@ from pipeline.db import (
     open_database,
     utcnow,
 )
-from pipeline.delivery import take_back_deliveries_of_gone_senders
-from pipeline.intake import recover_unrecorded
-from pipeline.jobs import take_back_jobs_of_gone_workers
-from pipeline.registry import ModelRegistry
-from pipeline.retention import purge_finished
-from pipeline.routing import header_keywords
-from pipeline.spool import make_folders, remove_partial_files
-from pipeline.worker import Worker
+from pipeline.state.deliveries import take_back_deliveries_of_gone_senders
+from pipeline.state.jobs import take_back_jobs_of_gone_workers
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,11 @@ def software_version() -> str:
         return "0+unknown"
 
 
-def build_worker(config: Config, sessions) -> Worker:
+def build_worker(config: Config, sessions: sessionmaker) -> Worker:
+    """A synthesis worker on the node's database, spool and registry. Imports torch (2 s):
+    only a node that runs a worker pays for it."""
+    from pipeline.worker import Worker
+
     return Worker(
         sessions,
         config.node.storage,
@@ -104,7 +111,8 @@ class NodeService:
     def __init__(self, config: Config) -> None:
         self.config = config
         storage = config.node.storage
-        make_folders(storage)
+        self.spool = Spool(storage)
+        self.spool.make()
         self.sessions = open_database(config.node.database)
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.scp = StorageSCP(
@@ -125,7 +133,7 @@ class NodeService:
         self._listening_since = utcnow()
 
     def start(self) -> None:
-        removed = remove_partial_files(self.config.node.storage)
+        removed = self.spool.remove_partial_files()
         if removed:
             log.info("removed %d partial file(s) left by an earlier crash", removed)
         recover_unrecorded(

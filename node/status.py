@@ -8,8 +8,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from pipeline.db import Delivery, Job, Leased, Series
-from pipeline.leases import Holder, holder_state
+from pipeline.state.db import Delivery, Job, Leased, Series
+from pipeline.state.leases import Holder, holder_of
 
 
 def collect_status(sessions: sessionmaker, limit: int = 200) -> dict[str, Any]:
@@ -154,7 +154,7 @@ def _lease(row: Leased) -> dict[str, Any]:
     return {
         "held_by": row.lease_owner,
         "held_until": _iso(row.lease_expires_at),
-        "holder": holder_state(row.lease_host, row.lease_pid, row.lease_process_start).value,
+        "holder": holder_of(row).value,
     }
 
 

@@ -19,10 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.contrast import Contrast
-from pipeline.db import Series, SeriesState, utcnow
-from pipeline.jobs import create_job
+from pipeline.dicom.contrast import Contrast
 from pipeline.routing import Route, select_route
+from pipeline.state.db import Series, SeriesState, utcnow
+from pipeline.state.jobs import create_job
 
 log = logging.getLogger(__name__)
 

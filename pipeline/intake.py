@@ -21,11 +21,12 @@ from pydicom.uid import UID
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.contrast import classify
-from pipeline.db import Instance, Job, JobState, Series, SeriesState, utcnow
-from pipeline.header import extract_header
+from pipeline.dicom.contrast import classify
+from pipeline.dicom.header import extract_header
+from pipeline.dicom.values import InvalidUID, check_uid, int_or_none
 from pipeline.redact import redact
-from pipeline.spool import InvalidUID, check_uid
+from pipeline.spool import Spool
+from pipeline.state.db import Instance, Job, JobState, Series, SeriesState, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +74,12 @@ class InstanceFacts:
     header_keywords: tuple[str, ...] = ()
 
     def header(self) -> dict[str, Any]:
-        """The header fields routing and classification read (see pipeline.header)."""
+        """The header fields routing and classification read (see pipeline.dicom.header)."""
         return extract_header(self.dataset, self.header_keywords)
 
     def relative_path(self) -> Path:
         """Where the file goes under the spool; the UIDs were validated for this."""
-        return Path("incoming", self.study_uid, self.series_uid, self.sop_instance_uid + ".dcm")
+        return Spool.instance_file(self.study_uid, self.series_uid, self.sop_instance_uid)
 
 
 def inspect_instance(
@@ -135,9 +136,9 @@ def inspect_instance(
         pixel_spacing=_joined(ds.get("PixelSpacing")),
         frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "") or "") or None,
         announced_count=announced_count(ds),
-        acquisition_number=_int_or_none(ds.get("AcquisitionNumber")),
-        instance_number=_int_or_none(ds.get("InstanceNumber")),
-        series_number=_int_or_none(ds.get("SeriesNumber")),
+        acquisition_number=int_or_none(ds.get("AcquisitionNumber")),
+        instance_number=int_or_none(ds.get("InstanceNumber")),
+        series_number=int_or_none(ds.get("SeriesNumber")),
         description=str(ds.get("SeriesDescription", "") or "")[:64] or None,
         dataset=ds,
         header_keywords=tuple(extra_keywords),
@@ -179,12 +180,12 @@ def _check_pixels_decode(ds: Dataset) -> None:
 
 def announced_count(ds: Dataset) -> int | None:
     """How many instances the series announces, from ImagesInAcquisition or its relatives."""
-    value = _int_or_none(ds.get("ImagesInAcquisition"))
+    value = int_or_none(ds.get("ImagesInAcquisition"))
     if value is None:
         # GE writes "Images in Series" in its private group 0025 (creator GEMS_SERS_01).
         block = _private_block(ds, 0x0025, "GEMS_SERS_01")
         if block is not None and 0x07 in block:
-            value = _int_or_none(block[0x07].value)
+            value = int_or_none(block[0x07].value)
     return value if value and value > 0 else None
 
 
@@ -385,13 +386,6 @@ def _close(a: str | None, b: str | None) -> bool:
         return a == b
 
 
-def _int_or_none(value: Any) -> int | None:
-    try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-
-
 def recover_unrecorded(
     sessions: sessionmaker, storage: Path, extra_keywords: Iterable[str] = ()
 ) -> int:
@@ -401,13 +395,13 @@ def recover_unrecorded(
     lost with a power failure (the database does not flush every commit). Each file goes
     through the same checks and recording as when it arrived.
     """
-    incoming = storage / "incoming"
-    if not incoming.is_dir():
+    files = Spool(storage).received_files()
+    if not files:
         return 0
     with sessions() as session:
         known = set(session.scalars(select(Instance.path)))
     recovered = 0
-    for path in sorted(incoming.rglob("*.dcm")):
+    for path in files:
         relative = str(path.relative_to(storage))
         if relative in known:
             continue

@@ -9,17 +9,20 @@ history; ``purged_at`` says when the files went.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import sessionmaker
 
-from pipeline.db import DeliveryState, JobState, Series, SeriesState, utcnow
+from pipeline.spool import Spool
+from pipeline.state.db import DeliveryState, JobState, Series, SeriesState, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +43,20 @@ class RetentionSettings(BaseModel):
 def purge_finished(
     sessions: sessionmaker, storage: Path, settings: RetentionSettings, now: datetime | None = None
 ) -> int:
-    """Remove the files of every finished series older than the retention; return how many."""
+    """Remove the files of every finished series older than the retention; return how many
+    series lost their files.
+
+    The candidates are read first and their files deleted outside any transaction: a
+    C-STORE's commit waits for the database's write lock, and must not wait for deletions.
+    Only the files the database lists are deleted, so an instance arriving meanwhile keeps
+    its file; only series whose every file went get ``purged_at``, the others are tried
+    again at the next clean.
+    """
     if settings.keep_days == 0:
         return 0
     cutoff = (now or utcnow()) - timedelta(days=settings.keep_days)
-    purged = 0
-    with sessions.begin() as session:
+    spool = Spool(storage)
+    with sessions() as session:
         candidates = session.scalars(
             select(Series).where(
                 Series.purged_at.is_(None),
@@ -53,19 +64,61 @@ def purge_finished(
                 Series.state != SeriesState.RECEIVING,
             )
         ).all()
-        for series in candidates:
-            if not _finished(series):
-                continue
-            folders = [storage / "incoming" / series.study_uid / series.series_uid]
-            folders += [storage / job.output_path for job in series.jobs if job.output_path]
-            for folder in folders:
-                shutil.rmtree(folder, ignore_errors=True)
-            series.purged_at = utcnow()
-            purged += 1
-            log.info(
-                "series %s: files removed after %g days", series.series_uid, settings.keep_days
+        finished = [_files_of(series, spool) for series in candidates if _finished(series)]
+    removed = [files for files in finished if _remove(files)]
+    if removed:
+        with sessions.begin() as session:
+            session.execute(
+                update(Series)
+                .where(Series.id.in_([files.series_id for files in removed]))
+                .values(purged_at=utcnow())
             )
-    return purged
+    for files in removed:
+        log.info("series %s: files removed after %g days", files.series_uid, settings.keep_days)
+    return len(removed)
+
+
+@dataclass(frozen=True)
+class _SeriesFiles:
+    """What the clean stage removes of one series."""
+
+    series_id: int
+    series_uid: str
+    instances: list[Path]  # the received files the database lists
+    folder: Path  # their folder, removed once empty
+    outputs: list[Path]  # its jobs' output folders, whole
+
+
+def _files_of(series: Series, spool: Spool) -> _SeriesFiles:
+    return _SeriesFiles(
+        series.id,
+        series.series_uid,
+        [spool.path(instance.path) for instance in series.instances],
+        spool.series_folder(series.study_uid, series.series_uid),
+        [spool.path(job.output_path) for job in series.jobs if job.output_path],
+    )
+
+
+def _remove(files: _SeriesFiles) -> bool:
+    """Delete a series' files; False, with the reason logged, when one cannot be."""
+    try:
+        for path in files.instances:
+            path.unlink(missing_ok=True)
+        for folder in files.outputs:
+            if folder.exists():
+                shutil.rmtree(folder)
+    except OSError as error:
+        log.warning(
+            "series %s: files not removed, tried again at the next clean: %s",
+            files.series_uid,
+            error,
+        )
+        return False
+    # Gone already, or holding a file the database does not list (one arriving now), which
+    # keeps it.
+    with contextlib.suppress(OSError):
+        files.folder.rmdir()
+    return True
 
 
 def _finished(series: Series) -> bool:

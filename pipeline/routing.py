@@ -7,7 +7,6 @@ ignored, and the reason lists why each rule did not match.
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,28 +15,11 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydicom.datadict import tag_for_keyword
 
-from pipeline.contrast import Contrast
+from pipeline.dicom.contrast import Contrast, Direction
+from pipeline.dicom.values import number_or_none
 
 # AE titles: 1-16 characters of the default character repertoire, no backslash or control.
 AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"
-
-
-class Direction(enum.StrEnum):
-    T1_TO_T2 = "t1-to-t2"
-    T2_TO_T1 = "t2-to-t1"
-
-    @property
-    def source(self) -> Contrast:
-        return Contrast.T1 if self is Direction.T1_TO_T2 else Contrast.T2
-
-    @property
-    def target(self) -> Contrast:
-        return Contrast.T2 if self is Direction.T1_TO_T2 else Contrast.T1
-
-    @classmethod
-    def for_source(cls, contrast: Contrast) -> Direction | None:
-        """The direction that synthesizes from a series of this contrast, if any."""
-        return {Contrast.T1: cls.T1_TO_T2, Contrast.T2: cls.T2_TO_T1}.get(contrast)
 
 
 class _Strict(BaseModel):
@@ -88,26 +70,17 @@ class HeaderCondition(_Strict):
             return f"{keyword} {text!r} does not match /{self.regex}/"
         if self.equals is not None:
             if isinstance(self.equals, (float, int)):
-                ok = _as_float(value) == float(self.equals)
+                ok = number_or_none(value) == float(self.equals)
             else:
                 ok = text == self.equals
             return None if ok else f"{keyword} {text!r} is not {self.equals!r}"
-        number = _as_float(value)
+        number = number_or_none(value)
         if number is None:
             return f"{keyword} {text!r} is not a number"
         if (self.min is not None and number < self.min) or (
             self.max is not None and number > self.max
         ):
             return f"{keyword} {number:g} is outside [{self.min}, {self.max}]"
-        return None
-
-
-def _as_float(value: Any) -> float | None:
-    if isinstance(value, list):
-        value = value[0] if value else None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
         return None
 
 

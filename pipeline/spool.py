@@ -1,83 +1,62 @@
-"""The spool: where pixel data lives on disk, and how files get there durably.
+"""The spool: where pixel data lives on disk, in one layout that only this module spells out.
 
-Every file is written to a temporary name in its final folder, flushed to disk, then
-renamed (or linked), and the folder itself is flushed, so a crash leaves either the whole
-file under its final name or nothing under it. A folder made on the way is flushed into
-its parent before the file counts as stored. Received instances live under
-``incoming/<study>/<series>/<instance>.dcm``, synthetic ones under ``out/<job>/``.
+Received instances lie under ``incoming/<study>/<series>/<instance>.dcm``, each as received
+(a Part 10 file whose meta names the calling AE), and each job's synthetic series under
+``out/job-<id>/``. The database keeps paths relative to the root, so the spool can move with
+its database. Files get here through ``pipeline.files``: whole, or not at all.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import re
 import struct
-import threading
 from pathlib import Path
 
-from pipeline.redact import fingerprint
+from pipeline.files import make_folders, remove_partial_files
 
-# A DICOM UID is at most 64 characters of digits and dots (PS3.5 9.1). Anything else in a
-# UID that becomes a path component could walk out of the spool ("../..") or collide.
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-
-TEMP_SUFFIX = ".partial"
+INCOMING = "incoming"
+OUT = "out"
 
 
-class InvalidUID(ValueError):
-    """A UID that is not a valid DICOM UID and therefore cannot name a file."""
+class Spool:
+    """The spool folder at ``root``: what lies where."""
 
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
 
-def check_uid(uid: str, what: str) -> str:
-    """Return ``uid`` if it is a valid DICOM UID, else raise InvalidUID naming ``what``
-    and the value's length and hash (a malformed value can hold other elements' values)."""
-    if not uid or len(uid) > 64 or not _UID.match(uid):
-        raise InvalidUID(f"{what} is not a valid DICOM UID: {fingerprint(uid)}")
-    return uid
+    @staticmethod
+    def instance_file(study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
+        """Where a received instance goes, relative to the root; the caller has checked the
+        UIDs (``pipeline.dicom.values.check_uid``), which become path components."""
+        return Path(INCOMING, study_uid, series_uid, sop_instance_uid + ".dcm")
 
+    @staticmethod
+    def job_folder(job_id: int) -> Path:
+        """Where a job writes its synthetic series, relative to the root."""
+        return Path(OUT, f"job-{job_id}")
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` holds either all of it or its old content.
+    def path(self, relative: str | Path) -> Path:
+        """The file or folder at ``relative`` (as the database keeps it) under the root."""
+        return self.root / relative
 
-    Raises OSError (ENOSPC, EACCES, EROFS...) with nothing left under ``path``'s new name.
-    """
-    make_folders(path.parent)
-    temp = path.with_name(path.name + TEMP_SUFFIX)
-    try:
-        with open(temp, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
+    def series_folder(self, study_uid: str, series_uid: str) -> Path:
+        """The folder of a received series' instances."""
+        return self.root / INCOMING / study_uid / series_uid
 
+    def received_files(self) -> list[Path]:
+        """Every received instance's file, in path order."""
+        return sorted((self.root / INCOMING).rglob("*.dcm"))
 
-def write_new(path: Path, data: bytes) -> bool:
-    """Write ``data`` to ``path`` durably unless a file is already there.
+    def series_files(self, folder: str | Path) -> list[Path]:
+        """The instance files of the series in ``folder`` (relative), in name order."""
+        return sorted(self.path(folder).glob("*.dcm"))
 
-    True when written; False when ``path`` already held a file, which is left untouched:
-    a file the node acknowledged is never replaced. The caller makes the folder (see
-    `DurableFolders`). Raises OSError with nothing left under ``path``.
-    """
-    # A temporary name of its own per thread: two senders of one instance write at once.
-    temp = path.with_name(f"{path.name}.{threading.get_ident()}{TEMP_SUFFIX}")
-    try:
-        with open(temp, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        # Unlike a rename, a link fails instead of replacing what is already there.
-        os.link(temp, path)
-    except FileExistsError:
-        return False
-    finally:
-        temp.unlink(missing_ok=True)
-    _fsync_directory(path.parent)
-    return True
+    def make(self) -> None:
+        """Create the root, durably, if it is missing."""
+        make_folders(self.root)
+
+    def remove_partial_files(self) -> int:
+        """Delete temporary files a crash left behind; return how many."""
+        return remove_partial_files(self.root)
 
 
 def stored_data_set(path: Path) -> bytes | None:
@@ -95,73 +74,3 @@ def stored_data_set(path: Path) -> bytes | None:
         raise ValueError(f"{path.name} is not a Part 10 file with a meta group length")
     (meta_length,) = struct.unpack_from("<L", data, 140)
     return data[144 + meta_length :]
-
-
-def make_folders(folder: Path) -> None:
-    """Create ``folder`` and its missing parents, each flushed into its parent folder: a
-    new folder's entry lives there, and without the flush a power loss may take the new
-    folder away with every file written into it."""
-    missing = []
-    while not folder.is_dir():
-        missing.append(folder)
-        folder = folder.parent
-    for new in reversed(missing):
-        with contextlib.suppress(FileExistsError):  # another thread made it meanwhile
-            new.mkdir()
-        _fsync_directory(new.parent)
-
-
-class DurableFolders:
-    """Makes the folders of received files under ``root`` durable before a file in them is
-    acknowledged.
-
-    Each folder from ``root`` down is created if missing and flushed into its parent once
-    per process. A folder found made by someone else is flushed here all the same: its
-    maker may not have flushed it yet, and this thread may acknowledge first.
-    """
-
-    def __init__(self, root: Path) -> None:
-        self._root = root
-        self._durable: set[Path] = set()
-
-    def make(self, folder: Path) -> None:
-        """Create ``folder`` (under the root) and its parents as needed, all durable."""
-        if folder in self._durable and folder.is_dir():
-            return
-        if self._root not in self._durable or not self._root.is_dir():
-            make_folders(self._root)
-            self._durable.add(self._root)
-        for relative in _prefixes(folder, self._root):
-            each = self._root / relative
-            if each in self._durable and each.is_dir():
-                continue
-            with contextlib.suppress(FileExistsError):
-                each.mkdir()
-            _fsync_directory(each.parent)
-            self._durable.add(each)
-
-
-def _prefixes(folder: Path, root: Path) -> list[Path]:
-    """``a``, ``a/b``, ``a/b/c`` for ``root/a/b/c``; ValueError if it is not under root."""
-    parts = folder.relative_to(root).parts
-    return [Path(*parts[: index + 1]) for index in range(len(parts))]
-
-
-def _fsync_directory(folder: Path) -> None:
-    # A new entry (a renamed or linked file, a new folder) is durable only once the
-    # folder holding it is flushed.
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def remove_partial_files(root: Path) -> int:
-    """Delete temporary files a crash left behind under ``root``; return how many."""
-    removed = 0
-    if root.exists():
-        for leftover in root.rglob("*" + TEMP_SUFFIX):
-            leftover.unlink(missing_ok=True)
-            removed += 1
-    return removed

@@ -1,25 +1,33 @@
 """One synthesis: source series files in, the synthetic series' datasets out.
 
-The worker and `dicomnode translate` both call `synthesize_series`, so the node and the
-offline tool produce the same images and headers from the same input and model.
+The worker and `dicomnode translate` (``translate_series``) both call `synthesize_series`,
+so the node and the offline tool produce the same images and headers from the same input
+and model.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import Dataset
 
-from pipeline.derived import ModelIdentity, build_synthetic_series, derived_series_uid
-from pipeline.inference import Synthesizer
-from pipeline.modelfile import ModelFileError, describe
-from pipeline.preprocess import to_stored_pixels
-from pipeline.reformat import axial_view
-from pipeline.routing import Direction
-from pipeline.volume import load_series
+from pipeline.dicom.contrast import Classification, Direction, classify
+from pipeline.dicom.derived import (
+    ModelIdentity,
+    build_synthetic_series,
+    derived_series_uid,
+    write_series,
+)
+from pipeline.dicom.reformat import axial_view
+from pipeline.dicom.seriesfiles import SeriesFiles
+from pipeline.dicom.volume import SeriesError, load_series
+from pipeline.model.card import ModelFileError, describe
+from pipeline.model.inference import Synthesizer, Synthesizers, pick_device
+from pipeline.model.preprocess import to_stored_pixels
+from pipeline.model.registry import RegistryError
 
 
 @dataclass(frozen=True)
@@ -39,9 +47,9 @@ def synthesize_series(
     not synthesize ``direction``), each with a reason an admin can read.
     """
     card = synthesizer.card
-    if card.direction != direction.value:
+    if card.direction != direction:
         raise ModelFileError(
-            f"model {describe(card)} synthesizes {card.direction}, but {direction.value} "
+            f"model {describe(card)} synthesizes {card.direction}, but {direction} "
             "is needed: fix the route's (or --model's) model"
         )
     started = time.perf_counter()
@@ -60,7 +68,7 @@ def synthesize_series(
         bits_stored=stored.bits_stored,
         window_center=stored.window_center,
         window_width=stored.window_width,
-        target_contrast=direction.target.value,
+        target_contrast=direction.target,
         model=identity,
         software_version=software_version,
     )
@@ -75,3 +83,49 @@ def synthesize_series(
         },
         view.plane,
     )
+
+
+@dataclass(frozen=True)
+class Translation:
+    """What `translate_series` made of one series: written, skipped (no ``direction``: its
+    contrast is neither T1 nor T2), or failed (``error`` says why)."""
+
+    series: SeriesFiles
+    classification: Classification
+    direction: Direction | None
+    result: SynthesisResult | None = None
+    folder: Path | None = None  # where the synthetic series was written
+    error: str | None = None
+
+
+def translate_series(
+    found: Iterable[SeriesFiles],
+    output: Path,
+    model_for: Callable[[Direction], Path],
+    software_version: str,
+    direction: Direction | None = None,
+) -> Iterator[Translation]:
+    """Synthesize each series of ``found`` into ``output/<synthetic series UID>/``, offline.
+
+    ``direction`` forces one; else each series' classified contrast implies it, and a
+    series of another contrast is skipped. ``model_for`` names the model file of a
+    direction (RegistryError when it has none). Each model is loaded once, on the GPU when
+    torch sees one. A series that cannot be synthesized, or a model that cannot be used,
+    fails that series only.
+    """
+    synthesizers = Synthesizers(pick_device())
+    for series in found:
+        classification = classify(series.header)
+        wanted = direction or Direction.for_source(classification.contrast)
+        if wanted is None:
+            yield Translation(series, classification, None)
+            continue
+        try:
+            synthesizer = synthesizers.get(model_for(wanted))
+            result = synthesize_series(series.files, synthesizer, wanted, software_version)
+        except (SeriesError, ModelFileError, RegistryError) as error:
+            yield Translation(series, classification, wanted, error=str(error))
+            continue
+        folder = output / result.series_uid
+        write_series(result.datasets, folder)
+        yield Translation(series, classification, wanted, result, folder)

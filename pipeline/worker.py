@@ -9,8 +9,6 @@ model is used from the next job on, while a job in flight finishes with the one 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -19,22 +17,18 @@ from pathlib import Path
 import torch
 from sqlalchemy.orm import sessionmaker
 
-from pipeline.derived import write_series
-from pipeline.inference import Synthesizer, pick_device
-from pipeline.jobs import ClaimedJob, claim_job, fail_job, finish_job
-from pipeline.modelfile import ModelFileError, describe, load_model
-from pipeline.registry import ModelRegistry, RegistryError
-from pipeline.routing import Direction
+from pipeline.dicom.derived import write_series
+from pipeline.dicom.volume import SeriesError
+from pipeline.model.card import ModelFileError, describe
+from pipeline.model.inference import Synthesizer, Synthesizers, pick_device
+from pipeline.model.registry import ModelRegistry, RegistryError
 from pipeline.settings import WorkerSettings
+from pipeline.spool import Spool
+from pipeline.state.jobs import ClaimedJob, JobOutput, claim_job, fail_job, finish_job
+from pipeline.state.leases import worker_identity
 from pipeline.synthesis import synthesize_series
-from pipeline.volume import SeriesError
 
 log = logging.getLogger(__name__)
-
-
-def worker_identity() -> str:
-    """Who holds a lease: host, process and thread, so an admin can find it."""
-    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 100000}"
 
 
 class Worker:
@@ -49,12 +43,12 @@ class Worker:
         software_version: str,
     ) -> None:
         self._sessions = sessions
-        self._storage = storage
+        self._spool = Spool(storage)
         self._registry = registry
         self._settings = settings
         self._software_version = software_version
-        self._device = pick_device() if settings.device == "auto" else torch.device(settings.device)
-        self._synthesizers: dict[Path, Synthesizer] = {}
+        device = pick_device() if settings.device == "auto" else torch.device(settings.device)
+        self._synthesizers = Synthesizers(device)
         self.owner = worker_identity()
         # Set when a job is queued, so the loop starts it at once instead of at its next poll.
         self.wake = threading.Event()
@@ -84,7 +78,7 @@ class Worker:
 
     def _run(self, job: ClaimedJob) -> None:
         try:
-            outcome = self._synthesize(job)
+            output = self._synthesize(job)
         except (SeriesError, ModelFileError, RegistryError) as error:
             # The same input or model would fail again: no point in retrying by itself.
             self._fail(job, str(error), retryable=False)
@@ -92,7 +86,7 @@ class Worker:
             log.exception("job %d: unexpected error", job.id)
             self._fail(job, f"{type(error).__name__}: {error}", retryable=True)
         else:
-            if finish_job(self._sessions, job.id, self.owner, outcome):
+            if finish_job(self._sessions, job.id, self.owner, output):
                 self.on_job_done()
 
     def _fail(self, job: ClaimedJob, reason: str, *, retryable: bool) -> None:
@@ -106,19 +100,19 @@ class Worker:
             retry_delay_seconds=self._settings.retry_delay_seconds,
         )
 
-    def _synthesize(self, job: ClaimedJob) -> dict:
+    def _synthesize(self, job: ClaimedJob) -> JobOutput:
         if not job.instance_paths:
             raise SeriesError("the series has no stored instances")
         synthesizer = self.synthesizer(job.model)
         result = synthesize_series(
-            [self._storage / p for p in job.instance_paths],
+            [self._spool.path(p) for p in job.instance_paths],
             synthesizer,
-            Direction(job.direction),
+            job.direction,
             self._software_version,
         )
-        output_folder = Path("out", f"job-{job.id}")
+        output_folder = Spool.job_folder(job.id)
         started = time.perf_counter()
-        write_series(result.datasets, self._storage / output_folder)
+        write_series(result.datasets, self._spool.path(output_folder))
         timings = result.timings | {
             "write_s": round(time.perf_counter() - started, 3),
             "slices": len(result.datasets),
@@ -136,23 +130,16 @@ class Worker:
             timings["inference_s"],
             timings["write_s"],
         )
-        return {
-            "model_version": card.version,
-            "model_checksum": card.checksum,
-            "device": str(synthesizer.device),
-            "timings": timings,
-            "output_series_uid": result.series_uid,
-            "output_path": str(output_folder),
-            "output_count": len(result.datasets),
-        }
+        return JobOutput(
+            model_version=card.version,
+            model_checksum=card.checksum,
+            device=str(synthesizer.device),
+            timings=timings,
+            series_uid=result.series_uid,
+            path=str(output_folder),
+            count=len(result.datasets),
+        )
 
     def synthesizer(self, model_name: str) -> Synthesizer:
         """The active version of ``model_name``, loaded once and reused while it stays active."""
-        path = self._registry.active_path(model_name)
-        if path not in self._synthesizers:
-            loaded = load_model(path, self._device)
-            self._synthesizers = {path: Synthesizer(loaded)} | {
-                p: s for p, s in self._synthesizers.items() if p.parent != path.parent
-            }
-            log.info("model %s loaded from %s on %s", describe(loaded.card), path, self._device)
-        return self._synthesizers[path]
+        return self._synthesizers.get(self._registry.active_path(model_name))

@@ -10,9 +10,9 @@ from pydicom import dcmread
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLSLossless
 
-from tests.dicomgen import mr_series, write
-from tests.nodeproc import NodeProcess, free_port, write_config
-from tests.senders import send
+from tests.support.dicomgen import mr_series, write
+from tests.support.nodeproc import NodeProcess, free_port, write_config
+from tests.support.senders import send
 
 
 def stored_count(node: NodeProcess) -> int:

@@ -6,11 +6,11 @@ import json
 
 import pydicom
 
-from pipeline.db import Job, JobState, open_database
-from tests.dicomgen import mr_series
-from tests.models import make_registry
-from tests.nodeproc import free_port, routes_toml, run_dicomnode
-from tests.peers import Orthanc
+from pipeline.state.db import Job, JobState, open_database
+from tests.support.dicomgen import mr_series
+from tests.support.models import make_registry
+from tests.support.nodeproc import free_port, routes_toml, run_dicomnode
+from tests.support.peers import Orthanc
 from tests.test_worker import receive
 
 

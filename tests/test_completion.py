@@ -8,10 +8,10 @@ import pytest
 from sqlalchemy import select
 
 from pipeline.completion import CompletionSettings, complete_due_series
-from pipeline.db import Job, JobState, Series, open_database, utcnow
 from pipeline.intake import InstanceRefused, inspect_instance, record_instance
 from pipeline.routing import Route
-from tests.dicomgen import mr_series
+from pipeline.state.db import Job, JobState, Series, open_database, utcnow
+from tests.support.dicomgen import mr_series
 
 ROUTES = [
     Route(name="t1", direction="t1-to-t2", destinations=["pacs"]),

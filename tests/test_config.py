@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from node.config import ConfigError, load_config
-from tests.conftest import REPO
-from tests.models import add_model, make_registry
-from tests.nodeproc import run_dicomnode
+from tests.support.models import add_model, make_registry
+from tests.support.nodeproc import run_dicomnode
+from tests.support.paths import REPO
 
 VALID = """
 [node]

@@ -23,8 +23,8 @@ from typing import Any
 import pydicom
 import pytest
 
-from pipeline.contrast import Classification, Contrast, classify
-from pipeline.header import extract_header
+from pipeline.dicom.contrast import Classification, Contrast, classify
+from pipeline.dicom.header import extract_header
 
 ORIGINAL = ["ORIGINAL", "PRIMARY", "M", "ND"]
 SIEMENS, GE, CANON = "SIEMENS", "GE MEDICAL SYSTEMS", "CANON_MEC"

@@ -10,8 +10,8 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage
 
-from tests.nodeproc import NodeProcess, free_port, write_config
-from tests.senders import storescu
+from tests.support.nodeproc import NodeProcess, free_port, write_config
+from tests.support.senders import storescu
 
 
 def test_kill_mid_series_then_resume(tmp_path, mr_brain):

@@ -12,19 +12,21 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import MRImageStorage
 
 from node.scu import echo, send_series
-from pipeline.db import Delivery, Job, JobState, Series, open_database, utcnow
-from pipeline.delivery import (
+from pipeline.routing import Destination
+from pipeline.state.db import Delivery, Job, JobState, Series, open_database, utcnow
+from pipeline.state.deliveries import (
+    SENT,
     DeliverySettings,
+    InstanceResult,
     backoff_ceiling,
     claim_delivery,
     create_deliveries,
     record_attempt,
     retry_delivery,
 )
-from pipeline.routing import Destination
-from tests.dicomgen import mr_series, write
-from tests.nodeproc import free_port
-from tests.peers import Orthanc
+from tests.support.dicomgen import mr_series, write
+from tests.support.nodeproc import free_port
+from tests.support.peers import Orthanc
 
 SETTINGS = DeliverySettings(backoff_seconds=1, backoff_max_seconds=8, max_attempts=6)
 FAST = DeliverySettings(timeout_seconds=1, lease_seconds=10)
@@ -86,7 +88,13 @@ def delivery(sessions, delivery_id: int) -> Delivery:
 def fail_once(sessions, owner: str, now, error: str = "cannot connect to PACS: refused"):
     claimed = claim_delivery(sessions, owner, SETTINGS, now=now)
     state = record_attempt(
-        sessions, claimed.id, owner, {"1.1": "not sent"}, error, SETTINGS, now=now
+        sessions,
+        claimed.id,
+        owner,
+        {"1.1": InstanceResult.not_sent("not sent")},
+        error,
+        SETTINGS,
+        now=now,
     )
     return claimed, state
 
@@ -139,13 +147,11 @@ def test_an_expired_lease_is_taken_over_and_the_dead_result_ignored(sessions):
     assert live.id == dead.id and live.attempt == 2  # the dead attempt counts
     assert "dead" in delivery(sessions, live.id).reason
 
-    late = record_attempt(sessions, dead.id, "dead", {"1.1": "sent"}, None, SETTINGS)
+    late = record_attempt(sessions, dead.id, "dead", {"1.1": SENT}, None, SETTINGS)
     assert late == "sending"
     row = delivery(sessions, live.id)
     assert row.lease_owner == "live" and row.instance_results is None
-    state = record_attempt(
-        sessions, live.id, "live", {"1.1": "sent", "1.2": "sent"}, None, SETTINGS
-    )
+    state = record_attempt(sessions, live.id, "live", {"1.1": SENT, "1.2": SENT}, None, SETTINGS)
     assert state == "sent" and delivery(sessions, live.id).attempts == 2
 
 
@@ -178,9 +184,9 @@ def test_sent_instances_are_not_sent_again(sessions):
     now = utcnow()
     first = claim_delivery(sessions, "a", SETTINGS, now=now)
     results = {
-        "1.1": "sent",
-        "1.2": "sent, warning 0xB000 (Coercion of Data Elements)",
-        "1.3": "status 0xA700 (Refused: Out of Resources): disk full",
+        "1.1": SENT,
+        "1.2": InstanceResult.sent(warning="0xB000 (Coercion of Data Elements)"),
+        "1.3": InstanceResult.not_sent("status 0xA700 (Refused: Out of Resources): disk full"),
     }
     error = "1 of 3 instance(s) not stored"
     assert record_attempt(sessions, first.id, "a", results, error, SETTINGS, now=now) == "pending"
@@ -189,16 +195,33 @@ def test_sent_instances_are_not_sent_again(sessions):
 
     retry = claim_delivery(sessions, "a", SETTINGS, now=row.next_attempt_at)
     assert retry.already_sent == {"1.1", "1.2"}
-    assert record_attempt(sessions, retry.id, "a", {"1.3": "sent"}, None, SETTINGS) == "sent"
+    assert record_attempt(sessions, retry.id, "a", {"1.3": SENT}, None, SETTINGS) == "sent"
     row = delivery(sessions, first.id)
     assert (row.state, row.instances_sent, row.attempts, row.reason) == ("sent", 3, 2, None)
+
+
+def test_results_recorded_as_text_by_an_earlier_version_still_count(sessions):
+    # A node upgraded while deliveries were pending finds their results as the text they
+    # were kept as before results had a type.
+    make_job(sessions, ["pacs"])
+    with sessions.begin() as session:
+        row = session.get(Delivery, 1)
+        row.instance_results = {
+            "1.1": "sent",
+            "1.2": "sent, warning 0xB000 (Coercion of Data Elements)",
+            "1.3": "status 0xA700 (Refused: Out of Resources): disk full",
+        }
+    claimed = claim_delivery(sessions, "a", SETTINGS)
+    assert claimed.already_sent == {"1.1", "1.2"}
+    assert record_attempt(sessions, claimed.id, "a", {"1.3": SENT}, None, SETTINGS) == "sent"
+    assert delivery(sessions, claimed.id).instances_sent == 3
 
 
 def test_an_attempt_with_an_error_is_not_sent_even_if_no_instance_failed(sessions):
     make_job(sessions, ["pacs"])
     claimed = claim_delivery(sessions, "a", SETTINGS)
     error = "1 file(s) cannot be read (x.dcm: truncated)"
-    assert record_attempt(sessions, claimed.id, "a", {"1.1": "sent"}, error, SETTINGS) == "pending"
+    assert record_attempt(sessions, claimed.id, "a", {"1.1": SENT}, error, SETTINGS) == "pending"
 
 
 def test_retry_of_a_failed_delivery(sessions):
@@ -216,7 +239,7 @@ def test_retry_of_a_failed_delivery(sessions):
 
     with pytest.raises(ValueError, match="being sent now by b"):
         retry_delivery(sessions, claimed.id)
-    record_attempt(sessions, claimed.id, "b", {"1.1": "sent", "1.2": "sent"}, None, once)
+    record_attempt(sessions, claimed.id, "b", {"1.1": SENT, "1.2": SENT}, None, once)
     with pytest.raises(ValueError, match="already sent"):
         retry_delivery(sessions, claimed.id)
     with pytest.raises(ValueError, match="there is no delivery 99"):
@@ -260,11 +283,11 @@ def test_send_series_to_orthanc_skips_what_was_sent(orthanc, tmp_path):
     series_uid = str(datasets[0].SeriesInstanceUID)
 
     first = send_series(pacs_of(orthanc), files, {uids[0]}, FAST, "SYNTH")
-    assert first == type(first)({uids[1]: "sent", uids[2]: "sent"}, None)
+    assert first == type(first)({uids[1]: SENT, uids[2]: SENT}, None)
     assert stored_uids(orthanc, series_uid) == {uids[1], uids[2]}
 
     rest = send_series(pacs_of(orthanc), files, {uids[1], uids[2]}, FAST, "SYNTH")
-    assert rest.results == {uids[0]: "sent"} and rest.error is None
+    assert rest.results == {uids[0]: SENT} and rest.error is None
     assert stored_uids(orthanc, series_uid) == set(uids)
     nothing = send_series(pacs_of(orthanc), files, set(uids), FAST, "SYNTH")
     assert nothing.results == {} and nothing.error is None
@@ -290,7 +313,7 @@ def test_nothing_listening_is_connection_refused(tmp_path):
     result = send_series(closed, files, set(), FAST, "SYNTH")
     assert result.error == f"cannot connect to PACS@127.0.0.1:{port}: connection refused"
     assert len(result.results) == 2
-    assert all(text.startswith("not sent: cannot connect") for text in result.results.values())
+    assert all(r.detail.startswith("not sent: cannot connect") for r in result.results.values())
     assert echo(closed, FAST, "SYNTH") == result.error
 
 
@@ -343,9 +366,13 @@ def test_statuses_warnings_and_a_lost_response(moody_pacs, tmp_path):
     files = write(datasets, tmp_path / "out")
     uids = [str(ds.SOPInstanceUID) for ds in datasets]
     result = send_series(moody_pacs, files, set(), FAST, "SYNTH")
-    assert result.results[uids[0]] == "status 0xA700 (Refused: Out of Resources): disk full"
-    assert result.results[uids[1]] == "sent, warning 0xB000 (Coercion of Data Elements)"
-    assert result.results[uids[2]].startswith("no response within 1 s")
-    assert result.results[uids[3]].startswith("not sent")  # the association was aborted
+    assert result.results[uids[0]] == InstanceResult.not_sent(
+        "status 0xA700 (Refused: Out of Resources): disk full"
+    )
+    assert result.results[uids[1]] == InstanceResult.sent(
+        warning="0xB000 (Coercion of Data Elements)"
+    )
+    assert result.results[uids[2]].detail.startswith("no response within 1 s")
+    assert result.results[uids[3]].detail.startswith("not sent")  # the association was aborted
     assert result.error.startswith("3 of 4 instance(s) not stored by MOODY@127.0.0.1")
     assert uids[0] in result.error

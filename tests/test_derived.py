@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from pipeline.derived import (
+from pipeline.dicom.derived import (
     ModelIdentity,
     build_synthetic_series,
     derived_instance_uid,
@@ -19,10 +19,10 @@ from pipeline.derived import (
     encode,
     write_series,
 )
-from pipeline.spool import InvalidUID, check_uid
-from pipeline.volume import Volume, load_series
-from tests.dicomgen import enhanced_mr
-from tests.validators import assert_dciodvfy_finds_no_error
+from pipeline.dicom.values import InvalidUID, check_uid
+from pipeline.dicom.volume import Volume, load_series
+from tests.support.dicomgen import enhanced_mr
+from tests.support.validators import assert_dciodvfy_finds_no_error
 
 MODEL = ModelIdentity(name="unet-t1-to-t2", version="1.2.0", checksum="9f" * 32)
 PATIENT_AND_STUDY = (

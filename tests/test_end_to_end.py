@@ -8,13 +8,13 @@ from contextlib import contextmanager
 import pytest
 from pydicom import dcmread
 
-from pipeline.volume import load_series
-from tests.dicomgen import as_sagittal_files, enhanced_mr
-from tests.models import make_registry
-from tests.nodeproc import NodeProcess, free_port, routes_toml, write_config
-from tests.peers import Orthanc
-from tests.senders import storescu
-from tests.validators import assert_dciodvfy_finds_no_error
+from pipeline.dicom.volume import load_series
+from tests.support.dicomgen import as_sagittal_files, enhanced_mr
+from tests.support.models import make_registry
+from tests.support.nodeproc import NodeProcess, free_port, routes_toml, write_config
+from tests.support.peers import Orthanc
+from tests.support.senders import storescu
+from tests.support.validators import assert_dciodvfy_finds_no_error
 
 NATIVE_T1 = "tcga-fg-6692-native/03_t1"  # 26 oblique slices, with the skull
 
@@ -95,7 +95,7 @@ def test_t1_series_comes_back_as_marked_synthetic_t2(tmp_path, mr_brain, registr
 
 
 def registry_checksum(registry) -> str:
-    from pipeline.modelfile import load_model
+    from pipeline.model.card import load_model
 
     return load_model(registry.active_path("t1-to-t2")).card.checksum
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.modelfile import LoadedModel, ModelCard, save_model
-from pipeline.unet import UNet
-from train.commands import add_commands
+from node.train_commands import add_commands
+from pipeline.model.card import LoadedModel, ModelCard, save_model
+from pipeline.model.unet import UNet
 from train.evaluate import evaluate
 from train.figures import save_comparison
 from train.metrics import (

@@ -11,8 +11,8 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from pipeline.contrast import Contrast, classify
-from pipeline.header import IDENTIFYING_KEYWORDS, ROUTING_KEYWORDS, extract_header
+from pipeline.dicom.contrast import Contrast, classify
+from pipeline.dicom.header import IDENTIFYING_KEYWORDS, ROUTING_KEYWORDS, extract_header
 
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
 

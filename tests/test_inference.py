@@ -9,19 +9,19 @@ import pydicom
 import pytest
 import torch
 
-from pipeline.inference import Synthesizer, pick_device, slices_per_batch
-from pipeline.modelfile import LoadedModel, ModelCard, load_model, save_model
-from pipeline.preprocess import (
-    NORMALIZATIONS,
+from pipeline.model.card import LoadedModel, ModelCard, load_model, save_model
+from pipeline.model.inference import Synthesizer, pick_device, slices_per_batch
+from pipeline.model.preprocess import (
     OUTPUT_CEILING,
     STORED_MAX,
+    Normalization,
     head_mask,
     model_input,
     neighbour_slices,
     normalize_volume,
     to_stored_pixels,
 )
-from pipeline.unet import UNet
+from pipeline.model.unet import UNet
 
 
 def read_series(folder: Path) -> np.ndarray:
@@ -91,7 +91,7 @@ def test_percentile_normalisation_of_a_real_series(
     assert 0.2 < np.median(head) < 0.8
 
 
-@pytest.mark.parametrize("method", NORMALIZATIONS)
+@pytest.mark.parametrize("method", list(Normalization))
 def test_normalisation_ignores_the_scanner_gain(native_t1: np.ndarray, method: str) -> None:
     normalized = normalize_volume(native_t1, method)
     np.testing.assert_allclose(normalize_volume(native_t1 * 3.7, method), normalized, atol=1e-5)

@@ -18,11 +18,11 @@ from pynetdicom.sop_class import Verification
 
 from node.config import NodeSettings
 from node.scp import StorageSCP
-from pipeline.db import open_database
-from tests import rawdicom
-from tests.dicomgen import mr_series, write
-from tests.models import make_registry
-from tests.nodeproc import (
+from pipeline.state.db import open_database
+from tests.support import rawdicom
+from tests.support.dicomgen import mr_series, write
+from tests.support.models import make_registry
+from tests.support.nodeproc import (
     NodeProcess,
     dicomnode_status,
     free_port,
@@ -30,9 +30,9 @@ from tests.nodeproc import (
     run_dicomnode,
     write_config,
 )
-from tests.peers import Orthanc
-from tests.reliability import settled_stats
-from tests.senders import send, storescu
+from tests.support.peers import Orthanc
+from tests.support.reliability import settled_stats
+from tests.support.senders import send, storescu
 
 
 @pytest.fixture(scope="module")

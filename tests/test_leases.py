@@ -5,8 +5,8 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 
-from pipeline.db import Job, open_database
-from pipeline.leases import Holder, ProcessIdentity, holder_state, this_process
+from pipeline.state.db import Job, open_database
+from pipeline.state.leases import Holder, ProcessIdentity, holder_state, this_process
 
 
 def test_a_holder_is_alive_gone_or_on_another_host():

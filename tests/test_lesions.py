@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from node.train_commands import add_commands
 from tests.test_evaluate import tiny_model
-from train.commands import add_commands
 from train.flairmasks import write_masks
 from train.folds import patient_folds
 from train.lesionpaint import FluidLevels, fluid_levels, paint_lesions

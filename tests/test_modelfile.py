@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.modelfile import (
+from pipeline.dicom.contrast import Direction
+from pipeline.model.card import (
     FORMAT,
     ModelCard,
     ModelFileError,
@@ -17,7 +18,8 @@ from pipeline.modelfile import (
     save_model,
     weights_checksum,
 )
-from pipeline.unet import UNet
+from pipeline.model.preprocess import Normalization
+from pipeline.model.unet import Norm, UNet
 
 ARGUMENTS = {"in_channels": 3, "base_width": 4, "depth": 2}
 
@@ -161,6 +163,25 @@ def test_unknown_card_values_are_refused_by_name(
     path = rewrite_card(saved, **{field: value})
     with pytest.raises(ModelFileError, match=f"unknown {field} '{value}'"):
         load_model(path)
+
+
+def test_a_file_holds_the_card_as_plain_text_not_classes_of_ours(tmp_path: Path) -> None:
+    # A file that named a class of this project would not load with weights_only, nor
+    # after that class moved; the enums go in as the text they stand for.
+    card = make_card(
+        direction=Direction.T1_TO_T2,
+        normalization=Normalization.MEDIAN_VOLUME,
+        target_normalization=Normalization.PERCENTILE_VOLUME,
+        arguments={**ARGUMENTS, "norm": Norm.BATCH},
+    )
+    save_model(tmp_path / "model.pt", trained_network(), card)
+    stored = torch.load(tmp_path / "model.pt", weights_only=True)["card"]
+    plain = (stored["direction"], stored["target_normalization"], stored["arguments"]["norm"])
+    assert plain == ("t1-to-t2", "percentile-volume", "batch")
+    assert {type(value) for value in plain} == {str}
+    loaded = load_model(tmp_path / "model.pt").card
+    assert loaded.direction is Direction.T1_TO_T2
+    assert loaded.output_normalization is Normalization.PERCENTILE_VOLUME
 
 
 def test_the_output_space_is_the_input_normalisation_unless_the_card_names_its_own(

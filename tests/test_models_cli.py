@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.modelfile import ModelCard, save_model
-from pipeline.registry import ModelRegistry
-from pipeline.unet import DEFAULT_ARGUMENTS, UNet
-from train.commands import add_commands, network_arguments, registry_root
+from node.train_commands import add_commands, network_arguments, registry_root
+from pipeline.model.card import ModelCard, save_model
+from pipeline.model.registry import ModelRegistry
+from pipeline.model.unet import UNet, default_arguments
 
 
 def run(argv: list[str]) -> int:
@@ -70,10 +70,10 @@ def test_train_options_reach_the_network_and_the_rest_stay_the_shipped_models() 
         argv = ["train", "DATA", "--direction", "t1-to-t2", *options]
         return network_arguments(parser.parse_args(argv))
 
-    assert arguments() == DEFAULT_ARGUMENTS
+    assert arguments() == default_arguments()
     changed = arguments("--base-width", "4", "--upsampling", "bilinear", "--no-skip-connections")
     assert changed == {
-        **DEFAULT_ARGUMENTS,
+        **default_arguments(),
         "base_width": 4,
         "upsampling": "bilinear",
         "skip_connections": False,

@@ -8,8 +8,8 @@ from pynetdicom.sop_class import Verification
 
 from node.config import NodeSettings
 from node.scp import StorageSCP, set_tcp_nodelay
-from pipeline.db import open_database
-from tests.nodeproc import free_port
+from pipeline.state.db import open_database
+from tests.support.nodeproc import free_port
 
 
 def nodelay(assoc) -> int:

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from pipeline.contrast import Contrast, classify
-from pipeline.preprocess import head_mask
-from pipeline.volume import load_series
-from tests.dicomgen import as_sagittal_files, enhanced_mr
+from pipeline.dicom.contrast import Contrast, classify
+from pipeline.dicom.volume import load_series
+from pipeline.model.preprocess import head_mask
+from tests.support.dicomgen import as_sagittal_files, enhanced_mr
 from train.pairs import find_pairs, load_pair, patient_label, split_by_patient
 
 

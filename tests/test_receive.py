@@ -10,9 +10,9 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
-from tests.dicomgen import mr_series
-from tests.nodeproc import NodeProcess, free_port, write_config
-from tests.senders import DCMTK_ENV, ECHOSCU, send, storescu
+from tests.support.dicomgen import mr_series
+from tests.support.nodeproc import NodeProcess, free_port, write_config
+from tests.support.senders import DCMTK_ENV, ECHOSCU, send, storescu
 
 
 def rows(node: NodeProcess, query: str) -> list[tuple]:

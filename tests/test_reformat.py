@@ -9,21 +9,21 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from pipeline.inference import Synthesizer
-from pipeline.modelfile import load_model
-from pipeline.preprocess import head_mask
-from pipeline.reformat import (
+from pipeline.dicom.contrast import Direction
+from pipeline.dicom.reformat import (
     at_pixel_size,
     axial_view,
     axial_volume,
     resize_slices,
     working_shape,
 )
-from pipeline.registry import ModelRegistry
-from pipeline.routing import Direction
+from pipeline.dicom.volume import SeriesError, Volume, load_series
+from pipeline.model.card import load_model
+from pipeline.model.inference import Synthesizer
+from pipeline.model.preprocess import head_mask
+from pipeline.model.registry import ModelRegistry
 from pipeline.synthesis import synthesize_series
-from pipeline.volume import SeriesError, Volume, load_series
-from tests.dicomgen import as_sagittal_files
+from tests.support.dicomgen import as_sagittal_files
 
 SHIPPED_MODELS = Path(__file__).resolve().parents[1] / "models"
 

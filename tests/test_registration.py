@@ -17,8 +17,7 @@ import pytest
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from pipeline.preprocess import head_mask
-from pipeline.registration import (
+from pipeline.dicom.registration import (
     RegistrationSettings,
     Rigid,
     register_rigid,
@@ -27,7 +26,8 @@ from pipeline.registration import (
     sitk_image,
     transformed,
 )
-from pipeline.volume import Volume, load_series
+from pipeline.dicom.volume import Volume, load_series
+from pipeline.model.preprocess import head_mask
 from train.pairing import main as pairing_report
 from train.pairing import save_overlay
 from train.pairs import find_pairs, load_pair

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.reliability import Phase, kill_trials, malformed_inputs
+from tests.support.reliability import Phase, kill_trials, malformed_inputs
 
 
 @pytest.mark.slow

@@ -3,8 +3,8 @@
 import pytest
 from pydantic import ValidationError
 
-from pipeline.contrast import Contrast
-from pipeline.routing import Direction, Route, header_keywords, select_route
+from pipeline.dicom.contrast import Contrast, Direction
+from pipeline.routing import Route, header_keywords, select_route
 
 T1_HEADER = {
     "SeriesDescription": "AX T1 SE",

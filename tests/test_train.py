@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.modelfile import load_model, weights_checksum
-from pipeline.preprocess import normalize_volume
-from pipeline.registry import ModelRegistry
+from pipeline.model.card import load_model, weights_checksum
+from pipeline.model.preprocess import normalize_volume
+from pipeline.model.registry import ModelRegistry
 from train.augment import AugmentSettings, augment_intensity, crop_pair
 from train.dataset import prepare_study, sample_batch
 from train.evaluate import Evaluation, StudyResult

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from pipeline.modelfile import ModelCard, load_model, save_model
-from pipeline.registry import ModelRegistry
-from pipeline.unet import UNet
+from pipeline.model.card import ModelCard, load_model, save_model
+from pipeline.model.registry import ModelRegistry
+from pipeline.model.unet import UNet
 from train.ablation import CONFIGURATIONS, attach_summary, settings_for, summary, tables
 from train.trainer import TrainSettings
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from pipeline.registry import ModelRegistry
+from pipeline.model.registry import ModelRegistry
 from train.refresh import refresh_models
 from train.settings import RefreshSettings
 

@@ -9,8 +9,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import JPEG2000Lossless
 
-from tests.nodeproc import NodeProcess, free_port, write_config
-from tests.senders import send
+from tests.support.nodeproc import NodeProcess, free_port, write_config
+from tests.support.senders import send
 
 # DCMTK's encoders, each producing one of the syntaxes; JPEG 2000 comes from pydicom.
 DCMTK_ENCODERS = {

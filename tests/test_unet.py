@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from pipeline.unet import DEFAULT_ARGUMENTS, UNet
+from pipeline.model.unet import UNet, default_arguments
 
 
 @pytest.fixture(scope="module")
 def shipped() -> UNet:
     torch.manual_seed(0)
-    return UNet(**DEFAULT_ARGUMENTS).eval()
+    return UNet(**default_arguments()).eval()
 
 
 @pytest.mark.parametrize("size", [(240, 240), (256, 224), (255, 129), (7, 3)])

@@ -11,8 +11,8 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from pipeline.volume import SeriesError, load_series
-from tests.dicomgen import enhanced_mr
+from pipeline.dicom.volume import SeriesError, load_series
+from tests.support.dicomgen import enhanced_mr
 
 AXIAL = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 SERIES_UID = generate_uid()

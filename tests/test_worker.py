@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from datetime import timedelta
 
 import pytest
@@ -9,18 +10,18 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from pipeline.completion import CompletionSettings, complete_due_series
-from pipeline.db import Delivery, Job, open_database, utcnow
-from pipeline.derived import encode
+from pipeline.dicom.derived import encode
+from pipeline.files import write_atomically
 from pipeline.intake import inspect_instance, record_instance
-from pipeline.jobs import claim_job, finish_job
-from pipeline.registry import ModelRegistry
+from pipeline.model.registry import ModelRegistry
 from pipeline.retention import RetentionSettings, purge_finished
 from pipeline.routing import Route
 from pipeline.settings import WorkerSettings
-from pipeline.spool import write_atomically
+from pipeline.state.db import Delivery, Job, open_database, utcnow
+from pipeline.state.jobs import JobOutput, claim_job, finish_job
 from pipeline.worker import Worker
-from tests.dicomgen import enhanced_mr, mr_series
-from tests.models import add_model, make_registry
+from tests.support.dicomgen import enhanced_mr, mr_series
+from tests.support.models import add_model, make_registry
 
 ROUTES = [Route(name="t1", direction="t1-to-t2", destinations=["pacs", "archive"])]
 SETTINGS = WorkerSettings(max_attempts=2, retry_delay_seconds=0)
@@ -114,7 +115,8 @@ def test_an_expired_lease_is_taken_over_and_the_late_result_discarded(node):
     later = utcnow() + timedelta(seconds=61)
     second = claim_job(sessions, "other", lease_seconds=60, now=later)
     assert second.id == first.id and second.attempt == 2
-    assert finish_job(sessions, first.id, "dead-worker", {}) is False
+    late = JobOutput("v1", "0" * 64, "cpu", {}, "1.2.3", "out/job-1", 0)
+    assert finish_job(sessions, first.id, "dead-worker", late) is False
 
 
 def test_a_newly_activated_model_is_used_from_the_next_job(node):
@@ -182,3 +184,29 @@ def test_the_clean_stage_removes_only_finished_series_after_the_retention(node):
     incoming = [p.parent.name for p in (spool / "incoming").rglob("*.dcm")]
     assert set(incoming) == {pending_uid}
     assert purge_finished(sessions, spool, RetentionSettings(keep_days=0), now=later) == 0
+
+
+def test_a_file_the_clean_stage_cannot_remove_keeps_its_series_unpurged(node):
+    sessions, spool, _ = node
+    receive(node, mr_series(3))
+    worker(node).run_due_jobs()
+    (done,) = jobs(node)
+    with sessions.begin() as session:
+        for delivery in session.scalars(select(Delivery)):
+            delivery.state = "sent"
+        blocked = spool / session.get(Job, done.id).series.instances[0].path
+    # A folder where the file was: its deletion fails, as a file on a read-only or broken
+    # file system would (root deletes anything else).
+    blocked.unlink()
+    blocked.mkdir()
+    (blocked / "inside").write_text("x")
+    keep, later = RetentionSettings(keep_days=30), utcnow() + timedelta(days=31)
+    assert purge_finished(sessions, spool, keep, now=later) == 0
+    with sessions() as session:
+        assert session.get(Job, done.id).series.purged_at is None
+    shutil.rmtree(blocked)
+    assert purge_finished(sessions, spool, keep, now=later) == 1
+    with sessions() as session:
+        assert session.get(Job, done.id).series.purged_at is not None
+    assert not list((spool / "incoming").rglob("*.dcm"))
+    assert not (spool / done.output_path).exists()

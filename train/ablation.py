@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.modelfile import LoadedModel, ModelCard, load_model, save_model, weights_checksum
-from pipeline.preprocess import input_channels
-from pipeline.registry import ModelRegistry
-from pipeline.routing import Direction
-from pipeline.unet import DEFAULT_ARGUMENTS
+from pipeline.dicom.contrast import Direction
+from pipeline.model.card import LoadedModel, ModelCard, load_model, save_model, weights_checksum
+from pipeline.model.preprocess import input_channels
+from pipeline.model.registry import ModelRegistry
+from pipeline.model.unet import default_arguments
 from train.dataset import TrainingStudy, prepare_study
 from train.evaluate import PREDICTORS, evaluate
 from train.figures import save_comparison
@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--fold-count", type=int, default=DEFAULT_FOLDS)
     parser.add_argument("--folds", nargs="+", type=int, help="run only these folds (from 1)")
-    parser.add_argument("--base-width", type=int, default=DEFAULT_ARGUMENTS["base_width"])
+    parser.add_argument("--base-width", type=int, default=default_arguments()["base_width"])
     parser.add_argument("--epochs", type=int, default=TrainSettings.epochs)
     parser.add_argument("--steps-per-epoch", type=int, default=TrainSettings.steps_per_epoch)
     parser.add_argument("--threads", type=int)
@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         base = TrainSettings(
             direction=directions[0],
-            arguments={**DEFAULT_ARGUMENTS, "base_width": args.base_width},
+            arguments={**default_arguments(), "base_width": args.base_width},
             epochs=args.epochs,
             steps_per_epoch=args.steps_per_epoch,
         )

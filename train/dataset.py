@@ -1,6 +1,6 @@
 """Training data: paired volumes normalised as inference will see them, sampled as crops.
 
-The source is normalised over its whole series, exactly as ``pipeline.inference`` does
+The source is normalised over its whole series, exactly as ``pipeline.model.inference`` does
 before it runs the network, and only then are the usable slices picked, with the
 neighbouring slices a 2.5-D model sees; the target is normalised over its whole series
 too, with the normalisation the model's output is in.
@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import ndimage
 
-from pipeline.contrast import Contrast
-from pipeline.preprocess import model_input, neighbour_slices, normalize_volume
-from pipeline.routing import Direction
+from pipeline.dicom.contrast import Contrast
+from pipeline.model.preprocess import model_input, neighbour_slices, normalize_volume
 from train.augment import AugmentSettings, augment_intensity, crop_pair
 from train.lesionpaint import FluidLevels, fluid_levels, paint_lesions
 from train.pairs import PairedVolume
@@ -89,7 +88,7 @@ def prepare_study(paired: PairedVolume, settings: TrainSettings) -> TrainingStud
             ndimage.gaussian_filter(np.asarray(paired.source.pixels), sigma),
             ndimage.gaussian_filter(paired.target, sigma),
         )
-    source_is_t1 = Direction(settings.direction).source is Contrast.T1
+    source_is_t1 = settings.direction.source is Contrast.T1
     head = paired.head[keep]
     covered = paired.covered[keep]
     lesions = paired.lesions[keep] & covered if paired.lesions is not None else None

@@ -1,24 +1,34 @@
 """Evaluating a model on paired studies through the node's own inference path.
 
-Every source series goes whole through ``pipeline.inference.Synthesizer`` and
-``pipeline.preprocess.to_stored_pixels``, as a job would, and what the node would send is
+Every source series goes whole through ``pipeline.model.inference.Synthesizer`` and
+``pipeline.model.preprocess.to_stored_pixels``, as a job would, and what the node would send is
 compared with the real target on the usable slices (see
 ``train.pairs``): per study, per patient (slices of all its studies pooled) and overall
 (the mean of the patients, so a patient with two studies does not count twice). Beside
 every score stand the trivial floors of ``train.metrics.floors``. Where an expert's lesion
 mask exists, each predictor's lesion fidelity is scored on the study's whole volume.
+``evaluate_folders`` is all of `dicomnode evaluate`: pairs found in folders, figures, a
+JSON report.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.inference import Synthesizer
-from pipeline.modelfile import LoadedModel, describe
-from pipeline.preprocess import normalize_volume, to_stored_pixels
+from pipeline.dicom.contrast import Direction
+from pipeline.dicom.reformat import axial_volume
+from pipeline.dicom.volume import SeriesError, load_series
+from pipeline.model.card import LoadedModel, describe
+from pipeline.model.inference import Synthesizer
+from pipeline.model.preprocess import head_mask, normalize_volume, to_stored_pixels
+from train.figures import save_comparison
+from train.lesions import LesionMaskError, LesionMasks
 from train.metrics import (
     LesionFidelity,
     collapse_check,
@@ -28,7 +38,7 @@ from train.metrics import (
     minmax_slices,
     slice_metrics,
 )
-from train.pairs import PairedVolume, StudyGroup
+from train.pairs import PairedVolume, StudyGroup, find_pairs, load_pair
 
 PREDICTORS = ("model", "input", "inverted")
 # What "better" means when two models or a model and a floor are compared: the paper's
@@ -56,7 +66,7 @@ class StudyResult:
 @dataclass
 class Evaluation:
     model: str
-    direction: str
+    direction: Direction
     studies: list[StudyResult]
 
     def patients(self) -> dict[str, dict[str, dict[str, float]]]:
@@ -212,6 +222,91 @@ def evaluate(model: LoadedModel, paired: list[PairedVolume]) -> Evaluation:
             )
         )
     return Evaluation(describe(model.card), model.card.direction, studies)
+
+
+@dataclass(frozen=True)
+class FolderEvaluation:
+    report: dict[str, Any]  # the pairs' Evaluation.report() and the unpaired series' checks
+    path: Path | None  # where the report was written; None: nothing could be evaluated
+    collapsed: bool
+
+
+def evaluate_folders(
+    model: LoadedModel,
+    data: Sequence[Path],
+    report_folder: Path,
+    *,
+    register: bool = True,
+    lesions: LesionMasks | None = None,
+    say: Callable[[str], None] = print,
+) -> FolderEvaluation:
+    """Score ``model`` on every pair under ``data`` (``evaluate``), and check the source
+    series without a partner for collapse; a figure of each patient's largest study and of
+    each unpaired series, and the report as JSON, go to ``report_folder``. ``say`` gets
+    what was found, skipped and written, a line each.
+    """
+    direction = model.card.direction
+    search = find_pairs(data)
+    for note in search.notes:
+        say(note)
+    paired: list[PairedVolume] = []
+    for pair in search.pairs:
+        try:
+            paired.append(load_pair(pair, direction, register, lesions=lesions))
+        except (SeriesError, LesionMaskError) as error:
+            say(f"{pair.label}: not evaluated: {error}")
+            continue
+        say(paired[-1].summary())
+    paired = [item for item in paired if len(item.slices)]
+    stem = f"{model.card.name}-{model.card.version}"
+    report: dict[str, Any] = {"model": stem, "pairs": None, "unpaired": []}
+    collapsed = False
+    if paired:
+        result = evaluate(model, paired)
+        say(format_table(result))
+        report["pairs"] = result.report()
+        collapsed = result.collapsed()
+        for patient in {study.patient for study in result.studies}:
+            studies = [s for s in result.studies if s.patient == patient]
+            # The patient's largest study: the figure should show the most anatomy.
+            study = max(studies, key=lambda s: s.slices)
+            figure = save_comparison(
+                report_folder / f"{stem}-{patient}.png",
+                f"{model.card.name} {model.card.version} ({direction}) on {study.label}",
+                *study.images,
+                focus=study.focus,
+            )
+            say(f"figure: {figure}")
+    for contrast, series in search.unpaired:
+        if contrast is not direction.source:
+            continue
+        try:
+            volume = axial_volume(load_series(series.files))
+        except SeriesError as error:
+            say(f"{series.folder}: not evaluated: {error}")
+            continue
+        output = Synthesizer(model).synthesize(
+            volume.pixels, volume.pixel_spacing, volume.slice_offsets
+        )
+        check = collapse_check(output, head_mask(volume.pixels))
+        collapsed = collapsed or bool(check["collapsed"])
+        figure = save_comparison(
+            report_folder / f"{stem}-{series.folder.parent.name}-unpaired.png",
+            f"{model.card.name} {model.card.version} ({direction}) on {series.folder} (no "
+            "real target)",
+            volume.pixels,
+            to_stored_pixels(output).pixels,
+        )
+        report["unpaired"].append(
+            {"series": str(series.folder), "collapse": check, "figure": str(figure)}
+        )
+        say(f"{series.folder}: no pair; output spread {check['spread']:.3f}; figure: {figure}")
+    if report["pairs"] is None and not report["unpaired"]:
+        return FolderEvaluation(report, None, collapsed)
+    report_folder.mkdir(parents=True, exist_ok=True)
+    path = report_folder / f"{stem}.json"
+    path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    return FolderEvaluation(report, path, collapsed)
 
 
 def _lesion_slices(item: PairedVolume, count: int = 4) -> list[int] | None:

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from pipeline.contrast import Contrast, classify
-from pipeline.preprocess import head_mask
-from pipeline.registration import resample_onto
-from pipeline.seriesfiles import SeriesFiles, scan_series
-from pipeline.volume import SeriesError, Volume, load_series
+from pipeline.dicom.contrast import Contrast, classify
+from pipeline.dicom.registration import resample_onto
+from pipeline.dicom.seriesfiles import SeriesFiles, scan_series
+from pipeline.dicom.volume import SeriesError, Volume, load_series
+from pipeline.model.preprocess import head_mask
 from train.lesions import LESION_LEVEL
 from train.pairs import StudyGroup, find_pairs, study_group
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.volume import Volume
+from pipeline.dicom.volume import Volume
 
 # A placed mask is linearly resampled, then cut here: a voxel counts as lesion when at least
 # half of it is.

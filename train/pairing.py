@@ -25,14 +25,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 from scipy import ndimage
 
-from pipeline.preprocess import foreground_threshold
-from pipeline.routing import Direction
-from pipeline.volume import SeriesError
+from pipeline.dicom.contrast import Direction
+from pipeline.dicom.volume import SeriesError
+from pipeline.model.preprocess import foreground_threshold
 from train.figures import pick_slices
 from train.metrics import minmax_slices
 from train.pairs import find_pairs, load_pair
-
-DIRECTIONS = [direction.value for direction in Direction]
 
 
 def save_overlay(
@@ -79,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data", nargs="+", type=Path, help="folders of studies, searched deep")
     parser.add_argument("--figure", type=Path, help="write an overlay of --pair here (PNG)")
     parser.add_argument("--pair", help="the study of the figure, as the report labels it")
-    parser.add_argument("--direction", choices=DIRECTIONS, default=DIRECTIONS[0])
+    parser.add_argument(
+        "--direction",
+        choices=[direction.value for direction in Direction],
+        default=Direction.T1_TO_T2,
+    )
     args = parser.parse_args(argv)
     if (args.figure is None) != (args.pair is None):
         parser.error("--figure and --pair go together")
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--pair {args.pair}: no such pair under the data folders")
 
     for pair in pairs:
-        for direction in DIRECTIONS:
+        for direction in Direction:
             try:
                 paired = load_pair(pair, direction)
             except SeriesError as error:

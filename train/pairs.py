@@ -1,10 +1,10 @@
 """Paired T1/T2 studies for training and evaluation, found by header and aligned by geometry.
 
 A pair is a T1 and a T2 series of the same patient, study and frame of reference, each
-classified from its header physics by ``pipeline.contrast.classify`` (FLAIR and
+classified from its header physics by ``pipeline.dicom.contrast.classify`` (FLAIR and
 post-contrast T1 never enter a pair). The target series is resampled onto the source
 series' grid through both series' DICOM geometry, refined by a rigid registration where the
-two were acquired on different grids (``pipeline.registration``), so series with their own
+two were acquired on different grids (``pipeline.dicom.registration``), so series with their own
 slab and obliquity (the native study) pair voxel for voxel with what the network sees at
 inference, which is the source series on its own grid.
 
@@ -24,13 +24,12 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from pipeline.contrast import Contrast, classify
-from pipeline.preprocess import foreground_threshold, head_mask
-from pipeline.reformat import at_pixel_size, axial_volume
-from pipeline.registration import Rigid, register_rigid, resample_onto
-from pipeline.routing import Direction
-from pipeline.seriesfiles import SeriesFiles, scan_series
-from pipeline.volume import SeriesError, Volume, load_series
+from pipeline.dicom.contrast import Contrast, Direction, classify
+from pipeline.dicom.reformat import at_pixel_size, axial_volume
+from pipeline.dicom.registration import Rigid, register_rigid, resample_onto
+from pipeline.dicom.seriesfiles import SeriesFiles, scan_series
+from pipeline.dicom.volume import SeriesError, Volume, load_series
+from pipeline.model.preprocess import foreground_threshold, head_mask
 from train.lesions import LESION_LEVEL, LesionMasks
 
 PAIR_KEYWORDS = ("PatientID", "FrameOfReferenceUID")
@@ -68,9 +67,8 @@ class StudyPair:
     def patient(self) -> str:
         return patient_label(self.patient_id)
 
-    def source_and_target(self, direction: str) -> tuple[SeriesFiles, SeriesFiles]:
-        # Direction() raises ValueError naming the known directions.
-        first_is_t1 = Direction(direction).source is Contrast.T1
+    def source_and_target(self, direction: Direction) -> tuple[SeriesFiles, SeriesFiles]:
+        first_is_t1 = Direction.parse(direction, "direction").source is Contrast.T1
         return (self.t1, self.t2) if first_is_t1 else (self.t2, self.t1)
 
 
@@ -86,7 +84,7 @@ class PairedVolume:
     """A source series with its target resampled onto its grid, and which slices pair up."""
 
     pair: StudyPair
-    direction: str
+    direction: Direction
     source: Volume
     target: np.ndarray  # float32 (S, H, W): target intensities on the source grid
     covered: np.ndarray  # bool (S, H, W): source pixels that lie inside the target's volume
@@ -162,7 +160,7 @@ def find_pairs(roots: Sequence[Path]) -> PairSearch:
 
 def load_pair(
     pair: StudyPair,
-    direction: str,
+    direction: Direction,
     register: bool = True,
     pixel_spacing_mm: float | None = None,
     lesions: LesionMasks | None = None,
@@ -171,10 +169,10 @@ def load_pair(
 
     The source is taken as the models see it: in its axial view, and with
     ``pixel_spacing_mm`` resampled in-plane to that pixel size where its own is far from it
-    (``pipeline.reformat``; None: as it is, which evaluation wants, as the node resamples).
+    (``pipeline.dicom.reformat``; None: as it is, which evaluation wants, as the node resamples).
 
     Series on different grids are placed by their DICOM geometry and then, with
-    ``register``, refined by ``pipeline.registration.register_rigid``; series on the same
+    ``register``, refined by ``pipeline.dicom.registration.register_rigid``; series on the same
     grid (co-registered) are taken voxel for voxel. Raises SeriesError when a series cannot
     be read, when the source has no axial view (a 2D sagittal or coronal series), or when
     the target's slices are unevenly spaced (its affine would misplace them).

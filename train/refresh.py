@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import logging
 
-from pipeline.modelfile import describe
-from pipeline.registry import ModelRegistry
-from pipeline.unet import DEFAULT_ARGUMENTS
+from pipeline.model.card import describe
+from pipeline.model.registry import ModelRegistry
 from train.settings import RefreshSettings
 from train.trainer import TrainSettings
 from train.workflow import TrainRequest, run_training
@@ -34,7 +33,6 @@ def refresh_models(settings: RefreshSettings, registry: ModelRegistry) -> list[s
             data=settings.data,
             settings=TrainSettings(
                 direction=direction,
-                arguments=dict(DEFAULT_ARGUMENTS),
                 epochs=settings.epochs,
                 steps_per_epoch=settings.steps_per_epoch,
                 seed=settings.seed,

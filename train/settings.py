@@ -11,9 +11,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.routing import Direction
-
-DIRECTIONS = tuple(d.value for d in Direction)
+from pipeline.dicom.contrast import Direction
 
 
 class RefreshSettings(BaseModel):
@@ -24,7 +22,7 @@ class RefreshSettings(BaseModel):
     enabled: bool = False
     data: list[Path] = []  # folders of paired studies (a PACS export, the spool's incoming/)
     time: str = "02:00"  # daily, local time, HH:MM
-    directions: list[str] = [d.value for d in Direction]
+    directions: list[Direction] = list(Direction)
     # The shipped recipe's length (train.trainer.TrainSettings; this module stays torch-free).
     epochs: Annotated[int, Field(ge=1)] = 12
     steps_per_epoch: Annotated[int, Field(ge=1)] = 150
@@ -40,14 +38,6 @@ class RefreshSettings(BaseModel):
         if not match:
             raise ValueError(f'{value!r} is not a time of day HH:MM (e.g. "02:00")')
         return f"{int(match.group(1)):02d}:{match.group(2)}"
-
-    @field_validator("directions")
-    @classmethod
-    def _known_directions(cls, values: list[str]) -> list[str]:
-        unknown = [value for value in values if value not in DIRECTIONS]
-        if unknown:
-            raise ValueError(f"unknown direction(s) {unknown}; known: {', '.join(DIRECTIONS)}")
-        return values
 
     @property
     def hour(self) -> int:

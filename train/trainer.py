@@ -20,11 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.inference import pick_device
-from pipeline.preprocess import NORMALIZATIONS, input_channels, normalized_ceiling
-from pipeline.routing import Direction
-from pipeline.spool import write_atomically
-from pipeline.unet import DEFAULT_ARGUMENTS, UNet
+from pipeline.choices import Choice
+from pipeline.dicom.contrast import Direction
+from pipeline.files import write_atomically
+from pipeline.model.inference import pick_device
+from pipeline.model.preprocess import Normalization, input_channels, normalized_ceiling
+from pipeline.model.unet import UNet, default_arguments
 from train.augment import AugmentSettings
 from train.dataset import TrainingStudy, network_input, sample_batch
 from train.metrics import (
@@ -36,7 +37,16 @@ from train.metrics import (
     slice_metrics,
 )
 
-LOSSES = ("mse", "l1", "mse+ssim", "l1+ssim")
+
+class Loss(Choice):
+    """What the training minimises: a pixel term, with or without (1 - SSIM) beside it."""
+
+    MSE = "mse"
+    L1 = "l1"
+    MSE_SSIM = "mse+ssim"
+    L1_SSIM = "l1+ssim"
+
+
 # Weight of (1 - SSIM) beside the MSE in "mse+ssim": SSIM's gradient is about 10x the
 # MSE's on [0, 1] images, so equal weights would let it swamp the intensity term. The
 # same weight serves "l1+ssim".
@@ -48,28 +58,28 @@ VALIDATION_SLICES = 12
 
 @dataclass(frozen=True)
 class TrainSettings:
-    direction: str
+    direction: Direction
     # The defaults are the shipped recipe; docs/ablation.md has the held-out numbers that
     # chose it over the paper's per-slice min-max and plain MSE, over scale-volume, and
     # over percentile-volume inputs (v3): the input is median-scaled, so a brain lands at
     # one level with or without its skull; the targets stay in percentile-volume's space.
-    normalization: str = "median-volume"
+    normalization: Normalization = Normalization.MEDIAN_VOLUME
     # The targets' normalisation, i.e. the output's space; None: the same as the input's.
-    target_normalization: str | None = "percentile-volume"
+    target_normalization: Normalization | None = Normalization.PERCENTILE_VOLUME
     # In-plane pixel size (mm) the slices are resampled to where theirs is far from it
-    # (pipeline.reformat): the training data's own, about 1 mm.
+    # (pipeline.dicom.reformat): the training data's own, about 1 mm.
     pixel_spacing_mm: float = 1.0
     # The network also sees the slices this far (mm) below and above; None: 2-D.
     neighbour_distance_mm: float | None = None
     gradient_channels: bool = True  # the paper's Sobel channels beside the slice
     # The U-Net's arguments; in_channels must be ``input_channels``.
-    arguments: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ARGUMENTS))
+    arguments: dict[str, Any] = field(default_factory=default_arguments)
     epochs: int = 12
     steps_per_epoch: int = 150
     batch_size: int = 16
     crop: int = 96
     learning_rate: float = 1e-3
-    loss: str = "mse+ssim"
+    loss: Loss = Loss.MSE_SSIM
     augment: bool = True
     # With augmentation: the probability that a crop gets lesions painted in
     # (train.lesionpaint), and the extra weight of painted pixels in the loss.
@@ -83,16 +93,19 @@ class TrainSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        # Settings that cannot train are refused before minutes go into loading data.
-        Direction(self.direction)
-        if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}")
-        if self.output_normalization not in NORMALIZATIONS:
-            raise ValueError(f"target_normalization must be one of {NORMALIZATIONS}")
+        # Settings that cannot train are refused before minutes go into loading data; the
+        # choices, given as text by the command line and the ablation, become enums.
+        choices = {
+            "direction": Direction,
+            "normalization": Normalization,
+            "target_normalization": Normalization,
+            "loss": Loss,
+        }
+        for name, kind in choices.items():
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, kind.parse(getattr(self, name), name))
         if not self.pixel_spacing_mm > 0:
             raise ValueError(f"pixel_spacing_mm must be positive, not {self.pixel_spacing_mm}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, not {self.loss!r}")
         if self.neighbour_distance_mm is not None and not self.neighbour_distance_mm > 0:
             raise ValueError(
                 f"neighbour_distance_mm must be positive (or None for 2-D), not "
@@ -103,7 +116,7 @@ class TrainSettings:
                 raise ValueError(f"{name} is a probability, not {getattr(self, name)}")
         if self.lesion_weight < 0:
             raise ValueError(f"lesion_weight must not be negative, not {self.lesion_weight}")
-        given = self.arguments.get("in_channels", 3)
+        given = (default_arguments() | self.arguments)["in_channels"]
         if given != self.input_channels:
             raise ValueError(
                 f"in_channels {given} does not fit the input: {self.input_channels} channels "
@@ -113,7 +126,7 @@ class TrainSettings:
         UNet(**self.arguments)  # raises ValueError or TypeError for bad arguments
 
     @property
-    def output_normalization(self) -> str:
+    def output_normalization(self) -> Normalization:
         return self.target_normalization or self.normalization
 
     @property
@@ -263,15 +276,15 @@ def validate(
 
 
 def _loss(
-    output: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, kind: str
+    output: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, kind: Loss
 ) -> torch.Tensor:
     # Weighted means: pixels where a resampled target is undefined do not count.
     total = weight.sum().clamp_min(1.0)
-    if kind.startswith("l1"):
+    if kind in (Loss.L1, Loss.L1_SSIM):
         pixel = ((output - target).abs() * weight).sum() / total
     else:
         pixel = ((output - target) ** 2 * weight).sum() / total
-    if not kind.endswith("+ssim"):
+    if kind not in (Loss.MSE_SSIM, Loss.L1_SSIM):
         return pixel
     # SSIM sees where the target is defined, not the painted weights.
     defined = (weight > 0).to(output.dtype)

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.inference import pick_device
-from pipeline.modelfile import (
+from pipeline.dicom.volume import SeriesError
+from pipeline.model.card import (
     LoadedModel,
     ModelCard,
     describe,
@@ -23,8 +23,8 @@ from pipeline.modelfile import (
     save_model,
     weights_checksum,
 )
-from pipeline.registry import ModelRegistry, RegistryError
-from pipeline.volume import SeriesError
+from pipeline.model.inference import pick_device
+from pipeline.model.registry import ModelRegistry, RegistryError
 from train.dataset import prepare_study
 from train.evaluate import KEY_METRICS, Evaluation, evaluate, format_table
 from train.lesions import LesionMaskError, LesionMasks

@@ -1,6 +1,6 @@
 """Which contrast a series has, from the physics in its header.
 
-``classify`` reads the dict of ``pipeline.header.extract_header`` and decides in this order:
+``classify`` reads the dict of ``pipeline.dicom.header.extract_header`` and decides in this order:
 
 1. Not a weighted image of the brain -> OTHER: another modality or SOP class, DERIVED or
    SECONDARY images (reformats, maps, our own synthetic output), phase/real/imaginary,
@@ -35,21 +35,44 @@ tissue T1 and T2* of the field: gray matter T1 about 1100 ms at 1.5 T, 1450 ms a
 
 from __future__ import annotations
 
-import enum
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.choices import Choice
+from pipeline.dicom.values import number_or_none
 
-class Contrast(enum.StrEnum):
+
+class Contrast(Choice):
     T1 = "T1"
     T2 = "T2"
     FLAIR = "FLAIR"
     T1C = "T1C"  # T1-weighted after a contrast agent
     PD = "PD"
     OTHER = "OTHER"
+
+
+class Direction(Choice):
+    """What the node synthesizes from what: routes, model cards, training settings and the
+    derived series all name it so."""
+
+    T1_TO_T2 = "t1-to-t2"
+    T2_TO_T1 = "t2-to-t1"
+
+    @property
+    def source(self) -> Contrast:
+        return Contrast.T1 if self is Direction.T1_TO_T2 else Contrast.T2
+
+    @property
+    def target(self) -> Contrast:
+        return Contrast.T2 if self is Direction.T1_TO_T2 else Contrast.T1
+
+    @classmethod
+    def for_source(cls, contrast: Contrast) -> Direction | None:
+        """The direction that synthesizes from a series of this contrast, if any."""
+        return {Contrast.T1: cls.T1_TO_T2, Contrast.T2: cls.T2_TO_T1}.get(contrast)
 
 
 @dataclass(frozen=True)
@@ -497,16 +520,10 @@ def _words(text: str) -> str:
 
 
 def _number(value: Any) -> float | None:
-    """A positive finite number from a header value (first of several), else None."""
-    if isinstance(value, list):
-        value = value[0] if value else None
-    if isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) and number > 0 else None
+    """A positive number from a header value (the first of several), else None: a TR, TE or
+    field strength of 0 is a placeholder."""
+    number = number_or_none(value)
+    return number if number is not None and number > 0 else None
 
 
 def _list(value: Any) -> list[Any]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy import ndimage
 
-from pipeline.volume import SeriesError, Volume
+from pipeline.dicom.volume import SeriesError, Volume
 
 # Slices tilted more than this from axial are another plane.
 MAX_TILT_FROM_AXIAL_DEGREES = 40.0

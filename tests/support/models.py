@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.modelfile import ModelCard, save_model
-from pipeline.registry import ModelRegistry
-from pipeline.unet import UNet
+from pipeline.model.card import ModelCard, save_model
+from pipeline.model.registry import ModelRegistry
+from pipeline.model.unet import UNet
 
 TINY = {"in_channels": 3, "out_channels": 1, "base_width": 4, "depth": 2, "dropout": 0.0}
 

@@ -2,8 +2,8 @@
 
 All state lives here (pixel data lives in the spool). SQLite in WAL mode is the default;
 any SQLAlchemy URL works, PostgreSQL when several machines share the work. State changes
-go through the functions of `pipeline.intake`, `pipeline.completion`, `pipeline.jobs` and
-`pipeline.delivery`, never through ad-hoc updates elsewhere.
+go through the functions of `pipeline.intake`, `pipeline.completion`, `pipeline.state.jobs` and
+`pipeline.state.deliveries`, never through ad-hoc updates elsewhere.
 """
 
 from __future__ import annotations
@@ -110,13 +110,13 @@ class Instance(Base):
 class Leased:
     """A row a worker (a job) or a sender (a delivery) holds by a lease while it works on
     it. A holder that dies keeps it until the lease runs out, unless a node starting on its
-    host finds the process gone (pipeline.leases) and takes the row back at once."""
+    host finds the process gone (pipeline.state.leases) and takes the row back at once."""
 
-    lease_owner: Mapped[str | None]  # host:pid:thread, for people (pipeline.worker)
+    lease_owner: Mapped[str | None]  # host:pid:thread, for people (leases.worker_identity)
     lease_expires_at: Mapped[datetime | None]
     lease_host: Mapped[str | None]
     lease_pid: Mapped[int | None]
-    lease_process_start: Mapped[str | None]  # see pipeline.leases.ProcessIdentity
+    lease_process_start: Mapped[str | None]  # see pipeline.state.leases.ProcessIdentity
 
     def release_lease(self) -> None:
         self.lease_owner = self.lease_expires_at = None

@@ -4,10 +4,8 @@ States: pending -> sending -> sent, or back to pending after a failed attempt (w
 exponential backoff) until ``max_attempts``, then failed. A sender holds a delivery by a
 lease; a dead sender's lease runs out and another sender takes the delivery over.
 
-``instance_results`` keeps the outcome per SOP Instance UID across attempts, so a retry
-sends only what the destination has not acknowledged. An outcome is ``"sent"``, or starts
-with ``"sent, "`` when the destination stored it with a warning; anything else is why it
-was not stored.
+``instance_results`` keeps an ``InstanceResult`` per SOP Instance UID across attempts, so a
+retry sends only what the destination has not acknowledged.
 """
 
 from __future__ import annotations
@@ -17,23 +15,58 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.db import Delivery, DeliveryState, Job, utcnow
-from pipeline.leases import Holder, holder_state, lease_values, this_process
+from pipeline.state.db import Delivery, DeliveryState, Job, utcnow
+from pipeline.state.leases import claim_oldest, take_back
 
 log = logging.getLogger(__name__)
 
-SENT = "sent"
+
+@dataclass(frozen=True)
+class InstanceResult:
+    """What a destination did with one instance in one attempt: stored it (perhaps with a
+    warning status), or not, and why."""
+
+    stored: bool
+    # Stored: the destination's warning status, if it answered with one. Not stored: why.
+    detail: str | None = None
+
+    @classmethod
+    def sent(cls, warning: str | None = None) -> InstanceResult:
+        return cls(stored=True, detail=warning)
+
+    @classmethod
+    def not_sent(cls, reason: str) -> InstanceResult:
+        return cls(stored=False, detail=reason)
+
+    def __str__(self) -> str:
+        """For logs and a delivery's reason: "sent", "sent, warning <status>", or why not."""
+        if not self.stored:
+            return self.detail or "not sent"
+        return f"sent, warning {self.detail}" if self.detail else "sent"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stored": self.stored, "detail": self.detail}
+
+    @classmethod
+    def from_json(cls, value: Any) -> InstanceResult:
+        """A result as ``to_json`` wrote it, or as the text of ``__str__``, which deliveries
+        recorded before results had a type hold: a node upgraded with deliveries pending
+        must still know what their destinations acknowledged."""
+        if isinstance(value, str):
+            stored = value == "sent" or value.startswith("sent, warning ")
+            if not stored:
+                return cls.not_sent(value)
+            return cls.sent(value.removeprefix("sent, warning ") if value != "sent" else None)
+        return cls(stored=bool(value["stored"]), detail=value.get("detail"))
 
 
-def is_sent(outcome: str) -> bool:
-    """True when an instance outcome says the destination stored it (maybe with a warning)."""
-    return outcome == SENT or outcome.startswith(SENT + ", ")
+SENT = InstanceResult.sent()
 
 
 class DeliverySettings(BaseModel):
@@ -107,67 +140,60 @@ def claim_delivery(
 ) -> ClaimedDelivery | None:
     """Take the oldest due delivery (pending and due, or sending under an expired lease).
 
-    The conditional UPDATE makes the claim exclusive on any database: of several senders
-    that pick the same row, exactly one changes it.
+    Exclusive on any database (``leases.claim_oldest``): of several senders, one gets it.
     """
     now = now or utcnow()
-    claimable = or_(
-        and_(
-            Delivery.state == DeliveryState.PENDING,
-            or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
-        ),
-        and_(Delivery.state == DeliveryState.SENDING, Delivery.lease_expires_at < now),
-    )
+    dead_owners: dict[int, str | None] = {}
+
+    def changes(delivery: Delivery) -> dict[str, Any]:
+        if delivery.state != DeliveryState.SENDING:
+            return {}
+        # The dead sender's attempt counts, so a series that kills its sender every time
+        # still ends as failed instead of being tried forever.
+        dead_owners[delivery.id] = delivery.lease_owner
+        return {
+            "attempts": delivery.attempts + 1,
+            "reason": f"attempt by {delivery.lease_owner} did not finish (its lease expired)",
+        }
+
     with sessions.begin() as session:
-        candidates = session.scalars(
-            select(Delivery).where(claimable).order_by(Delivery.id).limit(5)
-        ).all()
-        for delivery in candidates:
-            values = {
-                "state": DeliveryState.SENDING,
-                **lease_values(owner, now + timedelta(seconds=settings.lease_seconds)),
-                "updated_at": now,
-            }
-            dead_owner = delivery.lease_owner if delivery.state == DeliveryState.SENDING else None
-            if dead_owner is not None:
-                # The dead sender's attempt counts, so a series that kills its sender
-                # every time still ends as failed instead of being tried forever.
-                values["attempts"] = delivery.attempts + 1
-                values["reason"] = f"attempt by {dead_owner} did not finish (its lease expired)"
-            taken = session.execute(
-                update(Delivery)
-                .where(Delivery.id == delivery.id, Delivery.state == delivery.state, claimable)
-                .values(**values)
-                .execution_options(synchronize_session=False)
-            ).rowcount
-            if not taken:
-                continue
-            session.refresh(delivery)
-            job = delivery.job
-            outcomes = delivery.instance_results or {}
-            already_sent = frozenset(uid for uid, outcome in outcomes.items() if is_sent(outcome))
-            log.info(
-                "delivery %d: sending series %s of job %d to %s (attempt %d by %s, %d of %s "
-                "instances already sent)%s",
-                delivery.id,
-                job.output_series_uid,
-                job.id,
-                delivery.destination,
-                delivery.attempts + 1,
-                owner,
-                len(already_sent),
-                delivery.instances_total if delivery.instances_total is not None else "?",
-                f"; {dead_owner} held it and stopped" if dead_owner else "",
-            )
-            return ClaimedDelivery(
-                id=delivery.id,
-                job_id=job.id,
-                destination=delivery.destination,
-                output_path=job.output_path,
-                already_sent=already_sent,
-                attempt=delivery.attempts + 1,
-            )
-    return None
+        delivery = claim_oldest(
+            session,
+            Delivery,
+            owner=owner,
+            lease_seconds=settings.lease_seconds,
+            now=now,
+            waiting=DeliveryState.PENDING,
+            due_at=Delivery.next_attempt_at,
+            held=DeliveryState.SENDING,
+            changes=changes,
+        )
+        if delivery is None:
+            return None
+        dead_owner = dead_owners.get(delivery.id)
+        job = delivery.job
+        already_sent = frozenset(uid for uid, result in _results(delivery).items() if result.stored)
+        log.info(
+            "delivery %d: sending series %s of job %d to %s (attempt %d by %s, %d of %s "
+            "instances already sent)%s",
+            delivery.id,
+            job.output_series_uid,
+            job.id,
+            delivery.destination,
+            delivery.attempts + 1,
+            owner,
+            len(already_sent),
+            delivery.instances_total if delivery.instances_total is not None else "?",
+            f"; {dead_owner} held it and stopped" if dead_owner else "",
+        )
+        return ClaimedDelivery(
+            id=delivery.id,
+            job_id=job.id,
+            destination=delivery.destination,
+            output_path=job.output_path,
+            already_sent=already_sent,
+            attempt=delivery.attempts + 1,
+        )
 
 
 def take_back_deliveries_of_gone_senders(
@@ -177,41 +203,30 @@ def take_back_deliveries_of_gone_senders(
     gone is taken back now instead of when its lease runs out. As when a lease expires,
     the unfinished attempt counts: pending again at once, or failed if it was the last.
     Returns the ids taken back."""
-    now = utcnow()
-    taken = []
-    with sessions.begin() as session:
-        sending = session.scalars(
-            select(Delivery).where(
-                Delivery.state == DeliveryState.SENDING,
-                Delivery.lease_host == this_process().host,
-            )
-        ).all()
-        for delivery in sending:
-            holder = (delivery.lease_host, delivery.lease_pid, delivery.lease_process_start)
-            if holder_state(*holder) != Holder.GONE:
-                continue
-            why = f"attempt by {delivery.lease_owner} did not finish (that process is gone)"
-            expired = delivery.lease_expires_at
-            delivery.release_lease()
-            delivery.attempts += 1
-            delivery.updated_at = now
-            if delivery.attempts < settings.max_attempts:
-                delivery.state = DeliveryState.PENDING
-                delivery.next_attempt_at = now
-                delivery.reason = why
-            else:
-                delivery.state = DeliveryState.FAILED
-                delivery.next_attempt_at = None
-                delivery.reason = f"gave up after {delivery.attempts} attempts: {why}"
-            log.warning(
-                "delivery %d: taken back, %s (its lease ran to %s UTC): %s",
-                delivery.id,
-                why,
-                expired.isoformat(sep=" ", timespec="seconds") if expired else "?",
-                delivery.state,
-            )
-            taken.append(delivery.id)
-    return taken
+
+    def put_back(delivery: Delivery, sender: str | None) -> str:
+        why = f"attempt by {sender} did not finish (that process is gone)"
+        delivery.attempts += 1
+        if delivery.attempts < settings.max_attempts:
+            delivery.state = DeliveryState.PENDING
+            delivery.next_attempt_at = delivery.updated_at
+            delivery.reason = why
+        else:
+            _give_up(delivery, why)
+        return why
+
+    return take_back(sessions, Delivery, DeliveryState.SENDING, put_back)
+
+
+def _give_up(delivery: Delivery, why: str) -> None:
+    delivery.state = DeliveryState.FAILED
+    delivery.next_attempt_at = None
+    delivery.reason = f"gave up after {delivery.attempts} attempts: {why}"
+
+
+def _results(delivery: Delivery) -> dict[str, InstanceResult]:
+    recorded = delivery.instance_results or {}
+    return {uid: InstanceResult.from_json(value) for uid, value in recorded.items()}
 
 
 def backoff_ceiling(attempts: int, settings: DeliverySettings) -> float:
@@ -228,18 +243,18 @@ def record_attempt(
     sessions: sessionmaker,
     delivery_id: int,
     owner: str,
-    results: Mapping[str, str],
+    results: Mapping[str, InstanceResult],
     error: str | None,
     settings: DeliverySettings,
     now: datetime | None = None,
 ) -> str:
     """Record one attempt's outcome and return the delivery's new state.
 
-    ``results`` maps SOP Instance UID to ``"sent"`` (see `is_sent`) or why it was not
-    stored; ``error`` says why the attempt as a whole failed, None when it did not. Sent
-    when every instance so far is sent and the attempt had no error; else pending again
-    after a backoff while attempts remain; else failed. A result from a sender that lost
-    its lease meanwhile is ignored: another sender holds the delivery now.
+    ``results`` maps SOP Instance UID to what the destination did with it; ``error`` says
+    why the attempt as a whole failed, None when it did not. Sent when every instance so
+    far is sent and the attempt had no error; else pending again after a backoff while
+    attempts remain; else failed. A result from a sender that lost its lease meanwhile is
+    ignored: another sender holds the delivery now.
     """
     now = now or utcnow()
     with sessions.begin() as session:
@@ -257,9 +272,9 @@ def record_attempt(
                 delivery.lease_owner,
             )
             return delivery.state
-        merged = {**(delivery.instance_results or {}), **results}
-        sent = sum(is_sent(outcome) for outcome in merged.values())
-        delivery.instance_results = merged
+        merged = {**_results(delivery), **results}
+        sent = sum(result.stored for result in merged.values())
+        delivery.instance_results = {uid: result.to_json() for uid, result in merged.items()}
         delivery.instances_sent = sent
         delivery.instances_total = max(len(merged), delivery.instances_total or 0)
         delivery.attempts += 1
@@ -301,9 +316,7 @@ def record_attempt(
                 error,
             )
         else:
-            delivery.state = DeliveryState.FAILED
-            delivery.next_attempt_at = None
-            delivery.reason = f"gave up after {delivery.attempts} attempts: {error}"
+            _give_up(delivery, error)
             log.error(
                 "delivery %d: failed, series %s to %s (%d/%d sent): %s",
                 delivery.id,

@@ -11,7 +11,17 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-NORMALIZATIONS = ("minmax-slice", "percentile-volume", "scale-volume", "median-volume")
+from pipeline.choices import Choice
+
+
+class Normalization(Choice):
+    """How a volume's intensities are mapped for the network (see normalize_volume)."""
+
+    MINMAX_SLICE = "minmax-slice"
+    PERCENTILE_VOLUME = "percentile-volume"
+    SCALE_VOLUME = "scale-volume"
+    MEDIAN_VOLUME = "median-volume"
+
 
 # percentile-volume maps these percentiles of the foreground to 0 and 1, scale-volume the
 # high one to 1: robust to the few hot voxels (vessels, fat, artefacts) that would set the
@@ -72,7 +82,7 @@ def head_mask(volume: np.ndarray) -> np.ndarray:
     return np.stack([ndimage.binary_fill_holes(image) for image in above])
 
 
-def normalize_volume(volume: np.ndarray, method: str) -> np.ndarray:
+def normalize_volume(volume: np.ndarray, method: Normalization) -> np.ndarray:
     """Map a rescaled float volume (slices, H, W) to the space the network works in.
 
     ``minmax-slice``: the paper's per-slice min-max to [0, 1] (a constant slice becomes zeros).
@@ -90,28 +100,31 @@ def normalize_volume(volume: np.ndarray, method: str) -> np.ndarray:
 
     Raises ValueError for an unknown method, a volume that is not 3-D, or one with no contrast.
     """
-    if method not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {method!r}; known: {', '.join(NORMALIZATIONS)}")
+    try:
+        method = Normalization(method)
+    except ValueError:
+        known = ", ".join(Normalization)
+        raise ValueError(f"unknown normalization {method!r}; known: {known}") from None
     if volume.ndim != 3:
         raise ValueError(f"expected a volume (slices, rows, columns), got shape {volume.shape}")
     volume = volume.astype(np.float32, copy=False)
     if not volume.size or volume.min() == volume.max():
         raise ValueError("the volume has no contrast (every voxel has the same value)")
 
-    if method == "minmax-slice":
+    if method is Normalization.MINMAX_SLICE:
         low = volume.min(axis=(1, 2), keepdims=True)
         span = volume.max(axis=(1, 2), keepdims=True) - low
         return np.divide(volume - low, span, out=np.zeros_like(volume), where=span > 0)
 
     foreground = volume[volume > foreground_threshold(volume)]
-    if method == "median-volume":
+    if method is Normalization.MEDIAN_VOLUME:
         median = float(np.median(foreground))
         if median <= 0:
             raise ValueError("the volume's foreground has no positive signal")
         scaled = volume * (MEDIAN_LEVEL / median)
         return np.clip(scaled, 0.0, OUTPUT_CEILING).astype(np.float32)
     low, high = np.percentile(foreground, [LOW_PERCENTILE, HIGH_PERCENTILE])
-    if method == "scale-volume":
+    if method is Normalization.SCALE_VOLUME:
         if high <= 0:
             raise ValueError("the volume's foreground has no positive signal")
         return np.clip(volume / high, 0.0, OUTPUT_CEILING).astype(np.float32)
@@ -120,9 +133,11 @@ def normalize_volume(volume: np.ndarray, method: str) -> np.ndarray:
     return np.clip((volume - low) / (high - low), 0.0, 1.0).astype(np.float32)
 
 
-def normalized_ceiling(method: str) -> float:
+def normalized_ceiling(method: Normalization) -> float:
     """The largest value ``normalize_volume(..., method)`` gives."""
-    return OUTPUT_CEILING if method in ("scale-volume", "median-volume") else 1.0
+    if method in (Normalization.SCALE_VOLUME, Normalization.MEDIAN_VOLUME):
+        return OUTPUT_CEILING
+    return 1.0
 
 
 def neighbour_slices(

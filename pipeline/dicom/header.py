@@ -25,6 +25,8 @@ from pydicom.datadict import DicomDictionary, dictionary_VR, tag_for_keyword
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
+from pipeline.dicom.values import first_item
+
 ROUTING_KEYWORDS: tuple[str, ...] = (
     # What the object is
     "Modality",
@@ -179,11 +181,11 @@ def _functional_group_values(ds: Dataset, wanted: list[str]) -> dict[str, Any]:
     """Values from the shared functional groups, else from the first frame's."""
     values: dict[str, Any] = {}
     for groups_keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        groups = _first_item(ds, groups_keyword)
+        groups = first_item(ds, groups_keyword)
         if groups is None:
             continue
         for macro, mapping in _FUNCTIONAL_GROUPS.items():
-            item = _first_item(groups, macro)
+            item = first_item(groups, macro)
             if item is None:
                 continue
             pairs = mapping.items() if mapping else ((kw, kw) for kw in wanted)
@@ -198,20 +200,10 @@ def _functional_group_values(ds: Dataset, wanted: list[str]) -> dict[str, Any]:
 
 def _agent_from_code_sequence(ds: Dataset) -> str | None:
     # Enhanced Contrast/Bolus module names the agent by a code, not a free text.
-    item = _first_item(ds, "ContrastBolusAgentSequence")
+    item = first_item(ds, "ContrastBolusAgentSequence")
     if item is None:
         return None
     return _value(item, "CodeMeaning") or _value(item, "CodeValue")
-
-
-def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
-    try:
-        sequence = ds.get(keyword)
-    except Exception:  # pydicom raises many types for a corrupt sequence
-        return None
-    if not sequence or not isinstance(sequence[0], Dataset):
-        return None
-    return sequence[0]
 
 
 def _value(ds: Dataset, keyword: str) -> Any:

@@ -1,15 +1,19 @@
 """Model files: a U-Net's weights together with its card, written atomically, checked on load.
 
-A file is ``torch.save`` of ``{"format": FORMAT, "card": {...}, "state_dict": {...}}``. The
-card says what the model is (architecture and its arguments, direction, normalisation), how
-it was made (training data, command, seed) and how good it is (metrics); its checksum is the
-sha256 of the weights, so a log line or a DICOM header that names it identifies the model.
+A file is ``torch.save`` of ``{"format": FORMAT, "card": {...}, "state_dict": {...}}``, the
+card as plain data (``card_dict``: its enums as their text), so that loading a file takes no
+class of this project and ``weights_only`` loading accepts it. The card says what the model
+is (architecture and its arguments, direction, normalisation), how it was made (training
+data, command, seed) and how good it is (metrics); its checksum is the sha256 of the
+weights, so a log line or a DICOM header that names it identifies the model.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import io
+from collections.abc import Iterable
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,12 +21,12 @@ from typing import Any, Protocol
 
 import torch
 
-from pipeline.preprocess import NORMALIZATIONS, input_channels
-from pipeline.spool import write_atomically
-from pipeline.unet import UNet
+from pipeline.dicom.contrast import Direction
+from pipeline.files import write_atomically
+from pipeline.model.preprocess import Normalization, input_channels
+from pipeline.model.unet import UNet, default_arguments
 
 FORMAT = "dicomnode-model/1"
-DIRECTIONS = ("t1-to-t2", "t2-to-t1")
 ARCHITECTURES = ("unet",)
 
 
@@ -38,21 +42,22 @@ class ModelCard:
     ``arguments["in_channels"]`` follows from them (``preprocess.input_channels``):
     preprocessing reads them, and the card is rejected where they disagree.
     ``normalization`` is the input's; the output is in ``target_normalization``'s space
-    (the targets' in training), None meaning the same.
+    (the targets' in training), None meaning the same. A card read from a file holds its
+    choices as enums; one built in code may hold their text, which compares equal.
     """
 
     name: str
     version: str
-    direction: str
+    direction: Direction
     arguments: dict[str, Any]
-    normalization: str
+    normalization: Normalization
     gradient_channels: bool
-    target_normalization: str | None = None
+    target_normalization: Normalization | None = None
     # The in-plane pixel size (mm) the model learnt at; inference resamples slices whose
     # pixels are far from it. Every model before this field learnt at 0.88-1 mm.
     pixel_spacing_mm: float = 1.0
     # With a distance (mm), the network also sees the slices that far below and above each
-    # slice (pipeline.preprocess.neighbour_slices); None: each slice alone (every model
+    # slice (pipeline.model.preprocess.neighbour_slices); None: each slice alone (every model
     # before this field).
     neighbour_distance_mm: float | None = None
     architecture: str = "unet"
@@ -62,7 +67,7 @@ class ModelCard:
     checksum: str = ""
 
     @property
-    def output_normalization(self) -> str:
+    def output_normalization(self) -> Normalization:
         return self.target_normalization or self.normalization
 
     @classmethod
@@ -85,10 +90,10 @@ class ModelCard:
 class TrainedAs(Protocol):
     """What a card takes from the settings a model was trained with."""
 
-    direction: str
+    direction: Direction
     arguments: dict[str, Any]
-    normalization: str
-    target_normalization: str | None
+    normalization: Normalization
+    target_normalization: Normalization | None
     pixel_spacing_mm: float
     neighbour_distance_mm: float | None
     gradient_channels: bool
@@ -130,10 +135,9 @@ def save_model(path: Path, network: UNet, card: ModelCard) -> ModelCard:
     """
     state_dict = {name: tensor.detach().cpu() for name, tensor in network.state_dict().items()}
     card = replace(card, checksum=weights_checksum(state_dict))
-    _check_card(card, path)
-    _build_network(card, state_dict, path)
+    _build_network(_checked(card, path), state_dict, path)
     buffer = io.BytesIO()
-    torch.save({"format": FORMAT, "card": asdict(card), "state_dict": state_dict}, buffer)
+    torch.save({"format": FORMAT, "card": card_dict(card), "state_dict": state_dict}, buffer)
     write_atomically(path, buffer.getvalue())
     return card
 
@@ -165,8 +169,7 @@ def load_model(path: Path, device: torch.device | str | None = None) -> LoadedMo
             f"{path} has model format {content['format']!r}; this version of dicomnode reads "
             f"{FORMAT!r} only"
         )
-    card = _card_from_dict(content["card"], path)
-    _check_card(card, path)
+    card = _checked(_card_from_dict(content["card"], path), path)
     state_dict = content["state_dict"]
     if not isinstance(state_dict, dict) or not all(
         isinstance(tensor, torch.Tensor) for tensor in state_dict.values()
@@ -203,8 +206,27 @@ def _card_from_dict(values: Any, path: Path) -> ModelCard:
     return ModelCard(**values)
 
 
-def _check_card(card: ModelCard, path: Path) -> None:
-    def reject(what: str, value: object, known: tuple[str, ...]) -> None:
+def card_dict(card: ModelCard) -> dict[str, Any]:
+    """``card`` as plain data, its enums as their text: what a model file and the readable
+    card beside it hold."""
+    return _plain(asdict(card))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {_plain(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(item) for item in value)
+    return value
+
+
+def _checked(card: ModelCard, path: Path) -> ModelCard:
+    """``card`` with its choices as enums; ModelFileError for anything it cannot be."""
+
+    def reject_unknown(what: str, value: object, choices: Iterable[str]) -> None:
+        known = list(choices)
         if value not in known:
             raise ModelFileError(
                 f"{path}: unknown {what} {value!r} on the model card; known: {', '.join(known)}"
@@ -212,10 +234,10 @@ def _check_card(card: ModelCard, path: Path) -> None:
 
     if not isinstance(card.arguments, dict):
         raise ModelFileError(f"{path}: the card's arguments are not a mapping")
-    reject("architecture", card.architecture, ARCHITECTURES)
-    reject("normalization", card.normalization, NORMALIZATIONS)
-    reject("target_normalization", card.output_normalization, NORMALIZATIONS)
-    reject("direction", card.direction, DIRECTIONS)
+    reject_unknown("architecture", card.architecture, ARCHITECTURES)
+    reject_unknown("normalization", card.normalization, Normalization)
+    reject_unknown("target_normalization", card.output_normalization, Normalization)
+    reject_unknown("direction", card.direction, Direction)
     if not isinstance(card.pixel_spacing_mm, int | float) or not card.pixel_spacing_mm > 0:
         raise ModelFileError(
             f"{path}: the card's pixel_spacing_mm {card.pixel_spacing_mm!r} is not a positive "
@@ -228,13 +250,20 @@ def _check_card(card: ModelCard, path: Path) -> None:
             "of millimetres (or null for a model that sees each slice alone)"
         )
     expected = input_channels(card.gradient_channels, distance is not None)
-    in_channels = card.arguments.get("in_channels", 3)
+    in_channels = (default_arguments() | card.arguments)["in_channels"]
     if in_channels != expected:
         raise ModelFileError(
             f"{path}: the card says gradient_channels={card.gradient_channels} and "
             f"neighbour_distance_mm={distance}, which need in_channels={expected}, but its "
             f"arguments have in_channels={in_channels}"
         )
+    target = card.target_normalization
+    return replace(
+        card,
+        direction=Direction(card.direction),
+        normalization=Normalization(card.normalization),
+        target_normalization=None if target is None else Normalization(target),
+    )
 
 
 def _build_network(card: ModelCard, state_dict: dict[str, torch.Tensor], path: Path) -> UNet:

@@ -17,7 +17,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from pipeline.volume import Volume
+from pipeline.dicom.volume import Volume
 
 
 def mr_series(

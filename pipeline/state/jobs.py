@@ -9,15 +9,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.db import Delivery, DeliveryState, Instance, Job, JobState, Series, utcnow
-from pipeline.delivery import create_deliveries, retry_delivery
-from pipeline.leases import Holder, holder_state, lease_values, this_process
-from pipeline.routing import Route
+from pipeline.dicom.contrast import Direction
+from pipeline.state.db import Delivery, DeliveryState, Instance, Job, JobState, Series, utcnow
+from pipeline.state.deliveries import create_deliveries, retry_delivery
+from pipeline.state.leases import claim_oldest, take_back
+
+if TYPE_CHECKING:
+    from pipeline.routing import Route
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ class ClaimedJob:
 
     id: int
     series_uid: str
-    direction: str
+    direction: Direction
     model: str
     attempt: int
     instance_paths: list[str]  # relative to the spool root
@@ -60,64 +63,68 @@ def claim_job(
 ) -> ClaimedJob | None:
     """Take the oldest runnable job: queued and due, or running under an expired lease.
 
-    The conditional UPDATE makes the claim exclusive on any database: of several workers
-    that pick the same job, exactly one changes the row.
+    Exclusive on any database (``leases.claim_oldest``): of several workers, one gets it.
     """
     now = now or utcnow()
-    runnable = or_(
-        and_(Job.state == JobState.QUEUED, or_(Job.not_before.is_(None), Job.not_before <= now)),
-        and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now),
-    )
     with sessions.begin() as session:
-        for job in session.scalars(select(Job).where(runnable).order_by(Job.id).limit(5)):
-            taken = session.execute(
-                update(Job)
-                .where(Job.id == job.id, runnable)
-                .values(
-                    state=JobState.RUNNING,
-                    **lease_values(owner, now + timedelta(seconds=lease_seconds)),
-                    attempts=Job.attempts + 1,
-                    started_at=now,
-                    updated_at=now,
-                )
-                .execution_options(synchronize_session=False)
-            ).rowcount
-            if taken:
-                session.refresh(job)
-                paths = session.scalars(
-                    select(Instance.path).where(Instance.series_id == job.series_id)
-                ).all()
-                log.info(
-                    "job %d: running (attempt %d) on %s for series %s",
-                    job.id,
-                    job.attempts,
-                    owner,
-                    job.series.series_uid,
-                )
-                return ClaimedJob(
-                    job.id,
-                    job.series.series_uid,
-                    job.direction,
-                    job.model,
-                    job.attempts,
-                    list(paths),
-                )
-    return None
+        job = claim_oldest(
+            session,
+            Job,
+            owner=owner,
+            lease_seconds=lease_seconds,
+            now=now,
+            waiting=JobState.QUEUED,
+            due_at=Job.not_before,
+            held=JobState.RUNNING,
+            changes=lambda _: {"attempts": Job.attempts + 1, "started_at": now},
+        )
+        if job is None:
+            return None
+        paths = session.scalars(select(Instance.path).where(Instance.series_id == job.series_id))
+        log.info(
+            "job %d: running (attempt %d) on %s for series %s",
+            job.id,
+            job.attempts,
+            owner,
+            job.series.series_uid,
+        )
+        return ClaimedJob(
+            job.id,
+            job.series.series_uid,
+            Direction(job.direction),
+            job.model,
+            job.attempts,
+            list(paths),
+        )
 
 
-def finish_job(sessions: sessionmaker, job_id: int, owner: str, outcome: dict[str, Any]) -> bool:
-    """Record a job's output and queue its deliveries; False if the lease was lost meanwhile.
+@dataclass(frozen=True)
+class JobOutput:
+    """What a job made, and with what: recorded on the job by ``finish_job``."""
 
-    ``outcome`` holds the Job columns the worker fills (model_version, model_checksum,
-    device, timings, output_series_uid, output_path, output_count).
-    """
+    model_version: str
+    model_checksum: str
+    device: str  # where the network ran: cpu, cuda...
+    timings: dict[str, float]  # seconds per stage, and the slice count
+    series_uid: str  # of the synthetic series
+    path: str  # its folder, relative to the spool root
+    count: int  # its instances
+
+
+def finish_job(sessions: sessionmaker, job_id: int, owner: str, output: JobOutput) -> bool:
+    """Record a job's output and queue its deliveries; False if the lease was lost meanwhile."""
     with sessions.begin() as session:
         job = session.get(Job, job_id)
         if job is None or job.lease_owner != owner or job.state != JobState.RUNNING:
             log.warning("job %d: result of %s discarded, its lease was lost", job_id, owner)
             return False
-        for column, value in outcome.items():
-            setattr(job, column, value)
+        job.model_version = output.model_version
+        job.model_checksum = output.model_checksum
+        job.device = output.device
+        job.timings = output.timings
+        job.output_series_uid = output.series_uid
+        job.output_path = output.path
+        job.output_count = output.count
         job.state = JobState.DONE
         job.reason = None
         job.release_lease()
@@ -183,36 +190,19 @@ def take_back_jobs_of_gone_workers(sessions: sessionmaker, max_attempts: int) ->
     """At start: a job running under the lease of a process of this host that is gone
     (killed, crashed) is taken back now instead of when its lease runs out: queued again,
     or failed if that was its last attempt. Returns the ids taken back."""
-    now = utcnow()
-    taken = []
-    with sessions.begin() as session:
-        running = session.scalars(
-            select(Job).where(Job.state == JobState.RUNNING, Job.lease_host == this_process().host)
-        ).all()
-        for job in running:
-            if holder_state(job.lease_host, job.lease_pid, job.lease_process_start) != Holder.GONE:
-                continue
-            why = f"its worker {job.lease_owner} stopped while running attempt {job.attempts}"
-            expired = job.lease_expires_at
-            job.release_lease()
-            job.updated_at = now
-            if job.attempts < max_attempts:
-                job.state = JobState.QUEUED
-                job.not_before = None
-                job.reason = f"taken back: {why}"
-            else:
-                job.state = JobState.FAILED
-                job.reason = f"failed {job.attempts} time(s): {why}"
-            log.warning(
-                "job %d: taken back, %s, a process of this host that is gone (its lease ran "
-                "to %s UTC): %s",
-                job.id,
-                why,
-                expired.isoformat(sep=" ", timespec="seconds") if expired else "?",
-                job.state,
-            )
-            taken.append(job.id)
-    return taken
+
+    def put_back(job: Job, worker: str | None) -> str:
+        why = f"its worker {worker} stopped while running attempt {job.attempts}"
+        if job.attempts < max_attempts:
+            job.state = JobState.QUEUED
+            job.not_before = None
+            job.reason = f"taken back: {why}"
+        else:
+            job.state = JobState.FAILED
+            job.reason = f"failed {job.attempts} time(s): {why}"
+        return f"{why}, a process of this host that is gone"
+
+    return take_back(sessions, Job, JobState.RUNNING, put_back)
 
 
 def retry_job(sessions: sessionmaker, job_id: int) -> str:

@@ -3,7 +3,7 @@
 Layout under the registry folder (``[models] registry`` in config.toml)::
 
     t1-to-t2/
-        v1.pt        a model file (weights and card, see pipeline.modelfile)
+        v1.pt        a model file (weights and card, see pipeline.model.card)
         v1.json      the same card, readable (written beside each model)
         ACTIVE       the active version's name, e.g. "v1"
 
@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from pipeline.spool import write_atomically
+from pipeline.files import write_atomically
 
 if TYPE_CHECKING:
-    from pipeline.modelfile import ModelCard
+    from pipeline.model.card import ModelCard
 
 MODEL_SUFFIX = ".pt"
 ACTIVE_FILE = "ACTIVE"
@@ -65,6 +64,14 @@ class ModelRegistry:
     def active_path(self, name: str) -> Path:
         return self.path(name, self.active_version(name))
 
+    def find(self, spec: str) -> Path:
+        """A model file named by ``spec``: a file itself, else NAME (its active version) or
+        NAME:VERSION in this registry. Raises RegistryError when there is none."""
+        if Path(spec).is_file():
+            return Path(spec)
+        name, _, version = spec.partition(":")
+        return self.path(name, version) if version else self.active_path(name)
+
     def path(self, name: str, version: str) -> Path:
         _check_name(version, "version")
         return self._folder(name) / (version + MODEL_SUFFIX)
@@ -75,7 +82,7 @@ class ModelRegistry:
         if not path.is_file():
             known = ", ".join(self.versions(name)) or "none"
             raise RegistryError(f"model {name!r} has no version {version!r} (versions: {known})")
-        from pipeline.modelfile import load_model  # torch: only when a model is activated
+        from pipeline.model.card import load_model  # torch: only when a model is activated
 
         load_model(path)  # raises ModelFileError for a damaged file: never activate one
         write_atomically(self._folder(name) / ACTIVE_FILE, (version + "\n").encode())
@@ -84,10 +91,22 @@ class ModelRegistry:
         numbers = [int(v[1:]) for v in self.versions(name) if re.fullmatch(r"v\d+", v)]
         return f"v{max(numbers, default=0) + 1}"
 
+    def read_card(self, name: str, version: str) -> dict[str, Any]:
+        """A version's card as plain data: the readable copy beside its file, else the
+        file's own. Raises ModelFileError for a damaged file without a readable copy."""
+        readable = self.path(name, version).with_suffix(".json")
+        if readable.is_file():
+            return json.loads(readable.read_text(encoding="utf-8"))
+        from pipeline.model.card import card_dict, load_model  # torch: only without a copy
+
+        return card_dict(load_model(self.path(name, version)).card)
+
     def write_card(self, name: str, card: ModelCard) -> Path:
         """The readable copy of a card, beside its model file."""
+        from pipeline.model.card import card_dict  # torch: only where a card is written
+
         path = self._folder(name) / f"{card.version}.json"
-        write_atomically(path, (json.dumps(asdict(card), indent=2) + "\n").encode())
+        write_atomically(path, (json.dumps(card_dict(card), indent=2) + "\n").encode())
         return path
 
     def _folder(self, name: str) -> Path:

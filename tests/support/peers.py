@@ -11,8 +11,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.nodeproc import free_port, stop_process
-from tests.senders import DCMTK_ENV
+from tests.support.nodeproc import free_port, stop_process
+from tests.support.senders import DCMTK_ENV
 
 
 def _wait_listening(port: int, process: subprocess.Popen, what: str, timeout: float = 30) -> None:

@@ -4,7 +4,7 @@ Slices are ordered by where they are, not by how they are numbered: ImagePositio
 projected onto the slice normal (the cross product of the two direction cosines of
 ImageOrientationPatient). InstanceNumber runs in acquisition order, which is descending,
 interleaved or restarted on many scanners. A multi-frame (Enhanced MR) file gives one slice
-per frame, placed by its functional groups (``pipeline.multiframe``).
+per frame, placed by its functional groups (``pipeline.dicom.multiframe``).
 
 Pixel values are the stored values with RescaleSlope/RescaleIntercept applied, slice by slice
 (Philips varies the slope between slices). Neither MR Real World Value Mapping nor Philips'
@@ -27,7 +27,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from pipeline.multiframe import is_multi_frame, split_frames
+from pipeline.dicom.multiframe import is_multi_frame, split_frames
 
 # Direction cosines are written with 4 to 8 decimals depending on the vendor; 1e-3 (about
 # 0.06 degrees) absorbs that rounding and nothing a real tilted slice would produce.

@@ -7,16 +7,20 @@ through the network at once.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from pipeline.modelfile import LoadedModel
-from pipeline.preprocess import head_mask, model_input, neighbour_slices, normalize_volume
-from pipeline.reformat import resize_slices, working_shape
+from pipeline.dicom.reformat import resize_slices, working_shape
+from pipeline.model.card import LoadedModel, describe, load_model
+from pipeline.model.preprocess import head_mask, model_input, neighbour_slices, normalize_volume
+
+log = logging.getLogger(__name__)
 
 # CPU batches: the first level's feature maps of one batch should stay within about this
 # many bytes, so that a convolution's output is still in cache when the next one reads it.
@@ -36,6 +40,11 @@ GPU_MEMORY_SHARE = 0.5
 def pick_device() -> torch.device:
     """The first CUDA device if torch sees one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def use_threads(count: int) -> None:
+    """Let torch use ``count`` CPU threads, e.g. one each for two trainings on two cores."""
+    torch.set_num_threads(count)
 
 
 def slices_per_batch(device: torch.device, height: int, width: int, base_width: int) -> int:
@@ -70,7 +79,7 @@ class Synthesizer:
     def __init__(self, model: LoadedModel) -> None:
         self.card = model.card
         self.device = next(model.network.parameters()).device
-        self._base_width = int(model.card.arguments.get("base_width", 16))
+        self._base_width = model.network.base_width
         # A copy, so the LoadedModel's network stays as the file describes it. Channels-last
         # lets oneDNN and cuDNN run their fastest convolutions without reordering every map:
         # 1.4x on the CPU, measured.
@@ -88,7 +97,7 @@ class Synthesizer:
         ``volume`` is the rescaled float32 source series (slices, rows, columns) and
         ``pixel_spacing`` its (between rows, between columns) in mm: slices whose pixels are
         far from the size the model learnt go through the network resampled to it
-        (``pipeline.reformat``), and the output comes back on the volume's grid.
+        (``pipeline.dicom.reformat``), and the output comes back on the volume's grid.
         ``slice_offsets`` are the slices' positions along the normal (mm, ascending), which
         a model that sees neighbouring slices needs.
         Outside the source's head the output is 0: air is dark in every MR contrast, and a
@@ -123,3 +132,22 @@ class Synthesizer:
             output = resize_slices(output, volume.shape[1:])
         output[~head_mask(volume)] = 0.0
         return output
+
+
+class Synthesizers:
+    """Models by file, each loaded once on ``device``. Loading one version of a model drops
+    the others of its folder (its registry name): a newly activated version replaces the
+    one before, while a job in flight keeps the Synthesizer it holds."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._loaded: dict[Path, Synthesizer] = {}
+
+    def get(self, path: Path) -> Synthesizer:
+        """The model at ``path``; raises ModelFileError for a file that cannot be used."""
+        if path not in self._loaded:
+            loaded = load_model(path, self.device)
+            others = {p: s for p, s in self._loaded.items() if p.parent != path.parent}
+            self._loaded = {path: Synthesizer(loaded)} | others
+            log.info("model %s loaded from %s on %s", describe(loaded.card), path, self.device)
+        return self._loaded[path]

@@ -53,11 +53,11 @@ from pynetdicom import AE, _config
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification
 
-from tests import rawdicom
-from tests.dicomgen import mr_series
-from tests.models import make_registry
-from tests.nodeproc import NodeProcess, free_port, routes_toml, write_config
-from tests.peers import Orthanc
+from tests.support import rawdicom
+from tests.support.dicomgen import mr_series
+from tests.support.models import make_registry
+from tests.support.nodeproc import NodeProcess, free_port, routes_toml, write_config
+from tests.support.peers import Orthanc
 
 # Every input carries these; none may reach the node's log.
 PATIENT_NAME = "FUZZ^SECRET"

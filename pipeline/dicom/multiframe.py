@@ -7,7 +7,7 @@ this way. Each frame becomes a header with those attributes where a classic imag
 so that ordering, the geometry checks, synthesis and the derived series treat both kinds the
 same; the frame's number stays with it, because the synthetic image must reference it.
 
-Headers only: ``pipeline.volume`` decodes the pixels, and turns the ValueErrors raised here
+Headers only: ``pipeline.dicom.volume`` decodes the pixels, and turns the ValueErrors raised here
 into its SeriesError, naming the file.
 """
 
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
+
+from pipeline.dicom.values import first_item
 
 # Functional-group macro -> the attributes lifted from its item to the frame's header.
 _LIFTED = {
@@ -73,7 +75,7 @@ def split_frames(dataset: Dataset) -> list[tuple[int, Dataset]]:
         # Kept from the file as read, so that its transfer syntax (lossy or not) stays known.
         header.file_meta = dataset.file_meta
         for macro, keywords in _LIFTED.items():
-            item = _first_item(groups, macro) or _first_item(shared, macro)
+            item = first_item(groups, macro) or first_item(shared, macro)
             if item is None:
                 continue
             for keyword in keywords:
@@ -104,8 +106,3 @@ def _instance_attributes(dataset: Dataset) -> Dataset:
         if not common.get("ContrastBolusAgent"):
             common.ContrastBolusAgent = str(codes[0].get("CodeMeaning", ""))[:64]
     return common
-
-
-def _first_item(dataset: Dataset, keyword: str) -> Dataset | None:
-    sequence = dataset.get(keyword)
-    return sequence[0] if sequence else None

@@ -14,7 +14,7 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from pipeline.header import extract_header
+from pipeline.dicom.header import extract_header
 
 
 @dataclass

@@ -5,7 +5,8 @@ frame in its Source Image Sequence: every PACS and viewer takes classic images, 
 synthetic slices stay beside the frames they were computed from.
 
 ``build_synthetic_series`` is the one place that decides every attribute of the output, so
-that what a viewer, a PACS or a validator sees can be read in one function. The choices:
+that what a viewer, a PACS or a validator sees can be read in one function: as highdicom
+builds its objects, one ``_add_*`` step per module of the MR Image IOD. The choices:
 
 - Marked synthetic wherever readers look: ImageType DERIVED\\SECONDARY\\OTHER\\SYNTHETIC
   (value 3 OTHER is the MR defined term for "none of the listed derivations"; value 4 is
@@ -55,6 +56,8 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
@@ -63,10 +66,13 @@ from pydicom.uid import (
     MRImageStorage,
 )
 
-from pipeline.spool import check_uid, write_atomically
-from pipeline.volume import Volume
+from pipeline.dicom.contrast import Contrast
+from pipeline.dicom.values import check_uid
+from pipeline.dicom.volume import Volume
+from pipeline.files import write_atomically
 
-CONTRASTS = ("T1", "T2")
+# What the models synthesize: a Direction's target.
+SYNTHESIZED = (Contrast.T1, Contrast.T2)
 SERIES_NUMBER_OFFSET = 1000
 _IS_MAX = 2**31 - 1
 _LO_MAX, _ST_MAX = 64, 1024
@@ -208,7 +214,7 @@ def build_synthetic_series(
     bits_stored: int,
     window_center: float,
     window_width: float,
-    target_contrast: str,
+    target_contrast: Contrast,
     model: ModelIdentity,
     software_version: str,
 ) -> list[Dataset]:
@@ -218,122 +224,183 @@ def build_synthetic_series(
     Raises ValueError when the pixels or arguments do not fit the source.
     """
     _check_arguments(source, pixels, bits_stored, target_contrast)
-    now = datetime.now()
     first = source.headers[0]
-    series_uid = derived_series_uid(first.SeriesInstanceUID, model)
-    source_description = _describe(first)
-    lossy = any(_was_lossy_compressed(header) for header in source.headers)
+    series = _SyntheticSeries(
+        uid=derived_series_uid(first.SeriesInstanceUID, model),
+        created=datetime.now(),
+        source_description=_describe(first),
+        # A source without a frame of reference still needs one shared by all its derived
+        # series.
+        frame_of_reference=_derived_uid("frame-of-reference", first.SeriesInstanceUID),
+        lossy=any(_was_lossy_compressed(header) for header in source.headers),
+        contrast=target_contrast,
+        model=model,
+        software_version=software_version,
+    )
     numbers = _instance_numbers(source.headers)
     frames = source.frames or (None,) * len(source.headers)
     datasets = []
     for index, (header, frame) in enumerate(zip(source.headers, frames, strict=True)):
         ds = Dataset()
-
-        # SOP Common
-        _copy(ds, header, ("SpecificCharacterSet", "TimezoneOffsetFromUTC"))
-        ds.SOPClassUID = MRImageStorage
-        ds.SOPInstanceUID = derived_instance_uid(header.SOPInstanceUID, model, frame)
-        ds.InstanceCreationDate = now.strftime("%Y%m%d")
-        ds.InstanceCreationTime = now.strftime("%H%M%S")
-        ds.ContributingEquipmentSequence = DicomSequence(
-            [_synthesizing_equipment(model, software_version, target_contrast, now)]
-        )
-        # Manufacturer is Type 1 in this sequence: an unnamed scanner cannot be listed.
-        if header.get("Manufacturer"):
-            ds.ContributingEquipmentSequence.append(_acquisition_equipment(header))
-
-        # Patient, Clinical Trial Subject, General Study, Patient Study
-        _copy(ds, header, _PATIENT, _PATIENT_TYPE_2)
-        _copy(ds, header, _STUDY, _STUDY_TYPE_2)
-
-        # General Series
-        ds.Modality = "MR"
-        ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber = _series_number(header.get("SeriesNumber"))
-        ds.SeriesDate = ds.InstanceCreationDate
-        ds.SeriesTime = ds.InstanceCreationTime
-        ds.SeriesDescription = _truncate(
-            f"SYNTHETIC {target_contrast} from {source_description}", _LO_MAX
-        )
-        _copy(ds, header, _SERIES)
-        _copy(ds, header, ("PatientPosition",), ("PatientPosition",))
-
-        # Frame of Reference
-        # A source without one still needs a frame shared by all its derived series.
-        ds.FrameOfReferenceUID = header.get("FrameOfReferenceUID") or _derived_uid(
-            "frame-of-reference", first.SeriesInstanceUID
-        )
-        ds.PositionReferenceIndicator = header.get("PositionReferenceIndicator", "")
-
-        # General Equipment: this equipment made the series; the scanner is a contributor.
-        ds.Manufacturer = "dicomnode"
-        ds.ManufacturerModelName = _truncate(model.name, _LO_MAX)
-        ds.SoftwareVersions = _software_versions(model, software_version)
-
-        # General Image and General Reference
-        ds.InstanceNumber = numbers[index]
-        ds.ContentDate = ds.InstanceCreationDate
-        ds.ContentTime = ds.InstanceCreationTime
-        ds.ImageType = ["DERIVED", "SECONDARY", "OTHER", "SYNTHETIC"]
-        ds.DerivationDescription = _truncate(
-            f"Synthetic {target_contrast}-weighted image computed from {source_description} by "
-            f"model {model.name} version {model.version} (checksum {model.checksum}); "
-            "not acquired by a scanner",
-            _ST_MAX,
-        )
-        ds.ImageComments = (
-            f"SYNTHETIC {target_contrast}: computed by {model.name} {model.version}, not acquired"
-        )
-        ds.SourceImageSequence = DicomSequence([_source_image(header, frame)])
-        ds.BurnedInAnnotation = "NO"
-        # A synthetic image is not itself compressed, but lossy loss in its input carries over.
-        ds.LossyImageCompression = "01" if lossy else "00"
-        if lossy:
-            _copy(ds, header, ("LossyImageCompressionRatio", "LossyImageCompressionMethod"))
-
-        # Image Plane, slice by slice as the source
-        _copy(ds, header, _PLANE)
-        ds.SliceThickness = header.get("SliceThickness", "")
-
-        # Contrast/Bolus
+        _add_sop_common(ds, header, frame, series)
+        _add_patient_and_study(ds, header)
+        _add_general_series(ds, header, series)
+        _add_frame_of_reference(ds, header, series)
+        _add_general_equipment(ds, series)
+        _add_general_image(ds, header, frame, numbers[index], series)
+        _add_image_plane(ds, header)
         _copy(ds, header, _CONTRAST_BOLUS)
-
-        # MR Image: see the module docstring for why these values
-        ds.ScanningSequence = "RM"
-        ds.SequenceVariant = "NONE"
-        ds.ScanOptions = ""
-        ds.MRAcquisitionType = ""
-        ds.RepetitionTime = ""
-        ds.EchoTime = ""
-        ds.EchoTrainLength = ""
-
-        # Image Pixel
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = (int(size) for size in pixels.shape[1:])
-        ds.BitsAllocated = 16
-        ds.BitsStored = bits_stored
-        ds.HighBit = bits_stored - 1
-        ds.PixelRepresentation = 0
-        ds.PixelData = np.ascontiguousarray(pixels[index], dtype="<u2").tobytes()
-
-        # VOI LUT
-        ds.WindowCenter = f"{window_center:.6g}"
-        ds.WindowWidth = f"{window_width:.6g}"
-        ds.WindowCenterWidthExplanation = f"SYNTHETIC {target_contrast}"
-
-        # Common Instance Reference: the source series of the referenced source image
-        reference = Dataset()
-        reference.SeriesInstanceUID = header.SeriesInstanceUID
-        reference.ReferencedInstanceSequence = DicomSequence([_referenced_instance(header)])
-        ds.ReferencedSeriesSequence = DicomSequence([reference])
-
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        _add_mr_image(ds)
+        _add_image_pixel(ds, pixels[index], bits_stored)
+        _add_voi_lut(ds, window_center, window_width, series)
+        _add_common_instance_reference(ds, header)
+        _add_file_meta(ds)
         datasets.append(ds)
     return datasets
+
+
+@dataclass(frozen=True)
+class _SyntheticSeries:
+    """What every instance of one synthetic series shares."""
+
+    uid: str
+    created: datetime
+    source_description: str
+    frame_of_reference: str  # for a source without one
+    lossy: bool  # any source image was lossy compressed
+    contrast: Contrast
+    model: ModelIdentity
+    software_version: str
+
+    @property
+    def date(self) -> str:
+        return self.created.strftime("%Y%m%d")
+
+    @property
+    def time(self) -> str:
+        return self.created.strftime("%H%M%S")
+
+
+def _add_sop_common(
+    ds: Dataset, header: Dataset, frame: int | None, series: _SyntheticSeries
+) -> None:
+    _copy(ds, header, ("SpecificCharacterSet", "TimezoneOffsetFromUTC"))
+    ds.SOPClassUID = MRImageStorage
+    ds.SOPInstanceUID = derived_instance_uid(header.SOPInstanceUID, series.model, frame)
+    ds.InstanceCreationDate = series.date
+    ds.InstanceCreationTime = series.time
+    ds.ContributingEquipmentSequence = DicomSequence([_synthesizing_equipment(series)])
+    # Manufacturer is Type 1 in this sequence: an unnamed scanner cannot be listed.
+    if header.get("Manufacturer"):
+        ds.ContributingEquipmentSequence.append(_acquisition_equipment(header))
+
+
+def _add_patient_and_study(ds: Dataset, header: Dataset) -> None:
+    """Patient, Clinical Trial Subject, General Study, Patient Study: the source's."""
+    _copy(ds, header, _PATIENT, _PATIENT_TYPE_2)
+    _copy(ds, header, _STUDY, _STUDY_TYPE_2)
+
+
+def _add_general_series(ds: Dataset, header: Dataset, series: _SyntheticSeries) -> None:
+    ds.Modality = "MR"
+    ds.SeriesInstanceUID = series.uid
+    ds.SeriesNumber = _series_number(header.get("SeriesNumber"))
+    ds.SeriesDate = series.date
+    ds.SeriesTime = series.time
+    ds.SeriesDescription = _truncate(
+        f"SYNTHETIC {series.contrast} from {series.source_description}", _LO_MAX
+    )
+    _copy(ds, header, _SERIES)
+    _copy(ds, header, ("PatientPosition",), ("PatientPosition",))
+
+
+def _add_frame_of_reference(ds: Dataset, header: Dataset, series: _SyntheticSeries) -> None:
+    ds.FrameOfReferenceUID = header.get("FrameOfReferenceUID") or series.frame_of_reference
+    ds.PositionReferenceIndicator = header.get("PositionReferenceIndicator", "")
+
+
+def _add_general_equipment(ds: Dataset, series: _SyntheticSeries) -> None:
+    """This equipment made the series; the scanner is a contributor (SOP Common)."""
+    ds.Manufacturer = "dicomnode"
+    ds.ManufacturerModelName = _truncate(series.model.name, _LO_MAX)
+    ds.SoftwareVersions = _software_versions(series)
+
+
+def _add_general_image(
+    ds: Dataset, header: Dataset, frame: int | None, number: int, series: _SyntheticSeries
+) -> None:
+    """General Image and General Reference: marked derived, referencing its source."""
+    model, contrast = series.model, series.contrast
+    ds.InstanceNumber = number
+    ds.ContentDate = series.date
+    ds.ContentTime = series.time
+    ds.ImageType = ["DERIVED", "SECONDARY", "OTHER", "SYNTHETIC"]
+    ds.DerivationDescription = _truncate(
+        f"Synthetic {contrast}-weighted image computed from {series.source_description} by "
+        f"model {model.name} version {model.version} (checksum {model.checksum}); "
+        "not acquired by a scanner",
+        _ST_MAX,
+    )
+    ds.ImageComments = (
+        f"SYNTHETIC {contrast}: computed by {model.name} {model.version}, not acquired"
+    )
+    ds.SourceImageSequence = DicomSequence([_source_image(header, frame)])
+    ds.BurnedInAnnotation = "NO"
+    # A synthetic image is not itself compressed, but lossy loss in its input carries over.
+    ds.LossyImageCompression = "01" if series.lossy else "00"
+    if series.lossy:
+        _copy(ds, header, ("LossyImageCompressionRatio", "LossyImageCompressionMethod"))
+
+
+def _add_image_plane(ds: Dataset, header: Dataset) -> None:
+    """Slice by slice as the source, so a viewer links the two."""
+    _copy(ds, header, _PLANE)
+    ds.SliceThickness = header.get("SliceThickness", "")
+
+
+def _add_mr_image(ds: Dataset) -> None:
+    """Acquisition parameters that claim no acquisition: see the module docstring."""
+    ds.ScanningSequence = "RM"
+    ds.SequenceVariant = "NONE"
+    ds.ScanOptions = ""
+    ds.MRAcquisitionType = ""
+    ds.RepetitionTime = ""
+    ds.EchoTime = ""
+    ds.EchoTrainLength = ""
+
+
+def _add_image_pixel(ds: Dataset, pixels: np.ndarray, bits_stored: int) -> None:
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = (int(size) for size in pixels.shape)
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.ascontiguousarray(pixels, dtype="<u2").tobytes()
+
+
+def _add_voi_lut(
+    ds: Dataset, window_center: float, window_width: float, series: _SyntheticSeries
+) -> None:
+    ds.WindowCenter = f"{window_center:.6g}"
+    ds.WindowWidth = f"{window_width:.6g}"
+    ds.WindowCenterWidthExplanation = f"SYNTHETIC {series.contrast}"
+
+
+def _add_common_instance_reference(ds: Dataset, header: Dataset) -> None:
+    """The source series of the referenced source image."""
+    reference = Dataset()
+    reference.SeriesInstanceUID = header.SeriesInstanceUID
+    reference.ReferencedInstanceSequence = DicomSequence([_referenced_instance(header)])
+    ds.ReferencedSeriesSequence = DicomSequence([reference])
+
+
+def _add_file_meta(ds: Dataset) -> None:
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
 
 
 def encode(dataset: Dataset) -> bytes:
@@ -354,10 +421,12 @@ def write_series(datasets: Iterable[Dataset], folder: Path) -> list[Path]:
 
 
 def _check_arguments(
-    source: Volume, pixels: np.ndarray, bits_stored: int, target_contrast: str
+    source: Volume, pixels: np.ndarray, bits_stored: int, target_contrast: Contrast
 ) -> None:
-    if target_contrast not in CONTRASTS:
-        raise ValueError(f"target contrast {target_contrast!r} is not one of {CONTRASTS}")
+    if target_contrast not in SYNTHESIZED:
+        raise ValueError(
+            f"target contrast '{target_contrast}' is not one of {', '.join(SYNTHESIZED)}"
+        )
     if pixels.dtype != np.uint16:
         raise ValueError(f"synthetic pixels must be uint16, not {pixels.dtype}")
     if pixels.shape != source.pixels.shape:
@@ -416,24 +485,22 @@ def _was_lossy_compressed(header: Dataset) -> bool:
     return header.get("LossyImageCompression") == "01" or syntax in _LOSSY_SYNTAXES
 
 
-def _software_versions(model: ModelIdentity, software_version: str) -> list[str]:
-    values = [f"dicomnode {software_version}", f"{model.name} {model.version}", model.checksum]
-    return [_truncate(value, _LO_MAX) for value in values]
+def _software_versions(series: _SyntheticSeries) -> list[str]:
+    model = series.model
+    values = [f"dicomnode {series.software_version}", f"{model.name} {model.version}"]
+    return [_truncate(value, _LO_MAX) for value in [*values, model.checksum]]
 
 
-def _synthesizing_equipment(
-    model: ModelIdentity, software_version: str, target_contrast: str, now: datetime
-) -> Dataset:
+def _synthesizing_equipment(series: _SyntheticSeries) -> Dataset:
+    model = series.model
     item = Dataset()
-    item.PurposeOfReferenceCodeSequence = DicomSequence(
-        [_code("109100", "DCM", "Synthesizing Equipment")]
-    )
+    item.PurposeOfReferenceCodeSequence = DicomSequence([_code(codes.DCM.SynthesizingEquipment)])
     item.Manufacturer = "dicomnode"
     item.ManufacturerModelName = _truncate(model.name, _LO_MAX)
-    item.SoftwareVersions = _software_versions(model, software_version)
-    item.ContributionDateTime = now.strftime("%Y%m%d%H%M%S")
+    item.SoftwareVersions = _software_versions(series)
+    item.ContributionDateTime = series.created.strftime("%Y%m%d%H%M%S")
     item.ContributionDescription = _truncate(
-        f"Synthesized the {target_contrast}-weighted image with model {model.name} "
+        f"Synthesized the {series.contrast}-weighted image with model {model.name} "
         f"version {model.version}, checksum {model.checksum}",
         _ST_MAX,
     )
@@ -442,9 +509,7 @@ def _synthesizing_equipment(
 
 def _acquisition_equipment(header: Dataset) -> Dataset:
     item = Dataset()
-    item.PurposeOfReferenceCodeSequence = DicomSequence(
-        [_code("109101", "DCM", "Acquisition Equipment")]
-    )
+    item.PurposeOfReferenceCodeSequence = DicomSequence([_code(codes.DCM.AcquisitionEquipment)])
     _copy(
         item,
         header,
@@ -467,7 +532,7 @@ def _source_image(header: Dataset, frame: int | None) -> Dataset:
     if frame is not None:
         item.ReferencedFrameNumber = frame
     item.PurposeOfReferenceCodeSequence = DicomSequence(
-        [_code("121322", "DCM", "Source image for image processing operation")]
+        [_code(codes.DCM.SourceImageForImageProcessingOperation)]
     )
     return item
 
@@ -479,11 +544,12 @@ def _referenced_instance(header: Dataset) -> Dataset:
     return item
 
 
-def _code(value: str, scheme: str, meaning: str) -> Dataset:
+def _code(code: Code) -> Dataset:
+    """A Code Sequence Macro item of ``code`` (from pydicom's DICOM code dictionary)."""
     item = Dataset()
-    item.CodeValue = value
-    item.CodingSchemeDesignator = scheme
-    item.CodeMeaning = meaning
+    item.CodeValue = code.value
+    item.CodingSchemeDesignator = code.scheme_designator
+    item.CodeMeaning = code.meaning
     return item
 
 

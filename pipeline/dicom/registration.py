@@ -30,7 +30,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from pipeline.volume import Volume
+from pipeline.dicom.volume import Volume
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,14 @@ feature map concatenated onto the decoder's, a final 1x1 convolution. With
 ``skip_connections=False`` the same class is the paper's encoder-decoder baseline; with
 ``in_channels=1`` (no Sobel gradient channels) it is the plain U-Net baseline.
 
-No training or I/O code lives here: the pre/post-processing is ``pipeline.preprocess``, model
-files are ``pipeline.modelfile``.
+No training or I/O code lives here: the pre/post-processing is ``pipeline.model.preprocess``,
+model files are ``pipeline.model.card``. The constructor's defaults are the shipped models'
+architecture, and ``default_arguments`` reads them from there: there is no second copy.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -19,31 +21,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NORMS = ("batch", "instance", "none")
-UPSAMPLINGS = ("transpose", "transpose-icnr", "bilinear", "nearest-conv")
-
-# What the shipped models use. Depth 4 gives a receptive field of about 140 pixels, enough to
-# see most of a brain slice, which a contrast mapping needs. Base width 8 (a 2 MB file) trains
-# and runs 2.6 times faster than 16 (7.8 MB): on the 2 CPU cores the shipped models are
-# trained on, that buys 2.6 times the training steps, which held-out scores needed more than
-# width (docs/ablation.md). Base 32 at depth 4 would be 31 MB, over the 10 MB budget.
-DEFAULT_ARGUMENTS: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 1,
-    "base_width": 8,
-    "depth": 4,
-    "dropout": 0.1,
-    "skip_connections": True,
-    "norm": "batch",
-    "upsampling": "transpose",
-    "input_shortcut": False,
-}
+from pipeline.choices import Choice
 
 
-def _norm_layer(norm: str, channels: int) -> nn.Module:
-    if norm == "batch":
+class Norm(Choice):
+    """The normalisation after each convolution (see UNet)."""
+
+    BATCH = "batch"
+    INSTANCE = "instance"
+    NONE = "none"
+
+
+class Upsampling(Choice):
+    """How the decoder doubles its maps (see UNet)."""
+
+    TRANSPOSE = "transpose"
+    TRANSPOSE_ICNR = "transpose-icnr"
+    BILINEAR = "bilinear"
+    NEAREST_CONV = "nearest-conv"
+
+
+def _norm_layer(norm: Norm, channels: int) -> nn.Module:
+    if norm is Norm.BATCH:
         return nn.BatchNorm2d(channels)
-    if norm == "instance":
+    if norm is Norm.INSTANCE:
         return nn.InstanceNorm2d(channels, affine=True)
     return nn.Identity()
 
@@ -51,9 +52,9 @@ def _norm_layer(norm: str, channels: int) -> nn.Module:
 class _DoubleConv(nn.Sequential):
     """conv3x3 -> norm -> ReLU -> dropout -> conv3x3 -> norm -> ReLU."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float, norm: str) -> None:
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, norm: Norm) -> None:
         # A bias before a normalisation is cancelled by its mean subtraction.
-        bias = norm == "none"
+        bias = norm is Norm.NONE
         super().__init__(
             nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias),
             _norm_layer(norm, out_channels),
@@ -65,10 +66,10 @@ class _DoubleConv(nn.Sequential):
         )
 
 
-def _upsampling_layer(upsampling: str, in_channels: int, out_channels: int) -> nn.Module:
-    if upsampling.startswith("transpose"):
+def _upsampling_layer(upsampling: Upsampling, in_channels: int, out_channels: int) -> nn.Module:
+    if upsampling in (Upsampling.TRANSPOSE, Upsampling.TRANSPOSE_ICNR):
         return nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)
-    if upsampling == "nearest-conv":
+    if upsampling is Upsampling.NEAREST_CONV:
         return nn.Sequential(
             nn.Upsample(scale_factor=2, mode="nearest"),
             nn.Conv2d(in_channels, out_channels, 3, padding=1),
@@ -119,6 +120,14 @@ class UNet(nn.Module):
             that structure without rebuilding it through four levels. It starts at zero, so
             an untrained network is the same with or without it.
 
+    The defaults are the shipped models'. Depth 4 gives a receptive field of about 140
+    pixels, enough to see most of a brain slice, which a contrast mapping needs. Base width 8
+    (a 2 MB file) trains and runs 2.6 times faster than 16 (7.8 MB): on the 2 CPU cores the
+    shipped models are trained on, that buys 2.6 times the training steps, which held-out
+    scores needed more than width (docs/ablation.md). Base 32 at depth 4 would be 31 MB,
+    over the 10 MB budget. A model card records every argument, so a change of default
+    changes no model.
+
     The output is linear (no sigmoid): with a sigmoid the model collapsed to a constant image
     in this project's trials. Weights use He initialisation, which trained where PyTorch's
     default did not.
@@ -128,23 +137,23 @@ class UNet(nn.Module):
         self,
         in_channels: int = 3,
         out_channels: int = 1,
-        base_width: int = 16,
+        base_width: int = 8,
         depth: int = 4,
         dropout: float = 0.1,
         skip_connections: bool = True,
-        norm: str = "batch",
-        upsampling: str = "transpose",
+        norm: Norm = Norm.BATCH,
+        upsampling: Upsampling = Upsampling.TRANSPOSE,
         input_shortcut: bool = False,
     ) -> None:
         super().__init__()
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, not {norm!r}")
-        if upsampling not in UPSAMPLINGS:
-            raise ValueError(f"upsampling must be one of {UPSAMPLINGS}, not {upsampling!r}")
+        norm = Norm.parse(norm, "norm")
+        upsampling = Upsampling.parse(upsampling, "upsampling")
         if depth < 1 or base_width < 1 or in_channels < 1 or out_channels < 1:
             raise ValueError("depth, base_width, in_channels and out_channels must be >= 1")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), not {dropout}")
+        self.in_channels = in_channels
+        self.base_width = base_width
         self.depth = depth
         self.skip_connections = skip_connections
         widths = [base_width * 2**level for level in range(depth + 1)]
@@ -172,7 +181,7 @@ class UNet(nn.Module):
             nn.init.zeros_(self.shortcut.weight)
             nn.init.zeros_(self.shortcut.bias)
 
-    def _initialise(self, upsampling_kind: str) -> None:
+    def _initialise(self, upsampling_kind: Upsampling) -> None:
         upsampling = set(self.upsample.modules())
         for module in self.modules():
             if not isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
@@ -186,7 +195,7 @@ class UNet(nn.Module):
                 # in_channels; torch's fan calculation reads a transposed weight as a plain
                 # convolution's and gets it wrong. No ReLU follows, hence gain 1.
                 nn.init.normal_(module.weight, std=1.0 / math.sqrt(module.in_channels))
-                if upsampling_kind == "transpose-icnr":
+                if upsampling_kind is Upsampling.TRANSPOSE_ICNR:
                     with torch.no_grad():
                         module.weight.copy_(module.weight[..., :1, :1].expand_as(module.weight))
             else:
@@ -219,3 +228,12 @@ class UNet(nn.Module):
         if self.shortcut is not None:
             output = output + self.shortcut(image)
         return output[..., :height, :width]
+
+
+def default_arguments() -> dict[str, Any]:
+    """UNet's constructor arguments with their defaults: the shipped architecture, as a
+    model card records it."""
+    parameters = inspect.signature(UNet.__init__).parameters.values()
+    return {
+        parameter.name: parameter.default for parameter in parameters if parameter.name != "self"
+    }

@@ -1,31 +1,27 @@
 """The ML engineer's subcommands of `dicomnode`: train, evaluate, models.
 
-``add_commands`` adds them to the node's command line (node/cli.py). The registry is
-``--registry`` when given, else ``[models] registry`` of config.toml, else ``models/``
-beside config.toml; relative paths resolve against the config file's folder, as the rest
-of the configuration does.
+``add_commands`` adds them to the node's command line (node/cli.py). They parse, call the
+library (``train.workflow``, ``train.evaluate``, ``pipeline.model.registry``) and print.
+The registry is ``--registry`` when given, else ``[models] registry`` of config.toml, read
+by ``node.config`` as for the node (relative paths resolve against the file's folder),
+else its default beside config.toml when there is no such file.
 
-torch, matplotlib and the training modules are imported by the commands that use them, not
-here: every `dicomnode` invocation builds this parser, and `dicomnode status` should not
-pay a second or two of imports for it.
+node/cli.py builds this parser only when one of these commands is run, and torch,
+matplotlib and the training modules are imported by the commands that use them: the
+admin's quick commands do not pay a second or two of imports for them.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
-import tomllib
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.preprocess import NORMALIZATIONS
-from pipeline.routing import Direction
-
-DEFAULT_CONFIG = Path("config.toml")
-DEFAULT_REGISTRY = "models"
+from node.config import DEFAULT_CONFIG, load_config_or_defaults
+from pipeline.dicom.contrast import Direction
+from pipeline.model.preprocess import Normalization
 
 
 def add_commands(subparsers: Any) -> None:
@@ -82,14 +78,14 @@ def add_commands(subparsers: Any) -> None:
     )
     train.add_argument(
         "--normalization",
-        choices=NORMALIZATIONS,
+        choices=[normalization.value for normalization in Normalization],
         default=TrainSettings.normalization,
         help="of the input: percentile-volume, scale-volume, median-volume or minmax-slice "
         f"(the paper's) (default {TrainSettings.normalization})",
     )
     train.add_argument(
         "--target-normalization",
-        choices=NORMALIZATIONS,
+        choices=[normalization.value for normalization in Normalization],
         default=TrainSettings.target_normalization,
         help="of the targets, i.e. the space the model's output is in "
         f"(default {TrainSettings.target_normalization})",
@@ -102,7 +98,7 @@ def add_commands(subparsers: Any) -> None:
         help="in-plane pixel size the model learns at: slices far from it are resampled, in "
         f"training and at inference (default {TrainSettings.pixel_spacing_mm})",
     )
-    shipped = " (default: the shipped models', pipeline.unet.DEFAULT_ARGUMENTS)"
+    shipped = " (default: the shipped models', UNet's own)"
     train.add_argument("--base-width", type=int, help="channels of the first level" + shipped)
     train.add_argument("--depth", type=int, help="number of poolings" + shipped)
     train.add_argument("--dropout", type=float, help="dropout probability" + shipped)
@@ -225,22 +221,17 @@ def add_commands(subparsers: Any) -> None:
 
 
 def registry_root(config: Path, override: Path | None) -> Path:
-    """The registry folder: ``override``, else config.toml's ``[models] registry``, else
-    ``models`` beside config.toml."""
+    """The registry folder: ``override``, else config.toml's ``[models] registry``, read
+    as the node reads it, else (no such file) its default beside config.toml."""
     if override is not None:
         return override
-    folder = config.resolve().parent
-    configured = DEFAULT_REGISTRY
-    if config.is_file():
-        with open(config, "rb") as file:
-            configured = tomllib.load(file).get("models", {}).get("registry", DEFAULT_REGISTRY)
-    return folder / configured
+    return load_config_or_defaults(config).models.registry
 
 
 def network_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    """The U-Net's arguments: the shipped models' (DEFAULT_ARGUMENTS) with the options given."""
-    from pipeline.preprocess import input_channels
-    from pipeline.unet import DEFAULT_ARGUMENTS
+    """The U-Net's arguments: the shipped models' (UNet's defaults) with the options given."""
+    from pipeline.model.preprocess import input_channels
+    from pipeline.model.unet import default_arguments
 
     given = {
         "base_width": args.base_width,
@@ -251,7 +242,7 @@ def network_arguments(args: argparse.Namespace) -> dict[str, Any]:
         "input_shortcut": args.input_shortcut,
     }
     return {
-        **DEFAULT_ARGUMENTS,
+        **default_arguments(),
         **{key: value for key, value in given.items() if value is not None},
         "in_channels": input_channels(not args.no_gradient_channels, bool(args.neighbours)),
         "skip_connections": not args.no_skip_connections,
@@ -259,16 +250,15 @@ def network_arguments(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import torch
-
-    from pipeline.modelfile import ModelFileError
-    from pipeline.registry import ModelRegistry, RegistryError
+    from pipeline.model.card import ModelFileError
+    from pipeline.model.inference import use_threads
+    from pipeline.model.registry import ModelRegistry, RegistryError
     from train.lesions import LesionMasks
     from train.trainer import TrainSettings, console_progress
     from train.workflow import TrainRequest, load_reference_metrics, run_training
 
     if args.threads:
-        torch.set_num_threads(args.threads)
+        use_threads(args.threads)
     try:
         settings = TrainSettings(
             direction=args.direction,
@@ -336,106 +326,32 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from pipeline.inference import Synthesizer
-    from pipeline.modelfile import ModelFileError
-    from pipeline.preprocess import head_mask, to_stored_pixels
-    from pipeline.reformat import axial_volume
-    from pipeline.registry import RegistryError
-    from pipeline.volume import SeriesError, load_series
-    from train.evaluate import evaluate, format_table
-    from train.figures import save_comparison
+    from pipeline.model.card import ModelFileError, load_model
+    from pipeline.model.inference import pick_device
+    from pipeline.model.registry import ModelRegistry, RegistryError
+    from train.evaluate import evaluate_folders
     from train.lesions import LesionMaskError, LesionMasks
-    from train.metrics import collapse_check
-    from train.pairs import PairedVolume, find_pairs, load_pair
 
     try:
-        model = _load_named_model(args.model, registry_root(args.config, args.registry))
+        registry = ModelRegistry(registry_root(args.config, args.registry))
+        model = load_model(registry.find(args.model), pick_device())
         lesions = LesionMasks.load(*args.lesions) if args.lesions else None
     except (ModelFileError, RegistryError, LesionMaskError) as error:
         print(f"evaluate: {error}", file=sys.stderr)
         return 1
-    direction = model.card.direction
-    search = find_pairs(args.data)
-    for note in search.notes:
-        print(note)
-    paired: list[PairedVolume] = []
-    for pair in search.pairs:
-        try:
-            paired.append(load_pair(pair, direction, not args.no_register, lesions=lesions))
-        except (SeriesError, LesionMaskError) as error:
-            print(f"{pair.label}: not evaluated: {error}")
-            continue
-        print(paired[-1].summary())
-    paired = [item for item in paired if len(item.slices)]
-    report_folder: Path = args.report
-    stem = f"{model.card.name}-{model.card.version}"
-    report: dict[str, Any] = {"model": stem, "pairs": None, "unpaired": []}
-    collapsed = False
-    if paired:
-        result = evaluate(model, paired)
-        print(format_table(result))
-        report["pairs"] = result.report()
-        collapsed = result.collapsed()
-        for patient in {study.patient for study in result.studies}:
-            studies = [s for s in result.studies if s.patient == patient]
-            # The patient's largest study: the figure should show the most anatomy.
-            study = max(studies, key=lambda s: s.slices)
-            figure = save_comparison(
-                report_folder / f"{stem}-{patient}.png",
-                f"{model.card.name} {model.card.version} ({direction}) on {study.label}",
-                *study.images,
-                focus=study.focus,
-            )
-            print(f"figure: {figure}")
-    for contrast, series in search.unpaired:
-        if contrast is not Direction(direction).source:
-            continue
-        try:
-            volume = axial_volume(load_series(series.files))
-        except SeriesError as error:
-            print(f"{series.folder}: not evaluated: {error}")
-            continue
-        output = Synthesizer(model).synthesize(
-            volume.pixels, volume.pixel_spacing, volume.slice_offsets
-        )
-        check = collapse_check(output, head_mask(volume.pixels))
-        collapsed = collapsed or bool(check["collapsed"])
-        figure = save_comparison(
-            report_folder / f"{stem}-{series.folder.parent.name}-unpaired.png",
-            f"{model.card.name} {model.card.version} ({direction}) on {series.folder} (no "
-            "real target)",
-            volume.pixels,
-            to_stored_pixels(output).pixels,
-        )
-        report["unpaired"].append(
-            {"series": str(series.folder), "collapse": check, "figure": str(figure)}
-        )
-        print(f"{series.folder}: no pair; output spread {check['spread']:.3f}; figure: {figure}")
-    if report["pairs"] is None and not report["unpaired"]:
+    result = evaluate_folders(
+        model, args.data, args.report, register=not args.no_register, lesions=lesions
+    )
+    if result.path is None:
         print("evaluate: no pairs and no unpaired source series found", file=sys.stderr)
         return 1
-    report_folder.mkdir(parents=True, exist_ok=True)
-    path = report_folder / f"{stem}.json"
-    path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    print(f"report: {path}")
-    return 1 if collapsed else 0
-
-
-def _load_named_model(spec: str, root: Path) -> Any:
-    from pipeline.inference import pick_device
-    from pipeline.modelfile import load_model
-    from pipeline.registry import ModelRegistry
-
-    if Path(spec).is_file():
-        return load_model(Path(spec), pick_device())
-    registry = ModelRegistry(root)
-    name, _, version = spec.partition(":")
-    path = registry.path(name, version) if version else registry.active_path(name)
-    return load_model(path, pick_device())
+    print(f"report: {result.path}")
+    return 1 if result.collapsed else 0
 
 
 def _list(args: argparse.Namespace) -> int:
-    from pipeline.registry import ModelRegistry, RegistryError
+    from pipeline.model.card import ModelFileError
+    from pipeline.model.registry import ModelRegistry, RegistryError
 
     registry = ModelRegistry(registry_root(args.config, args.registry))
     names = registry.names()
@@ -448,7 +364,10 @@ def _list(args: argparse.Namespace) -> int:
         except RegistryError:
             active = None
         for version in registry.versions(name):
-            card = _read_card(registry, name, version)
+            try:
+                card = registry.read_card(name, version)
+            except ModelFileError as error:
+                card = {"direction": f"unreadable: {error}"}
             marker = "*" if version == active else " "
             print(
                 f"{marker} {name} {version}  {card.get('direction', '?')}  "
@@ -460,8 +379,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _activate(args: argparse.Namespace) -> int:
-    from pipeline.modelfile import ModelFileError
-    from pipeline.registry import ModelRegistry, RegistryError
+    from pipeline.model.card import ModelFileError
+    from pipeline.model.registry import ModelRegistry, RegistryError
 
     registry = ModelRegistry(registry_root(args.config, args.registry))
     try:
@@ -471,20 +390,6 @@ def _activate(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.name} {args.version} is now active")
     return 0
-
-
-def _read_card(registry: Any, name: str, version: str) -> dict[str, Any]:
-    from pipeline.modelfile import ModelFileError, load_model
-
-    # The readable copy beside the model; the model file itself when it is missing.
-    readable = registry.path(name, version).with_suffix(".json")
-    if readable.is_file():
-        return json.loads(readable.read_text(encoding="utf-8"))
-    try:
-        loaded = load_model(registry.path(name, version))
-    except ModelFileError as error:
-        return {"direction": f"unreadable: {error}"}
-    return asdict(loaded.card)
 
 
 def _metrics_line(metrics: dict[str, Any]) -> str:

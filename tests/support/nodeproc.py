@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.support.paths import REPO
+
 DICOMNODE = [sys.executable, "-m", "node.cli"]
-REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
