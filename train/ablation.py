@@ -9,8 +9,9 @@ fidelity wherever an expert's mask exists::
         --lesions ../shared/data/lesions --configs v4 v5 --seeds 0 1 --out var/kfold
 
 Each run (direction, configuration, seed, fold) is written to its own file under
-OUT/runs/ as soon as it finishes, so a rerun skips what is done and several processes
-(``--directions``, ``--folds``, ``--seeds`` split the work) can fill one OUT at once.
+OUT/runs/ as soon as it finishes (its model under OUT/models/), so a rerun skips what is
+done and several processes (``--directions``, ``--folds``, ``--seeds`` split the work) can
+fill one OUT at once.
 OUT/tables.md holds the tables, OUT/<config>-<direction>.json one summary per
 configuration and direction (the held-out metrics ``dicomnode train --reference-metrics``
 puts on a card) and OUT/figures/ each held-out study's figure.
@@ -178,8 +179,13 @@ def _run(
     print(f"{label}: training on {len(training)} studies", file=sys.stderr, flush=True)
     started = time.perf_counter()
     trained = train_network(training, [], settings)
-    evaluation = evaluate(_in_memory(trained.network, settings, configuration), test)
-    figures = out / "figures" / settings.direction / configuration / f"seed-{settings.seed}"
+    model = _in_memory(trained.network, settings, configuration)
+    run = Path(settings.direction) / configuration / f"seed-{settings.seed}"
+    # Kept, so that what is measured on held-out patients later (the uncertainty of an
+    # ensemble or of dropout, say) uses the same models and folds.
+    save_model(out / "models" / run / f"{fold.name()}.pt", model.network, model.card)
+    evaluation = evaluate(model, test)
+    figures = out / "figures" / run
     for study in evaluation.studies:
         save_comparison(
             figures / f"{study.label}.png",
