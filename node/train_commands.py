@@ -120,8 +120,8 @@ def add_commands(subparsers: Any) -> None:
         type=float,
         default=TrainSettings.neighbour_distance_mm,
         metavar="MM",
-        help="also show the network the slices MM below and above each slice (2.5-D; "
-        f"default {TrainSettings.neighbour_distance_mm})",
+        help="also show the network the slices MM below and above each slice (2.5-D; 0: "
+        f"each slice alone; default {TrainSettings.neighbour_distance_mm})",
     )
     train.add_argument(
         "--lesion-painting",

@@ -11,7 +11,8 @@ import torch
 from node.train_commands import add_commands, network_arguments, registry_root
 from pipeline.model.card import ModelCard, save_model
 from pipeline.model.registry import ModelRegistry
-from pipeline.model.unet import UNet, default_arguments
+from pipeline.model.unet import UNet
+from train.trainer import shipped_arguments
 
 
 def run(argv: list[str]) -> int:
@@ -70,17 +71,19 @@ def test_train_options_reach_the_network_and_the_rest_stay_the_shipped_models() 
         argv = ["train", "DATA", "--direction", "t1-to-t2", *options]
         return network_arguments(parser.parse_args(argv))
 
-    assert arguments() == default_arguments()
+    assert arguments() == shipped_arguments()
     changed = arguments("--base-width", "4", "--upsampling", "bilinear", "--no-skip-connections")
     assert changed == {
-        **default_arguments(),
+        **shipped_arguments(),
         "base_width": 4,
         "upsampling": "bilinear",
         "skip_connections": False,
     }
     assert arguments("--input-shortcut")["input_shortcut"] is True
     assert arguments("--no-input-shortcut")["input_shortcut"] is False
-    assert arguments("--no-gradient-channels")["in_channels"] == 1
+    # The slice, its two neighbours, and the Sobel channels unless turned off.
+    assert arguments("--no-gradient-channels")["in_channels"] == 3
+    assert arguments("--neighbours", "0", "--no-gradient-channels")["in_channels"] == 1
 
 
 def test_registry_comes_from_the_option_the_config_or_beside_the_config(tmp_path) -> None:
