@@ -108,6 +108,10 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         {**_ALL, "epochs": 24, "input_shortcut": True},
     ),
     "v5-b16": ("v5 at base width 16", {**_ALL, "epochs": 24, "base_width": 16}),
+    "v5-subtle": (
+        "v5 with painted lesions fainter on T1 (a T1 share of 0.1-0.5 of the fluid fraction)",
+        {**_ALL, "epochs": 24, "painted_t1_share": (0.1, 0.5)},
+    ),
     "v5": (
         "the v5 recipe: v4 + neighbours 3 mm, painted lesions, thick slabs, lesion "
         "oversampling, 24 x 150 steps",

@@ -27,7 +27,7 @@ from pipeline.dicom.volume import SeriesError, load_series
 from pipeline.model.card import LoadedModel, describe
 from pipeline.model.inference import Synthesizer
 from pipeline.model.preprocess import head_mask, normalize_volume, to_stored_pixels
-from train.figures import save_comparison
+from train.figures import FIGURE_SLICES, save_comparison
 from train.lesions import LesionMaskError, LesionMasks
 from train.metrics import (
     LesionFidelity,
@@ -309,13 +309,17 @@ def evaluate_folders(
     return FolderEvaluation(report, path, collapsed)
 
 
-def _lesion_slices(item: PairedVolume, count: int = 4) -> list[int] | None:
+def _lesion_slices(item: PairedVolume, count: int = FIGURE_SLICES) -> list[int] | None:
+    """Slices spread over the lesion's extent (those with at least half the largest
+    lesion area), so a figure shows the lesion at several levels, not four neighbours."""
     if item.lesions is None:
         return None
     area = item.lesions[item.slices].sum(axis=(1, 2))
     if not area.any():
         return None
-    return sorted(int(i) for i in np.argsort(area)[::-1][:count] if area[i] > 0)
+    candidates = np.flatnonzero(area >= area.max() / 2)
+    spread = np.linspace(0, len(candidates) - 1, min(count, len(candidates)))
+    return sorted({int(candidates[round(i)]) for i in spread})
 
 
 def _lesions(item: PairedVolume, sent: np.ndarray) -> dict[str, LesionFidelity] | None:

@@ -95,6 +95,9 @@ class TrainSettings:
     # (train.lesionpaint), and the extra weight of painted pixels in the loss.
     lesion_painting: float = 0.5
     lesion_weight: float = 0.0
+    # The share of a painted lesion's fluid fraction that shows on T1 (uniform between
+    # the two): a lesion is usually far fainter on T1 than on T2.
+    painted_t1_share: tuple[float, float] = (0.25, 1.0)
     # The probability that a crop is centred on a voxel of an expert's lesion mask, where
     # the study has one.
     lesion_oversampling: float = 0.2
@@ -124,6 +127,9 @@ class TrainSettings:
         for name in ("lesion_painting", "lesion_oversampling", "thick_slices"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a probability, not {getattr(self, name)}")
+        low, high = self.painted_t1_share
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError(f"painted_t1_share must be 0 <= low <= high <= 1, not {low, high}")
         if self.lesion_weight < 0:
             raise ValueError(f"lesion_weight must not be negative, not {self.lesion_weight}")
         given = (default_arguments() | self.arguments)["in_channels"]
