@@ -9,7 +9,16 @@ import sys
 import warnings
 from pathlib import Path
 
-from node.config import DEFAULT_CONFIG, Config, ConfigError, check_models, load_config
+from sqlalchemy.exc import OperationalError
+
+from node.config import (
+    DEFAULT_CONFIG,
+    Config,
+    ConfigError,
+    check_database,
+    check_models,
+    load_config,
+)
 from pipeline.dicom.contrast import Direction
 from pipeline.redact import RedactingFilter
 
@@ -37,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(error.report(), file=sys.stderr)
         return 2
+    except OperationalError as error:
+        # The database server is down, unreachable or refuses the login: one line, no
+        # traceback (the driver's message says which).
+        print(f"database unavailable: {str(error.orig).strip()}", file=sys.stderr)
+        return 3
 
 
 def _parser(training: bool) -> argparse.ArgumentParser:
@@ -135,10 +149,17 @@ def _raise_model_problems(config: Config, path: Path) -> None:
         raise ConfigError(path, problems)
 
 
+def _raise_database_problems(config: Config, path: Path) -> None:
+    problems = check_database(config)
+    if problems:
+        raise ConfigError(path, problems)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from node.service import NodeService
 
     config = load_config(args.config)
+    _raise_database_problems(config, args.config)
     # Without an in-process worker, the models are checked by `dicomnode worker`.
     if config.worker.in_process:
         _raise_model_problems(config, args.config)
@@ -155,6 +176,7 @@ def _worker(args: argparse.Namespace) -> int:
     from pipeline.state.db import open_database
 
     config = _load_checked(args.config)
+    _raise_database_problems(config, args.config)
     _setup_logging(config.node.log_level)
     sessions = open_database(config.node.database)
     take_back_leases(config, sessions)

@@ -7,6 +7,7 @@ against the file's folder and checks what spans sections (routes name destinatio
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import tomllib
 from pathlib import Path
@@ -20,6 +21,7 @@ from pipeline.retention import RetentionSettings
 from pipeline.routing import AE_TITLE_PATTERN, Destination, Route
 from pipeline.settings import ModelSettings, WorkerSettings
 from pipeline.state.deliveries import DeliverySettings
+from pipeline.state.filesystems import network_filesystem_problem
 from train.settings import RefreshSettings
 
 DEFAULT_CONFIG = Path("config.toml")
@@ -146,6 +148,23 @@ def check_refresh(config: Config) -> list[str]:
         for folder in config.refresh.data
         if not folder.is_dir()
     ]
+
+
+def check_database(config: Config) -> list[str]:
+    """An SQLite database on a network filesystem (NFS, CIFS) is refused: its locking does
+    not hold there (pipeline.state.filesystems). PostgreSQL needs its driver installed."""
+    url = make_url(config.node.database)
+    if url.get_backend_name() == "postgresql":
+        if importlib.util.find_spec("psycopg") is None:
+            return [
+                "node.database: PostgreSQL needs the driver psycopg 3, which is not "
+                "installed: pip install 'dicomnode[postgresql]'"
+            ]
+        return []
+    if not url.drivername.startswith("sqlite") or url.database in (None, "", ":memory:"):
+        return []
+    problem = network_filesystem_problem(Path(url.database))
+    return [f"node.database = {config.node.database!r}: {problem}"] if problem else []
 
 
 def check_models(config: Config) -> list[str]:

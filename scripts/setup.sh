@@ -7,11 +7,14 @@ cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == "--test" ]]; then
   # Real peers for the tests: DCMTK (storescu/storescp/echoscu, dcmcjpeg...), dicom3tools
-  # (dciodvfy judges what the node writes), Orthanc (the PACS).
+  # (dciodvfy judges what the node writes), Orthanc (the PACS), PostgreSQL (the tests start
+  # their own server with initdb/pg_ctl; the packaged cluster is not used).
   missing=()
   command -v /usr/bin/storescu >/dev/null || missing+=(dcmtk)
   command -v dciodvfy >/dev/null || missing+=(dicom3tools)
   command -v Orthanc >/dev/null || missing+=(orthanc)
+  command -v initdb >/dev/null || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null \
+    || missing+=(postgresql)
   if (( ${#missing[@]} )); then
     sudo=""; [[ $(id -u) == 0 ]] || sudo="sudo"
     $sudo apt-get update -qq

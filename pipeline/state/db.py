@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from sqlalchemy import JSON, ForeignKey, Index, String, create_engine, event, inspect
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 
@@ -177,16 +177,42 @@ class Delivery(Leased, Base):
     __table_args__ = (Index("ix_delivery_state", "state"),)
 
 
+# PostgreSQL connections each process keeps open: the SCP holds one per association while
+# it records an instance (16 by default), the stages one each; more wait for a free one.
+POOL_SIZE = 8
+POOL_OVERFLOW = 24
+
+
+def database_url(url: str) -> URL:
+    """``url`` with the driver this node uses: psycopg 3 for a bare ``postgresql://``
+    (SQLAlchemy's default there is psycopg2, which the ``postgresql`` extra does not
+    install)."""
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def create_database_engine(url: str) -> Engine:
+    """An engine for ``url``: SQLite in WAL mode, or a pool of PostgreSQL connections
+    checked before use (a database restart must not fail the next C-STORE)."""
+    parsed = database_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_engine(parsed, connect_args={"timeout": 60, "check_same_thread": False})
+        _configure_sqlite(engine)
+        return engine
+    return create_engine(
+        parsed,
+        pool_size=POOL_SIZE,
+        max_overflow=POOL_OVERFLOW,
+        pool_pre_ping=True,
+        pool_recycle=3600,
+    )
+
+
 def open_database(url: str) -> sessionmaker:
     """Connect to ``url``, create the tables if needed, and return a session factory."""
-    is_sqlite = url.startswith("sqlite")
-    engine = create_engine(
-        url,
-        connect_args={"timeout": 60, "check_same_thread": False} if is_sqlite else {},
-        pool_pre_ping=not is_sqlite,
-    )
-    if is_sqlite:
-        _configure_sqlite(engine)
+    engine = create_database_engine(url)
     Base.metadata.create_all(engine)
     _add_new_columns(engine)
     return sessionmaker(engine, expire_on_commit=False)

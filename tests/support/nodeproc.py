@@ -24,7 +24,12 @@ def free_port() -> int:
 
 
 def write_config(
-    folder: Path, port: int, extra: str = "", models: Path | None = None, **node: Any
+    folder: Path,
+    port: int,
+    extra: str = "",
+    models: Path | None = None,
+    database: str = "sqlite:///node.sqlite",
+    **node: Any,
 ) -> Path:
     """A config.toml for a node under ``folder``, listening on loopback ``port``.
 
@@ -38,7 +43,7 @@ ae_title = "SYNTH"
 host = "127.0.0.1"
 port = {port}
 storage = "spool"
-database = "sqlite:///node.sqlite"
+database = "{database}"
 {node_lines}
 
 [completion]

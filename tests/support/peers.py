@@ -82,9 +82,13 @@ class Orthanc:
 class StoreSCP:
     """DCMTK's storescp writing every received instance to ``folder``."""
 
-    def __init__(self, folder: Path, ae_title: str = "STORESCP") -> None:
+    def __init__(
+        self, folder: Path, ae_title: str = "STORESCP", *, unique_filenames: bool = False
+    ) -> None:
         self.folder = folder
         self.ae_title = ae_title
+        # One file per received instance, so an instance received twice shows as two files.
+        self.options = ["+uf"] if unique_filenames else []
         self.port = free_port()
         self.process: subprocess.Popen | None = None
 
@@ -97,6 +101,7 @@ class StoreSCP:
                 self.ae_title,
                 "--output-directory",
                 str(self.folder),
+                *self.options,
                 str(self.port),
             ],
             stdout=subprocess.DEVNULL,
