@@ -21,6 +21,7 @@ from node.config import (
 )
 from pipeline.dicom.contrast import Direction
 from pipeline.redact import RedactingFilter
+from pipeline.state.schema import SchemaError
 
 log = logging.getLogger("dicomnode")
 
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except ConfigError as error:
         print(error.report(), file=sys.stderr)
+        return 2
+    except SchemaError as error:
+        print(f"database refused: {error}", file=sys.stderr)
         return 2
     except OperationalError as error:
         # The database server is down, unreachable or refuses the login: one line, no
@@ -110,6 +114,16 @@ def _parser(training: bool) -> argparse.ArgumentParser:
     check = config_commands.add_parser("check", help="check config.toml without starting")
     check.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     check.set_defaults(run=_config_check)
+
+    database = commands.add_parser("db", help="the database's schema version")
+    database_commands = database.add_subparsers(metavar="ACTION")
+    for name, run, text in (
+        ("version", _db_version, "show the database's schema revision and this node's"),
+        ("upgrade", _db_upgrade, "bring the database up to this node's schema revision"),
+    ):
+        action = database_commands.add_parser(name, help=text, description=text)
+        action.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+        action.set_defaults(run=run)
     return parser
 
 
@@ -274,6 +288,30 @@ def _config_check(args: argparse.Namespace) -> int:
     print(
         f"{args.config}: OK ({len(config.routes)} route(s), "
         f"{len(config.destinations)} destination(s))"
+    )
+    return 0
+
+
+def _db_version(args: argparse.Namespace) -> int:
+    from pipeline.state.db import create_database_engine
+    from pipeline.state.schema import schema_version
+
+    config = load_config(args.config)
+    print(schema_version(create_database_engine(config.node.database)).text)
+    return 0
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from pipeline.state.db import create_database_engine
+    from pipeline.state.schema import upgrade_schema
+
+    config = load_config(args.config)
+    _raise_database_problems(config, args.config)
+    before, after = upgrade_schema(create_database_engine(config.node.database))
+    print(
+        f"schema revision {after}: already up to date"
+        if before == after
+        else f"schema upgraded from revision {before} to {after}"
     )
     return 0
 

@@ -34,6 +34,7 @@ def test_a_database_made_before_the_lease_columns_opens_and_gains_them(tmp_path)
         for table in ("job", "delivery"):
             for column in ("lease_host", "lease_pid", "lease_process_start"):
                 db.execute(f"alter table {table} drop column {column}")
+        db.execute("drop table alembic_version")  # as 0.1.0 made it, before revisions
     sessions = open_database(url)
     with sessions() as session:
         assert session.query(Job).count() == 0

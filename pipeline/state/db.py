@@ -12,7 +12,7 @@ import enum
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, ForeignKey, Index, String, create_engine, event, inspect
+from sqlalchemy import JSON, ForeignKey, Index, String, create_engine, event
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
@@ -211,30 +211,13 @@ def create_database_engine(url: str) -> Engine:
 
 
 def open_database(url: str) -> sessionmaker:
-    """Connect to ``url``, create the tables if needed, and return a session factory."""
+    """Connect to ``url`` and return a session factory. A new database gets its tables; one
+    at another schema revision is refused (pipeline.state.schema)."""
+    from pipeline.state.schema import check_schema  # it reads this module's tables
+
     engine = create_database_engine(url)
-    Base.metadata.create_all(engine)
-    _add_new_columns(engine)
+    check_schema(engine)
     return sessionmaker(engine, expire_on_commit=False)
-
-
-def _add_new_columns(engine: Engine) -> None:
-    """Add the columns a model gained since the database was made (create_all makes only
-    missing tables), so a node upgraded in place opens its existing database. Only nullable
-    columns are ever added this way; anything else needs a real migration."""
-    with engine.begin() as connection:
-        inspector = inspect(connection)
-        for table in Base.metadata.sorted_tables:
-            present = {column["name"] for column in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name in present:
-                    continue
-                if not column.nullable:
-                    raise RuntimeError(f"{table.name}.{column.name} is missing and not nullable")
-                kind = column.type.compile(dialect=engine.dialect)
-                connection.exec_driver_sql(
-                    f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"
-                )
 
 
 def _configure_sqlite(engine: Engine) -> None:

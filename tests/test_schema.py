@@ -1,0 +1,86 @@
+"""The database carries its schema version: the migrations and the models agree, a
+predecessor's database is upgraded in place, and a database newer than the node is refused."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from pipeline.state.db import Base, create_database_engine, open_database
+from pipeline.state.schema import BASELINE, _alembic_config, _scripts
+from tests.support.nodeproc import run_dicomnode, write_config
+from tests.support.paths import REPO
+
+PREDECESSOR = REPO / "tests" / "data" / "predecessor-0.1.0.sql"
+
+
+def migrated_differences(url: str) -> list:
+    """What the models have that the migrations do not make, or the reverse."""
+    engine = create_database_engine(url)
+    with engine.begin() as connection:
+        config = _alembic_config()
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+        return compare_metadata(MigrationContext.configure(connection), Base.metadata)
+
+
+def test_the_migrations_make_exactly_the_models_tables_on_sqlite(tmp_path):
+    differences = migrated_differences(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    assert differences == [], (
+        "pipeline.state.db and pipeline/state/migrations disagree: add a migration "
+        f"(see pipeline/state/migrations/__init__.py): {differences}"
+    )
+
+
+def test_the_migrations_make_exactly_the_models_tables_on_postgresql(postgres_url):
+    assert migrated_differences(postgres_url) == []
+
+
+def test_a_new_database_is_made_at_the_newest_revision(tmp_path):
+    open_database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    with sqlite3.connect(tmp_path / "db.sqlite") as db:
+        (version,) = db.execute("select version_num from alembic_version").fetchone()
+    assert version == _scripts().get_current_head()
+
+
+def test_a_predecessors_database_is_upgraded_and_keeps_its_rows(tmp_path):
+    config = write_config(tmp_path, 11112)
+    with sqlite3.connect(tmp_path / "node.sqlite") as db:
+        db.executescript(PREDECESSOR.read_text())
+
+    version = run_dicomnode("db", "version", "--config", str(config))
+    assert version.returncode == 0 and f"{BASELINE} (not yet recorded)" in version.stdout
+
+    upgrade = run_dicomnode("db", "upgrade", "--config", str(config))
+    assert upgrade.returncode == 0, upgrade.stderr
+    head = _scripts().get_current_head()
+    assert f"revision {head}" in upgrade.stdout
+    with sqlite3.connect(tmp_path / "node.sqlite") as db:
+        assert db.execute("select version_num from alembic_version").fetchall() == [(head,)]
+
+    status = run_dicomnode("status", "--json", "--config", str(config))
+    assert status.returncode == 0, status.stderr
+    assert '"output_series_uid": "1.2.826.0.1.3680043.8.498.5"' in status.stdout
+    assert '"state": "sent"' in status.stdout
+    again = run_dicomnode("db", "upgrade", "--config", str(config))
+    assert "already up to date" in again.stdout
+
+
+@pytest.mark.parametrize("command_line", [("serve",), ("status",)])
+def test_a_database_newer_than_the_node_is_refused(tmp_path, command_line):
+    config = write_config(tmp_path, 11112)
+    open_database(f"sqlite:///{tmp_path / 'node.sqlite'}")
+    with sqlite3.connect(tmp_path / "node.sqlite") as db:
+        db.execute("update alembic_version set version_num = '9999_future'")
+
+    result = run_dicomnode(*command_line, "--config", str(config))
+    assert result.returncode == 2
+    assert "database refused: the database is at schema revision 9999_future" in result.stderr
+    assert "upgraded by a newer dicomnode" in result.stderr
+    assert "Traceback" not in result.stderr
+    upgrade = run_dicomnode("db", "upgrade", "--config", str(config))
+    assert upgrade.returncode == 2 and "newer dicomnode" in upgrade.stderr
