@@ -169,11 +169,20 @@ def _raise_database_problems(config: Config, path: Path) -> None:
         raise ConfigError(path, problems)
 
 
+def _raise_tls_problems(config: Config, path: Path) -> None:
+    from node.tls import check_tls
+
+    problems = check_tls(config)
+    if problems:
+        raise ConfigError(path, problems)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from node.service import NodeService
 
     config = load_config(args.config)
     _raise_database_problems(config, args.config)
+    _raise_tls_problems(config, args.config)
     # Without an in-process worker, the models are checked by `dicomnode worker`.
     if config.worker.in_process:
         _raise_model_problems(config, args.config)
@@ -285,6 +294,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _config_check(args: argparse.Namespace) -> int:
     config = _load_checked(args.config)
+    _raise_tls_problems(config, args.config)
     print(
         f"{args.config}: OK ({len(config.routes)} route(s), "
         f"{len(config.destinations)} destination(s))"
