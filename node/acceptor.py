@@ -263,9 +263,19 @@ class GuardedRequestHandler(RequestHandler):
 class GuardedServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, with the guarded request handler and its limits."""
 
-    def __init__(self, *args: Any, limits: ConnectionLimits, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, limits: ConnectionLimits, reuse_port: bool, **kwargs: Any
+    ) -> None:
         self.limits = limits
+        self.reuse_port = reuse_port
         super().__init__(*args, request_handler=GuardedRequestHandler, **kwargs)
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            # Several receiver processes listen on the port; the kernel spreads the
+            # connections over them (node.receivers).
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = cast(socket.socket, self.socket).accept()
@@ -283,9 +293,11 @@ def start_server(
     evt_handlers: list[Any],
     limits: ConnectionLimits,
     ssl_context: ssl.SSLContext | None = None,
+    reuse_port: bool = False,
 ) -> GuardedServer:
     """Listen on ``address`` in a thread of its own, as ``AE.start_server(block=False)``
-    does, with connections bounded by ``limits`` (over TLS with ``ssl_context``)."""
+    does, with connections bounded by ``limits`` (over TLS with ``ssl_context``; sharing
+    the port with other processes with ``reuse_port``)."""
     server = cast(
         GuardedServer,
         ae.make_server(
@@ -294,6 +306,7 @@ def start_server(
             evt_handlers=evt_handlers,
             server_class=GuardedServer,
             limits=limits,
+            reuse_port=reuse_port,
         ),
     )
     timestamp = datetime.now().strftime("%Y%m%d%H%M%S")

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 from sqlalchemy.exc import OperationalError
@@ -19,8 +18,8 @@ from node.config import (
     check_models,
     load_config,
 )
+from node.logs import setup_logging
 from pipeline.dicom.contrast import Direction
-from pipeline.redact import RedactingFilter
 from pipeline.state.schema import SchemaError
 
 log = logging.getLogger("dicomnode")
@@ -127,28 +126,6 @@ def _parser(training: bool) -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # pynetdicom's own INFO lines repeat ours and, at DEBUG, dump whole datasets (patient
-    # names included): keep it to warnings.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    # Its state machine's errors are exceptions it raises next: node.acceptor catches them
-    # and logs one line each, so its own two lines per exception would only repeat it.
-    logging.getLogger("pynetdicom.fsm").setLevel(logging.CRITICAL)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    # Libraries quote the values they warn about, and a malformed value can hold a patient's
-    # name: their records and Python's warnings go through the handler's redaction.
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactingFilter())
-    logging.captureWarnings(True)
-    # pydicom logs each warning it also issues as a Python warning: once is enough.
-    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
-
-
 def _load_checked(path: Path) -> Config:
     """The config and the models its routes name: a missing or damaged model stops the
     command now instead of failing the first job."""
@@ -186,8 +163,12 @@ def _serve(args: argparse.Namespace) -> int:
     # Without an in-process worker, the models are checked by `dicomnode worker`.
     if config.worker.in_process:
         _raise_model_problems(config, args.config)
-    _setup_logging(config.node.log_level)
-    NodeService(config).run_until_signalled()
+    setup_logging(config.node.log_level)
+    try:
+        NodeService(config).run_until_signalled()
+    except OSError as error:  # the port is taken, the spool cannot be made...
+        log.error("cannot start: %s", error.strerror or error)
+        return 1
     return 0
 
 
@@ -200,7 +181,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     config = _load_checked(args.config)
     _raise_database_problems(config, args.config)
-    _setup_logging(config.node.log_level)
+    setup_logging(config.node.log_level)
     sessions = open_database(config.node.database)
     take_back_leases(config, sessions)
     worker = build_worker(config, sessions)
@@ -249,7 +230,7 @@ def _translate(args: argparse.Namespace) -> int:
     from pipeline.model.registry import ModelRegistry
     from pipeline.synthesis import translate_series
 
-    _setup_logging("WARNING")
+    setup_logging("WARNING")
     registry = None if args.model else ModelRegistry(load_config(args.config).models.registry)
 
     def model_for(direction: Direction) -> Path:

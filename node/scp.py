@@ -127,8 +127,10 @@ class StorageSCP:
         storage: Path,
         header_keywords: Iterable[str] = (),
         on_count_reached: Callable[[], None] = lambda: None,
+        reuse_port: bool = False,
     ) -> None:
         self._settings = settings
+        self._reuse_port = reuse_port  # one of several receivers (node.receivers)
         self._sessions = sessions
         self._spool = Spool(storage)
         self._folders = DurableFolders(storage)
@@ -174,12 +176,16 @@ class StorageSCP:
             max_pdu_length=self._ae.maximum_pdu_size,
         )
         host, tls = self._settings.host, self._settings.tls
+        reuse = self._reuse_port
         if tls is None or tls.port is not None:
-            self._server = start_server(self._ae, (host, self._settings.port), handlers, limits)
+            address = (host, self._settings.port)
+            self._server = start_server(self._ae, address, handlers, limits, reuse_port=reuse)
             log.info("listening as %s on %s:%d", self._settings.ae_title, host, self.port)
         if tls is not None:
-            port = tls.port or self._settings.port
-            server = start_server(self._ae, (host, port), handlers, limits, server_context(tls))
+            address = (host, tls.port or self._settings.port)
+            server = start_server(
+                self._ae, address, handlers, limits, server_context(tls), reuse_port=reuse
+            )
             self._tls_server = server
             self._server = self._server or server
             log.info(

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 from node.config import Config
 from node.dispatch import Dispatcher
+from node.receivers import ReceiverPool, ensure_ports_free, receiver_count
 from node.scp import StorageSCP
 from pipeline.completion import complete_due_series
 from pipeline.intake import recover_unrecorded
@@ -115,12 +116,18 @@ class NodeService:
         self.spool.make()
         self.sessions = open_database(config.node.database)
         self.scheduler = BackgroundScheduler(timezone=UTC)
+        receivers = receiver_count(config.node)
         self.scp = StorageSCP(
             config.node,
             self.sessions,
             storage,
             header_keywords=header_keywords(config.routes),
             on_count_reached=self.wake_completion,
+            reuse_port=receivers > 1,
+        )
+        # The other receiving processes: this one is the first.
+        self.receivers = (
+            ReceiverPool(config, receivers, self.wake_completion) if receivers > 1 else None
         )
         self.worker = build_worker(config, self.sessions) if config.worker.in_process else None
         self.dispatcher = Dispatcher(
@@ -174,10 +181,17 @@ class NodeService:
             thread.start()
             self._threads.append(thread)
         self._listening_since = utcnow()
+        if self.receivers is not None:
+            ensure_ports_free(self.config.node)
         self.scp.start()
+        if self.receivers is not None:
+            self.receivers.start()
+            log.info("receiving in %d processes", receiver_count(self.config.node))
 
     def stop(self) -> None:
         self.scp.stop()
+        if self.receivers is not None:
+            self.receivers.stop()
         self.scheduler.shutdown(wait=True)
         self._stop.set()
         self.dispatcher.wake.set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -91,6 +92,15 @@ class NodeProcess:
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError(f"dicomnode did not listen on {self.port}:\n{self.log()}")
+
+    def wait_until_receiving(self, receivers: int, timeout: float = 60) -> None:
+        """Until the other ``receivers - 1`` receiver processes listen too (`serve` itself
+        listens once ``start`` returns)."""
+        deadline = time.monotonic() + timeout
+        while len(re.findall(r" receiver-\d+ node\.scp: listening", self.log())) < receivers - 1:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"receivers did not all listen:\n{self.log()}")
+            time.sleep(0.1)
 
     def kill(self) -> None:
         """SIGKILL: a crash, with no chance to clean up."""
