@@ -176,3 +176,23 @@ def test_two_workers_on_postgresql_do_each_job_once_and_survive_a_kill(tmp_path,
         node.stop()
         for p in pacs:
             p.stop()
+
+
+def test_postgresql_stores_what_sqlite_stores_however_long_its_values(tmp_path, postgres_url):
+    """Column lengths bind on PostgreSQL only: values as received, of any length, are
+    answered as on SQLite (here: kept), not refused as "out of resources"."""
+    port = free_port()
+    node = NodeProcess(write_config(tmp_path, port, database=postgres_url), port).start()
+    try:
+        series = [mr_series(2) for _ in range(3)]
+        for ds in series[0]:
+            ds.FrameOfReferenceUID = "1." + "2" * 100
+        for ds in series[1]:
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0] * 20
+        for ds in series[2]:
+            ds.PixelSpacing = [1.123456789] * 30
+        for datasets in series:
+            assert send(datasets, port) == [(0, "")] * 2
+        assert sum(s["instances"] for s in node.status()["series"]) == 6
+    finally:
+        node.stop()

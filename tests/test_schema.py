@@ -55,10 +55,16 @@ def test_a_predecessors_database_is_upgraded_and_keeps_its_rows(tmp_path):
     version = run_dicomnode("db", "version", "--config", str(config))
     assert version.returncode == 0 and f"{BASELINE} (not yet recorded)" in version.stdout
 
+    head = _scripts().get_current_head()
+    if head != BASELINE:  # a node refuses it until it is upgraded
+        refused = run_dicomnode("status", "--config", str(config))
+        assert refused.returncode == 2
+        assert f"at schema revision {BASELINE}, this dicomnode needs {head}" in refused.stderr
+        assert "run `dicomnode db upgrade`" in refused.stderr
+
     upgrade = run_dicomnode("db", "upgrade", "--config", str(config))
     assert upgrade.returncode == 0, upgrade.stderr
-    head = _scripts().get_current_head()
-    assert f"revision {head}" in upgrade.stdout
+    assert upgrade.stdout.strip().endswith(head)
     with sqlite3.connect(tmp_path / "node.sqlite") as db:
         assert db.execute("select version_num from alembic_version").fetchall() == [(head,)]
 
@@ -68,6 +74,9 @@ def test_a_predecessors_database_is_upgraded_and_keeps_its_rows(tmp_path):
     assert '"state": "sent"' in status.stdout
     again = run_dicomnode("db", "upgrade", "--config", str(config))
     assert "already up to date" in again.stdout
+    with sqlite3.connect(tmp_path / "node.sqlite") as db:
+        assert db.execute("pragma foreign_key_check").fetchall() == []
+        assert db.execute("select count(*) from instance").fetchone() == (1,)
 
 
 @pytest.mark.parametrize("command_line", [("serve",), ("status",)])

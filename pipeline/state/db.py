@@ -61,9 +61,11 @@ class Series(Base):
     # Geometry every instance must agree with (first instance's values).
     rows: Mapped[int]
     columns: Mapped[int]
-    orientation: Mapped[str | None] = mapped_column(String(128))
-    pixel_spacing: Mapped[str | None] = mapped_column(String(64))
-    frame_of_reference_uid: Mapped[str | None] = mapped_column(String(64))
+    # Unbounded: as received, a malformed value can be any length, and PostgreSQL (unlike
+    # SQLite) refuses a longer one than its column's (migration 0002).
+    orientation: Mapped[str | None]
+    pixel_spacing: Mapped[str | None]
+    frame_of_reference_uid: Mapped[str | None]
     # The count the header announces, None when absent or inconsistent across instances.
     expected_count: Mapped[int | None]
     count_consistent: Mapped[bool] = mapped_column(default=True)

@@ -10,6 +10,8 @@ whose tables this one does not know.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +68,7 @@ def check_schema(engine: Engine) -> None:
 
 def upgrade_schema(engine: Engine) -> tuple[str, str]:
     """Bring the database up to this node's newest revision; (revision before, after)."""
-    with engine.begin() as connection:
+    with engine.connect() as connection, _foreign_keys_deferred(connection), connection.begin():
         _lock(connection)
         before = _made_or_adopted(connection)
         head = _scripts().get_current_head()
@@ -76,8 +78,32 @@ def upgrade_schema(engine: Engine) -> tuple[str, str]:
             config = _alembic_config()
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
+            _check_foreign_keys(connection)
             log.info("database schema upgraded from revision %s to %s", before, head)
     return before, head
+
+
+@contextmanager
+def _foreign_keys_deferred(connection: Connection) -> Iterator[None]:
+    """SQLite alters a table by making a copy and dropping the original, which its foreign
+    key checks forbid while rows refer to it: they are off during the migration (a pragma
+    only takes effect outside a transaction) and the references are checked at its end."""
+    if connection.dialect.name != "sqlite":
+        yield
+        return
+    raw = connection.connection.dbapi_connection
+    raw.execute("PRAGMA foreign_keys=OFF")
+    try:
+        yield
+    finally:
+        raw.execute("PRAGMA foreign_keys=ON")
+
+
+def _check_foreign_keys(connection: Connection) -> None:
+    if connection.dialect.name == "sqlite":
+        broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+        if broken:
+            raise SchemaError(f"the upgrade left rows referring to no row: {broken[:5]}")
 
 
 def schema_version(engine: Engine) -> SchemaVersion:
