@@ -54,7 +54,7 @@ from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
 from tests.support import rawdicom
@@ -932,11 +932,15 @@ def kill_trials(
     return report
 
 
+# Standard SQL, each join with its condition: PostgreSQL refuses what SQLite lets pass.
 _OF_SERIES = "job join series on job.series_id = series.id where series.series_uid = :uid"
+_DELIVERIES_OF_SERIES = (
+    "delivery join job on delivery.job_id = job.id join series on job.series_id = series.id "
+    "where series.series_uid = :uid"
+)
 _IN_PHASE = {
     Phase.SYNTHESIZING: f"select 1 from {_OF_SERIES} and job.state = 'running'",
-    Phase.DELIVERING: "select 1 from delivery join "
-    f"{_OF_SERIES} and delivery.job_id = job.id and delivery.state = 'sending'",
+    Phase.DELIVERING: f"select 1 from {_DELIVERIES_OF_SERIES} and delivery.state = 'sending'",
 }
 
 
@@ -964,8 +968,7 @@ def _kill_in(
 
 
 def _phase_now(node: NodeProcess, series_uid: str) -> Phase:
-    delivering = f"select 1 from delivery join {_OF_SERIES} and delivery.job_id = job.id"
-    if _row(node, delivering, uid=series_uid):
+    if _row(node, f"select 1 from {_DELIVERIES_OF_SERIES}", uid=series_uid):
         return Phase.DELIVERING
     if _row(node, f"select 1 from {_OF_SERIES}", uid=series_uid):
         return Phase.SYNTHESIZING
@@ -993,7 +996,7 @@ def _row(node: NodeProcess, query: str, **params: object) -> tuple | None:
     """The first row of ``query``, None if none or if the database cannot say yet."""
     try:
         rows = _rows(node, query, **params)
-    except SQLAlchemyError:  # not made yet, or busy
+    except OperationalError:  # SQLite busy
         return None
     return rows[0] if rows else None
 
@@ -1010,10 +1013,12 @@ def _reader(config: Path) -> Engine:
     from pipeline.state.db import database_url
 
     url = database_url(load_config(config).node.database)
-    # Plain reads, no pool: the harness must not hold the node's SQLite write lock (the
-    # node's own engine begins IMMEDIATE) nor PostgreSQL connections between checks.
-    sqlite = url.get_backend_name() == "sqlite"
-    return create_engine(url, poolclass=NullPool, connect_args={"timeout": 5} if sqlite else {})
+    # Plain reads: never the node's own engine, whose SQLite transactions begin IMMEDIATE
+    # (a write lock). PostgreSQL keeps its connection: a new one per poll is too slow to
+    # catch a delivery in the act.
+    if url.get_backend_name() == "sqlite":
+        return create_engine(url, poolclass=NullPool, connect_args={"timeout": 5})
+    return create_engine(url, pool_size=1)
 
 
 def _poll(predicate: Callable[[], object], timeout: float, interval: float = 0.02) -> bool:
