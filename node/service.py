@@ -15,7 +15,6 @@ import logging
 import signal
 import threading
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -30,6 +29,7 @@ if TYPE_CHECKING:
 from node.config import Config
 from node.dispatch import Dispatcher
 from node.scp import StorageSCP
+from node.version import software_version
 from pipeline.completion import complete_due_series
 from pipeline.intake import recover_unrecorded
 from pipeline.model.registry import ModelRegistry
@@ -41,24 +41,19 @@ from pipeline.state.db import (
     DeliveryState,
     Job,
     JobState,
+    Role,
     Series,
     SeriesState,
     open_database,
     utcnow,
 )
 from pipeline.state.deliveries import take_back_deliveries_of_gone_senders
+from pipeline.state.heartbeats import Heart, Pulse
 from pipeline.state.jobs import take_back_jobs_of_gone_workers
 
 log = logging.getLogger(__name__)
 
 COMPLETION_JOB = "completion"
-
-
-def software_version() -> str:
-    try:
-        return version("dicomnode")
-    except PackageNotFoundError:  # running from a checkout that was never installed
-        return "0+unknown"
 
 
 def build_worker(config: Config, sessions: sessionmaker) -> Worker:
@@ -131,6 +126,13 @@ class NodeService:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._listening_since = utcnow()
+        # The last completion tick that ran through: /health says when the scheduler stalls.
+        self.ticked_at: datetime | None = None
+        self.heart: Heart | None = None
+
+    def pulse(self) -> Pulse:
+        job = self.worker.current_job if self.worker is not None else None
+        return Pulse(current_job_id=job, ticked_at=self.ticked_at)
 
     def start(self) -> None:
         removed = self.spool.remove_partial_files()
@@ -174,6 +176,14 @@ class NodeService:
             thread.start()
             self._threads.append(thread)
         self._listening_since = utcnow()
+        self.heart = Heart(
+            self.sessions,
+            Role.SERVE,
+            software_version(),
+            self.worker.device if self.worker is not None else None,
+            pulse=self.pulse,
+        )
+        self.heart.start()
         self.scp.start()
 
     def stop(self) -> None:
@@ -185,6 +195,8 @@ class NodeService:
             self.worker.wake.set()
         for thread in self._threads:
             thread.join(timeout=60)
+        if self.heart is not None:
+            self.heart.stop()
 
     def run_until_signalled(self) -> None:
         """Start, then run until SIGTERM or SIGINT; stop cleanly."""
@@ -230,6 +242,10 @@ class NodeService:
             )
             if self.worker is not None and any(c.job_id for c in done):
                 self.worker.wake.set()
+            first = self.ticked_at is None
+            self.ticked_at = utcnow()
+            if first and self.heart is not None:
+                self.heart.wake.set()  # /health should not wait a beat to see the first tick
         except Exception:
             # A failing tick must not stop the schedule; it is retried next second.
             log.exception("completion check failed")

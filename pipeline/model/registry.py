@@ -78,6 +78,9 @@ class ModelRegistry:
 
     def activate(self, name: str, version: str) -> None:
         """Make ``version`` the one jobs use, after checking its file loads."""
+        if name not in self.names():
+            known = ", ".join(self.names()) or "none"
+            raise RegistryError(f"no model named {name!r} in {self.root} (models: {known})")
         path = self.path(name, version)
         if not path.is_file():
             known = ", ".join(self.versions(name)) or "none"
