@@ -173,14 +173,24 @@ def _raise_model_problems(config: Config, path: Path) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from node.console import ListenError
     from node.service import NodeService
 
     config = load_config(args.config)
     # Without an in-process worker, the models are checked by `dicomnode worker`.
     if config.worker.in_process:
         _raise_model_problems(config, args.config)
+    problems, warnings = check_environment(config, worker=config.worker.in_process)
+    if problems:
+        raise ConfigError(args.config, problems)
     setup_logging(config.node.log_level, args.log_format)
-    NodeService(config).run_until_signalled()
+    for warning in warnings:
+        log.warning("%s: %s", args.config, warning)
+    try:
+        NodeService(config).run_until_signalled()
+    except ListenError as error:  # taken between the check and the start
+        log.error("%s: %s", args.config, error)
+        return 2
     return 0
 
 

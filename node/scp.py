@@ -27,6 +27,7 @@ from sqlalchemy.orm import sessionmaker
 
 from node.acceptor import ConnectionLimits, start_server
 from node.config import NodeSettings
+from node.metrics import INSTANCES
 from pipeline.files import DurableFolders, write_new
 from pipeline.intake import InstanceRefused, RefusalKind, inspect_instance, record_instance
 from pipeline.redact import redact
@@ -286,8 +287,10 @@ class StorageSCP:
                 tally.duplicates += 1
             else:
                 tally.stored += 1
+            INSTANCES.labels("duplicate" if answer.duplicate else "success").inc()
             return int(StoreStatus.SUCCESS)
         tally.refused += 1
+        INSTANCES.labels(answer.status.name.lower()).inc()
         log.warning(
             "C-STORE from %s (%s) refused with 0x%04X: %s",
             calling,

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from pipeline.worker import Worker
 
 from node.config import Config
+from node.console import ConsoleServer, build_app
 from node.dispatch import Dispatcher
 from node.scp import StorageSCP
 from node.version import software_version
@@ -129,12 +130,22 @@ class NodeService:
         # The last completion tick that ran through: /health says when the scheduler stalls.
         self.ticked_at: datetime | None = None
         self.heart: Heart | None = None
+        self.console = (
+            ConsoleServer(config, build_app(config, self.sessions, self._heart_id))
+            if config.http.enabled
+            else None
+        )
+
+    def _heart_id(self) -> int | None:
+        return self.heart.id if self.heart is not None else None
 
     def pulse(self) -> Pulse:
         job = self.worker.current_job if self.worker is not None else None
         return Pulse(current_job_id=job, ticked_at=self.ticked_at)
 
     def start(self) -> None:
+        if self.console is not None:  # first: a port taken stops the start before any work
+            self.console.start()
         removed = self.spool.remove_partial_files()
         if removed:
             log.info("removed %d partial file(s) left by an earlier crash", removed)
@@ -182,12 +193,15 @@ class NodeService:
             software_version(),
             self.worker.device if self.worker is not None else None,
             pulse=self.pulse,
+            console_url=self.console.url if self.console is not None else None,
         )
         self.heart.start()
         self.scp.start()
 
     def stop(self) -> None:
         self.scp.stop()
+        if self.console is not None:
+            self.console.stop()
         self.scheduler.shutdown(wait=True)
         self._stop.set()
         self.dispatcher.wake.set()

@@ -46,46 +46,49 @@ def collect_status(sessions: sessionmaker, limit: int = 200) -> dict[str, Any]:
                 }
                 for s in series
             ],
-            "jobs": [
-                {
-                    "id": j.id,
-                    "series_uid": j.series.series_uid,
-                    "generation": j.generation,
-                    "direction": j.direction,
-                    "route": j.route,
-                    "model": j.model,
-                    "model_version": j.model_version,
-                    "state": j.state,
-                    "reason": j.reason,
-                    "attempts": j.attempts,
-                    "device": j.device,
-                    "timings": j.timings,
-                    "started_at": iso(j.started_at),
-                    "output_series_uid": j.output_series_uid,
-                    "destinations": j.destinations,
-                    **_lease(j, beats),
-                    "created_at": iso(j.created_at),
-                    "updated_at": iso(j.updated_at),
-                }
-                for j in jobs
-            ],
-            "deliveries": [
-                {
-                    "id": d.id,
-                    "job_id": d.job_id,
-                    "destination": d.destination,
-                    "state": d.state,
-                    "reason": d.reason,
-                    "attempts": d.attempts,
-                    "instances_sent": d.instances_sent,
-                    "instances_total": d.instances_total,
-                    "next_attempt_at": iso(d.next_attempt_at),
-                    "updated_at": iso(d.updated_at),
-                    **_lease(d, beats),
-                }
-                for d in deliveries
-            ],
+            "jobs": [describe_job(j, beats) for j in jobs],
+            "deliveries": [describe_delivery(d, beats) for d in deliveries],
         }
+
+
+def describe_job(j: Job, beats: list[dict[str, Any]]) -> dict[str, Any]:
+    """A job as plain data, with whether its lease's holder still beats."""
+    return {
+        "id": j.id,
+        "series_uid": j.series.series_uid,
+        "generation": j.generation,
+        "direction": j.direction,
+        "route": j.route,
+        "model": j.model,
+        "model_version": j.model_version,
+        "state": j.state,
+        "reason": j.reason,
+        "attempts": j.attempts,
+        "device": j.device,
+        "timings": j.timings,
+        "started_at": iso(j.started_at),
+        "output_series_uid": j.output_series_uid,
+        "destinations": j.destinations,
+        **_lease(j, beats),
+        "created_at": iso(j.created_at),
+        "updated_at": iso(j.updated_at),
+    }
+
+
+def describe_delivery(d: Delivery, beats: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "job_id": d.job_id,
+        "destination": d.destination,
+        "state": d.state,
+        "reason": d.reason,
+        "attempts": d.attempts,
+        "instances_sent": d.instances_sent,
+        "instances_total": d.instances_total,
+        "next_attempt_at": iso(d.next_attempt_at),
+        "updated_at": iso(d.updated_at),
+        **_lease(d, beats),
+    }
 
 
 def format_status(status: dict[str, Any]) -> str:
