@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.state.db import Audit, AuditEvent, Delivery, Job, Series, iso, utcnow
@@ -78,6 +78,7 @@ class AuditFilter:
     accession: str | None = None
     study: str | None = None
     destination: str | None = None
+    accession_or_study: str | None = None  # the console's one search box
 
 
 def read_audit(
@@ -91,6 +92,9 @@ def read_audit(
         query = query.where(Audit.study_uid == where.study)
     if where.destination:
         query = query.where(Audit.destination == where.destination)
+    if where.accession_or_study:
+        text = where.accession_or_study.strip()
+        query = query.where(or_(Audit.accession_number == text, Audit.study_uid == text))
     with sessions() as session:
         rows = session.scalars(query.order_by(Audit.id.desc()).limit(limit)).all()
     return [_as_dict(row) for row in (rows if newest_first else reversed(rows))]
