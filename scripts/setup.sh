@@ -15,6 +15,7 @@ if [[ "${1:-}" == "--test" ]]; then
   command -v Orthanc >/dev/null || missing+=(orthanc)
   command -v /usr/bin/chromium >/dev/null || missing+=(chromium)
   command -v /usr/bin/chromedriver >/dev/null || missing+=(chromium-driver)
+  command -v systemd-analyze >/dev/null || missing+=(systemd)
   if (( ${#missing[@]} )); then
     sudo=""; [[ $(id -u) == 0 ]] || sudo="sudo"
     $sudo apt-get update -qq
