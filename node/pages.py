@@ -18,7 +18,7 @@ from sqlalchemy import Select, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.status import describe_delivery, describe_job
-from pipeline.model.registry import ModelRegistry, RegistryError
+from pipeline.model.registry import ModelRegistry
 from pipeline.spool import Spool
 from pipeline.state.db import Delivery, Instance, Job, JobState, Series, iso, utcnow
 from pipeline.state.heartbeats import read_heartbeats
@@ -157,18 +157,20 @@ def destination_summary(sessions: sessionmaker) -> dict[str, dict[str, int]]:
 def models(registry: ModelRegistry) -> list[dict[str, Any]]:
     """Every registered version with its card, the active one marked."""
     found = []
+    active = registry.active_versions()
     for name in registry.names():
-        try:
-            active = registry.active_version(name)
-        except RegistryError:
-            active = None
         for version in reversed(registry.versions(name)):
             try:
                 card = registry.read_card(name, version)
             except Exception as error:  # a damaged file is shown as such, not a 500
                 card = {"error": str(error)}
             found.append(
-                {"name": name, "version": version, "active": version == active, "card": card}
+                {
+                    "name": name,
+                    "version": version,
+                    "active": version == active.get(name),
+                    "card": card,
+                }
             )
     return found
 

@@ -37,6 +37,7 @@ from pipeline.model.registry import ModelRegistry
 from pipeline.retention import purge_finished
 from pipeline.routing import header_keywords
 from pipeline.spool import Spool
+from pipeline.state.audit import record_activation
 from pipeline.state.db import (
     Delivery,
     DeliveryState,
@@ -238,13 +239,16 @@ class NodeService:
     def _refresh(self) -> None:
         from train.refresh import refresh_models  # torch and the training stack: only now
 
+        registry = ModelRegistry(self.config.models.registry)
+        before = registry.active_versions()
         try:
-            for line in refresh_models(
-                self.config.refresh, ModelRegistry(self.config.models.registry)
-            ):
+            for line in refresh_models(self.config.refresh, registry):
                 log.info("model refresh: %s", line)
         except Exception:
             log.exception("model refresh failed; the active models are unchanged")
+        for name, version in registry.active_versions().items():
+            if before.get(name) != version:
+                record_activation(self.sessions, name, version, "daily refresh")
 
     def _complete(self) -> None:
         try:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+import time
 
 from sqlalchemy import update
 
@@ -138,3 +140,59 @@ def test_a_running_node_beats_logs_json_and_audits_what_it_receives(tmp_path, mr
     after = json.loads(run_dicomnode("status", "--json", "--config", str(path)).stdout)
     assert after["workers"][0]["liveness"] == "stopped"
     assert after["health"]["running"] is False
+
+
+HOLD_A_JOB = """
+import sys, time
+from pipeline.state.db import open_database
+from pipeline.state.jobs import claim_job
+assert claim_job(open_database(sys.argv[1]), "holder", 900) is not None
+print("claimed", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_lease_held_by_a_killed_process_is_shown_with_its_end(tmp_path):
+    path = str(config(tmp_path))
+    url = f"sqlite:///{tmp_path}/node.sqlite"
+    sessions = open_database(url)
+    receive((sessions, tmp_path / "var" / "spool", None), mr_series(4))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_A_JOB, url], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        (job,) = json.loads(run_dicomnode("status", "--json", "--config", path).stdout)["jobs"]
+        assert (job["state"], job["holder"]) == ("running", "alive")
+    finally:
+        holder.kill()
+        holder.wait(10)
+    (job,) = json.loads(run_dicomnode("status", "--json", "--config", path).stdout)["jobs"]
+    assert (job["state"], job["holder"]) == ("running", "gone")
+    text = run_dicomnode("status", "--config", path).stdout
+    assert "that process is gone" in text and f"its lease ends at {job['held_until']}" in text
+
+
+def test_a_worker_process_beats_with_its_device(tmp_path):
+    path = config(tmp_path)
+    path.write_text(path.read_text() + '\n[models]\nregistry = "models"\n')
+    worker_process = subprocess.Popen(
+        [*DICOMNODE, "worker", "--config", str(path)], cwd=REPO, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            workers = json.loads(run_dicomnode("status", "--json", "--config", str(path)).stdout)[
+                "workers"
+            ]
+            if workers:
+                break
+            time.sleep(0.5)
+        (beat,) = workers
+        assert (beat["role"], beat["pid"], beat["device"]) == ("worker", worker_process.pid, "cpu")
+        assert beat["liveness"] == "alive"
+    finally:
+        worker_process.terminate()
+        worker_process.wait(30)
+    (beat,) = json.loads(run_dicomnode("status", "--json", "--config", str(path)).stdout)["workers"]
+    assert beat["liveness"] == "stopped"

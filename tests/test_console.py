@@ -14,6 +14,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
+from node.pages import Query, series_page
+from pipeline.spool import Spool
+from pipeline.state.db import open_database
 from tests.support.browser import headless_chromium
 from tests.support.dicomgen import mr_series
 from tests.support.models import make_registry
@@ -21,6 +24,7 @@ from tests.support.nodeproc import NodeProcess, free_port, run_dicomnode, write_
 from tests.support.peers import Orthanc
 from tests.support.senders import send, storescu
 from tests.test_end_to_end import NATIVE_T1, pacs_config
+from tests.test_worker import receive
 
 TOKEN = "console-test-token-0123"
 SCREENSHOT = Path(__file__).parent.parent / "docs" / "console.png"
@@ -142,11 +146,24 @@ def check_pages_in_a_browser(url: str, source, tmp_path: Path) -> None:
         )
 
 
+def test_patient_names_only_where_the_config_allows(tmp_path):
+    sessions = open_database(f"sqlite:///{tmp_path}/node.sqlite")
+    datasets = mr_series(2)
+    for ds in datasets:
+        ds.PatientName = "Doe^Jane"
+    receive((sessions, tmp_path / "spool", None), datasets)
+    spool = Spool(tmp_path / "spool")
+    (hidden,) = series_page(sessions, Query(), spool, names=False)
+    (shown,) = series_page(sessions, Query(), spool, names=True)
+    assert hidden["patient_name"] is None and shown["patient_name"] == "Doe^Jane"
+
+
 def test_health_is_503_with_the_reason_and_a_killed_node_is_seen_gone(tmp_path):
     """A node without a worker and a job queued: unhealthy, saying why; after a SIGKILL and
     a restart, the dead process is listed as gone beside the new one."""
     port = free_port()
-    config = write_config(tmp_path, port)  # no models: no worker in the process
+    # No models: no worker in the process; and a spool that asks for more room than any disk.
+    config = write_config(tmp_path, port, min_free_spool_mb=10**9)
     node = NodeProcess(config, port).start()
     try:
         assert [status for status, _ in send(mr_series(3), port)] == [0, 0, 0]
@@ -154,6 +171,7 @@ def test_health_is_503_with_the_reason_and_a_killed_node_is_seen_gone(tmp_path):
         status, body = get(f"{node.http_url}/health")
         assert status == 503
         assert b"jobs: 1 queued and no live worker to run them" in body
+        assert b"below node.min_free_spool_mb = 1000000000" in body
         killed = node.process.pid
         node.kill()
         node.start()
@@ -161,6 +179,7 @@ def test_health_is_503_with_the_reason_and_a_killed_node_is_seen_gone(tmp_path):
         liveness = {w["pid"]: w["liveness"] for w in status["workers"]}
         assert liveness == {killed: "gone", node.process.pid: "alive"}
         text = run_dicomnode("status", "--config", str(config)).stdout
-        assert text.startswith("UNHEALTHY: jobs: 1 queued") and " gone" in text
+        assert text.startswith("UNHEALTHY: spool: ") and "jobs: 1 queued" in text.splitlines()[0]
+        assert " gone" in text
     finally:
         node.stop()

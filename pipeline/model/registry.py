@@ -61,6 +61,16 @@ class ModelRegistry:
             )
         return version
 
+    def active_versions(self) -> dict[str, str]:
+        """Each model's active version, for the models that have one."""
+        versions = {}
+        for name in self.names():
+            try:
+                versions[name] = self.active_version(name)
+            except RegistryError:
+                continue
+        return versions
+
     def active_path(self, name: str) -> Path:
         return self.path(name, self.active_version(name))
 
