@@ -124,7 +124,7 @@ class NodeService:
             self.sessions, storage, config.destinations, config.delivery, config.node.ae_title
         )
         if self.worker is not None:
-            self.worker.on_job_done = self.dispatcher.wake.set
+            self.worker.on_job_done = self._job_done
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._listening_since = utcnow()
@@ -136,6 +136,11 @@ class NodeService:
             if config.http.enabled
             else None
         )
+
+    def _job_done(self) -> None:
+        self.dispatcher.wake.set()
+        if self.heart is not None:
+            self.heart.wake.set()  # the console should not show the finished job for a beat
 
     def _heart_id(self) -> int | None:
         return self.heart.id if self.heart is not None else None
