@@ -215,6 +215,7 @@ def _worker(args: argparse.Namespace) -> int:
         pulse=lambda: Pulse(current_job_id=worker.current_job),
     )
     heart.start()
+    worker.on_job_done = heart.wake.set  # the finished job leaves the processes list at once
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: (stop.set(), worker.wake.set()))
