@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from node.config import (
     DEFAULT_CONFIG,
     Config,
@@ -50,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(error.report(), file=sys.stderr)
         return 2
+    except SQLAlchemyError as error:
+        # A database that went away or cannot be written: a line for the admin, not a trace.
+        reason = str(getattr(error, "orig", None) or error).splitlines()[0]
+        print(f"dicomnode: the database failed: {type(error).__name__}: {reason}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 def _command_of(argv: list[str]) -> str | None:

@@ -51,6 +51,12 @@ def test_mistaken_paths_and_names_are_one_line_each(tmp_path):
     assert f"translate: OUTPUT {tmp_path}/out.dcm is a file" in translate.stderr
     activate = dicomnode("models", "activate", "t1-to-t3", "v1", "--config", path)
     assert activate.returncode == 1 and "no model named 't1-to-t3'" in activate.stderr
+    (tmp_path / "node.sqlite").write_text("not a database")
+    status = dicomnode("status", "--config", path)
+    assert status.returncode == 1
+    assert (
+        status.stderr == "dicomnode: the database failed: DatabaseError: file is not a database\n"
+    )
     for result in (route, translate, activate):
         assert "Traceback" not in result.stderr
 
