@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from node.config import Config
-from pipeline.state.db import Heartbeat, Job, JobState, Role, utcnow
+from pipeline.state.db import Heartbeat, Role, utcnow
 from pipeline.state.heartbeats import Liveness, read_heartbeats
+from pipeline.state.jobs import read_queue
 
 # The completion tick runs every check_interval_seconds; this many missed means it is stuck.
 MISSED_TICKS = 10
@@ -39,9 +40,7 @@ def check_health(config: Config, sessions: sessionmaker, serve_id: int | None = 
     try:
         beats = read_heartbeats(sessions)
         with sessions() as session:
-            queued = session.scalar(
-                select(func.count()).select_from(Job).where(Job.state == JobState.QUEUED)
-            )
+            queued = read_queue(session).depth
     except SQLAlchemyError as error:
         return Verdict(False, False, (f"database: cannot be read ({_short(error)})",))
     alive = [beat for beat in beats if beat["liveness"] == Liveness.ALIVE]

@@ -15,6 +15,7 @@ from sqlalchemy.orm import sessionmaker
 from pipeline.model.registry import ModelRegistry, RegistryError
 from pipeline.routing import Route
 from pipeline.state.db import Delivery, Instance, Job, JobState, Series, utcnow
+from pipeline.state.jobs import read_queue
 
 INSTANCES = Counter(
     "dicomnode_instances",
@@ -43,7 +44,7 @@ class StateCollector(Collector):
                     Delivery.destination, Delivery.state
                 )
             ).all()
-            oldest = session.scalar(select(func.min(Job.created_at)).where(Job.state == "queued"))
+            queue = read_queue(session)
             spool = session.scalar(
                 select(func.coalesce(func.sum(Instance.size), 0))
                 .join(Series)
@@ -60,14 +61,13 @@ class StateCollector(Collector):
                 ["destination", "state"],
                 deliveries,
             )
-        counts = dict(jobs)
         yield GaugeMetricFamily(
-            "dicomnode_queue_depth", "Jobs waiting for a worker", value=counts.get("queued", 0)
+            "dicomnode_queue_depth", "Jobs waiting for a worker", value=queue.depth
         )
         yield GaugeMetricFamily(
             "dicomnode_oldest_queued_job_seconds",
             "Age of the oldest queued job (0: none queued)",
-            value=(utcnow() - oldest).total_seconds() if oldest else 0,
+            value=(utcnow() - queue.oldest).total_seconds() if queue.oldest else 0,
         )
         yield GaugeMetricFamily(
             "dicomnode_spool_bytes", "Bytes of received instances kept in the spool", value=spool

@@ -20,11 +20,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.status import describe_delivery, describe_job
 from pipeline.model.registry import ModelRegistry
 from pipeline.spool import Spool
-from pipeline.state.db import Delivery, Instance, Job, JobState, Series, iso, utcnow
+from pipeline.state.db import Delivery, DeliveryState, Instance, Job, JobState, Series, iso, utcnow
 from pipeline.state.heartbeats import read_heartbeats
+from pipeline.state.jobs import read_queue
 
 PAGE_SIZE = 50
 THUMBNAIL_PIXELS = 160
+_FIVE_MIN, _HOUR, _DAY = timedelta(minutes=5), timedelta(hours=1), timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,7 @@ def overview(sessions: sessionmaker, spool_root: Path) -> dict[str, Any]:
     """The overview's figures: queue, rates, failures, disk."""
     now = utcnow()
     with sessions() as session:
-        queued = session.scalar(_count(Job).where(Job.state == JobState.QUEUED))
-        oldest = session.scalar(select(func.min(Job.created_at)).where(Job.state == "queued"))
+        queue = read_queue(session)
         recent = session.scalar(_count(Instance).where(Instance.received_at >= now - _FIVE_MIN))
         done = session.scalar(
             _count(Job).where(Job.state == JobState.DONE, Job.updated_at >= now - _HOUR)
@@ -55,21 +56,20 @@ def overview(sessions: sessionmaker, spool_root: Path) -> dict[str, Any]:
             _count(Job).where(Job.state == JobState.FAILED, Job.updated_at >= now - _DAY)
         )
         failed_deliveries = session.scalar(
-            _count(Delivery).where(Delivery.state == "failed", Delivery.updated_at >= now - _DAY)
+            _count(Delivery).where(
+                Delivery.state == DeliveryState.FAILED, Delivery.updated_at >= now - _DAY
+            )
         )
     disk = shutil.disk_usage(spool_root)
     return {
-        "queued": queued,
-        "oldest_queued": iso(oldest),
+        "queued": queue.depth,
+        "oldest_queued": iso(queue.oldest),
         "instances_per_second": round(recent / _FIVE_MIN.total_seconds(), 2),
         "jobs_per_hour": done,
         "failures_24h": failed_jobs + failed_deliveries,
         "spool_free_gb": round(disk.free / 2**30, 1),
         "spool_free_percent": round(100 * disk.free / disk.total),
     }
-
-
-_FIVE_MIN, _HOUR, _DAY = timedelta(minutes=5), timedelta(hours=1), timedelta(days=1)
 
 
 def _count(table: type) -> Select:

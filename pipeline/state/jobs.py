@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.dicom.contrast import Direction
@@ -34,6 +34,21 @@ if TYPE_CHECKING:
     from pipeline.routing import Route
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Queue:
+    """The jobs waiting for a worker: how many, and since when the oldest waits."""
+
+    depth: int
+    oldest: datetime | None
+
+
+def read_queue(session: Session) -> Queue:
+    depth, oldest = session.execute(
+        select(func.count(), func.min(Job.created_at)).where(Job.state == JobState.QUEUED)
+    ).one()
+    return Queue(depth, oldest)
 
 
 def create_job(session: Session, series: Series, route: Route) -> Job:
