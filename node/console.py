@@ -37,7 +37,7 @@ from pipeline.state import audit
 from pipeline.state.audit import AuditFilter, read_audit
 from pipeline.state.db import DeliveryState, JobState, SeriesState
 from pipeline.state.deliveries import resend_job, retry_delivery
-from pipeline.state.heartbeats import read_heartbeats
+from pipeline.state.heartbeats import read_heartbeats, worker_alive
 from pipeline.state.jobs import reprocess_series, retry_job
 
 log = logging.getLogger(__name__)
@@ -120,8 +120,15 @@ def build_app(config: Config, sessions: sessionmaker, serve_id: Any = lambda: No
     async def jobs(request: Request) -> Response:
         q = query(request)
         rows = pages.jobs_page(sessions, q)
+        # A queued job nobody will take is flagged where the admin looks for it.
         return render(
-            request, "jobs.html", rows=rows, q=q, states=list(JobState), **_pager(request, q, rows)
+            request,
+            "jobs.html",
+            rows=rows,
+            q=q,
+            states=list(JobState),
+            worker_alive=worker_alive(read_heartbeats(sessions)),
+            **_pager(request, q, rows),
         )
 
     async def deliveries(request: Request) -> Response:

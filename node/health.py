@@ -15,7 +15,7 @@ from sqlalchemy.orm import sessionmaker
 
 from node.config import Config
 from pipeline.state.db import Heartbeat, Role, utcnow
-from pipeline.state.heartbeats import Liveness, read_heartbeats
+from pipeline.state.heartbeats import Liveness, read_heartbeats, worker_alive
 from pipeline.state.jobs import read_queue
 
 # The completion tick runs every check_interval_seconds; this many missed means it is stuck.
@@ -59,7 +59,7 @@ def check_health(config: Config, sessions: sessionmaker, serve_id: int | None = 
             None, [_write_problem(sessions, serve["id"]), _tick_problem(config, serve)]
         )
     reasons += filter(None, [_spool_problem(config)])
-    if queued and not any(b["device"] for b in alive):
+    if queued and not worker_alive(beats):
         reasons.append(
             f"jobs: {queued} queued and no live worker to run them "
             "(start `dicomnode worker`, or [worker] in_process = true)"

@@ -172,6 +172,7 @@ def test_health_is_503_with_the_reason_and_a_killed_node_is_seen_gone(tmp_path):
         assert status == 503
         assert b"jobs: 1 queued and no live worker to run them" in body
         assert b"below node.min_free_spool_mb = 1000000000" in body
+        assert b"no live worker" in get(f"{node.http_url}/jobs")[1]
         killed = node.process.pid
         node.kill()
         node.start()

@@ -162,6 +162,11 @@ def read_heartbeats(sessions: sessionmaker, now: datetime | None = None) -> list
     ]
 
 
+def worker_alive(beats: list[dict[str, Any]]) -> bool:
+    """Whether a process that synthesizes (it has a device) beats: queued jobs get done."""
+    return any(beat["device"] and beat["liveness"] == Liveness.ALIVE for beat in beats)
+
+
 def lease_liveness(row: Leased, beats: list[dict[str, Any]]) -> Liveness | None:
     """Whether the holder of ``row``'s lease still beats; None when it is unknown (a holder
     of another host that never wrote a heartbeat)."""
