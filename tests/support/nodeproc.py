@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,8 @@ check_interval_seconds = 0.2
     else:
         text += f'\n[models]\nregistry = "{models}"\n'
     text += extra
+    if "[http]" not in extra:  # the console on a port of its own: nodes run side by side
+        text += f"\n[http]\nport = {free_port()}\n"
     if "[destinations." not in extra:
         text += routes_toml()
     path = folder / "config.toml"
@@ -60,9 +63,10 @@ check_interval_seconds = 0.2
 class NodeProcess:
     """`dicomnode serve` in a subprocess; its log goes to ``folder/node.log``."""
 
-    def __init__(self, config: Path, port: int) -> None:
+    def __init__(self, config: Path, port: int, *options: str) -> None:
         self.config = config
         self.port = port
+        self.options = options  # more of `serve`'s options (--log-format json)
         self.log_path = config.parent / "node.log"
         self.process: subprocess.Popen | None = None
 
@@ -70,7 +74,7 @@ class NodeProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.process = subprocess.Popen(
-                [*DICOMNODE, "serve", "--config", str(self.config)],
+                [*DICOMNODE, "serve", "--config", str(self.config), *self.options],
                 cwd=REPO,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -86,6 +90,12 @@ class NodeProcess:
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError(f"dicomnode did not listen on {self.port}:\n{self.log()}")
+
+    @property
+    def http_url(self) -> str:
+        """Where its console listens (``[http]`` of its config)."""
+        http = tomllib.loads(self.config.read_text())["http"]
+        return f"http://{http.get('host', '127.0.0.1')}:{http['port']}"
 
     def kill(self) -> None:
         """SIGKILL: a crash, with no chance to clean up."""
