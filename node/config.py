@@ -7,9 +7,13 @@ against the file's folder and checks what spans sections (routes name destinatio
 
 from __future__ import annotations
 
-import importlib.util
+import difflib
+import errno
 import re
+import socket
+import tempfile
 import tomllib
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import NoSuchModuleError
 
 from pipeline.completion import CompletionSettings
 from pipeline.retention import RetentionSettings
@@ -33,6 +38,8 @@ from pipeline.state.filesystems import network_filesystem_problem
 from train.settings import RefreshSettings
 
 DEFAULT_CONFIG = Path("config.toml")
+# Strict: a port written as text ("11112") is a mistake to name, not to guess.
+Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
 
 
 class ConfigError(Exception):
@@ -78,8 +85,10 @@ class NodeSettings(BaseModel):
 
     ae_title: Annotated[str, Field(pattern=AE_TITLE_PATTERN)] = "SYNTH"
     host: str = "0.0.0.0"
-    port: Annotated[int, Field(ge=1, le=65535)] = 11112
+    port: Port = 11112
     storage: Path = Path("var/spool")
+    # Below this much free space on the spool's disk, /health and `dicomnode status` fail.
+    min_free_spool_mb: Annotated[int, Field(ge=0)] = 1024
     database: str = "sqlite:///var/dicomnode.sqlite"
     # Empty: any caller. Else "AE" or "AE@host" entries; others are rejected at association.
     allowed_callers: list[str] = []
@@ -165,12 +174,27 @@ class AllowedCaller:
         )
 
 
+class HttpSettings(BaseModel):
+    """``[http]``: the admin's console that `serve` runs (pages, /metrics, /health)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    # Loopback by default: the pages show what the node holds; open it up deliberately.
+    host: str = "127.0.0.1"
+    port: Port = 11180
+    # Without a token the console is read-only; with one, its actions need it.
+    admin_token: Annotated[str, Field(min_length=16)] | None = None
+    show_patient_names: bool = False
+
+
 class Config(BaseModel):
     """The whole config.toml."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     node: NodeSettings = NodeSettings()
+    http: HttpSettings = HttpSettings()
     completion: CompletionSettings = CompletionSettings()
     models: ModelSettings = ModelSettings()
     worker: WorkerSettings = WorkerSettings()
@@ -219,12 +243,8 @@ def check_database(config: Config) -> list[str]:
     not hold there (pipeline.state.filesystems). PostgreSQL needs its driver installed."""
     url = make_url(config.node.database)
     if url.get_backend_name() == "postgresql":
-        if importlib.util.find_spec("psycopg") is None:
-            return [
-                "node.database: PostgreSQL needs the driver psycopg 3, which is not "
-                "installed: pip install 'dicomnode[postgresql]'"
-            ]
-        return []
+        problem = _database_problem(config.node.database)  # its driver psycopg 3
+        return [problem] if problem else []
     if not url.drivername.startswith("sqlite") or url.database in (None, "", ":memory:"):
         return []
     problem = network_filesystem_problem(Path(url.database))
@@ -250,6 +270,91 @@ def check_models(config: Config) -> list[str]:
                 f"{card.direction}, but the route's direction is {route.direction}"
             )
     return problems
+
+
+def check_environment(config: Config, *, worker: bool) -> tuple[list[str], list[str]]:
+    """(problems, warnings): what `serve` would die of or do wrong on this machine, which
+    the file alone does not show. ``worker``: also what a synthesis worker needs."""
+    node = config.node
+    problems = [
+        problem
+        for problem in (
+            _folder_problem("node.storage", node.storage),
+            _database_problem(node.database),
+            _listen_problem("node", node.host, node.port),
+        )
+        if problem
+    ]
+    if config.http.enabled:
+        if config.http.port == node.port:
+            problems.append(f"http.port = {config.http.port}: the same as node.port")
+        else:
+            problems += filter(None, [_listen_problem("http", config.http.host, config.http.port)])
+    if worker and config.worker.device == "cuda":
+        from pipeline.model.inference import why_no_cuda  # torch: 2 s, only for CUDA
+
+        if why := why_no_cuda():
+            problems.append(f'worker.device = "cuda": {why} (use "auto" or "cpu")')
+    warnings = []
+    if not config.routes:
+        warnings.append("routes: none defined, so every series received would be ignored")
+    return problems, warnings
+
+
+def _folder_problem(key: str, folder: Path) -> str | None:
+    """Why ``folder`` cannot be the node's folder: a file, not creatable, not writable. Tried
+    by writing (a permission check would pass for root on a read-only file system)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{key} = '{folder}': {existing} is a file, not a folder"
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        how = "is not writable" if existing == folder else f"cannot be created in {existing}"
+        return f"{key} = '{folder}': {how} ({error.strerror})"
+    return None
+
+
+def _database_problem(url: str) -> str | None:
+    """A driver that is not installed, or an SQLite file whose folder cannot be made."""
+    parsed = make_url(url)
+    shown = f"node.database = {parsed.render_as_string(hide_password=True)!r}"
+    try:
+        parsed.get_dialect().import_dbapi()
+    except NoSuchModuleError:
+        return f"{shown}: SQLAlchemy knows no database {parsed.drivername!r}"
+    except ImportError as error:
+        if parsed.get_backend_name() == "postgresql":
+            hint = "pip install 'dicomnode[postgresql]'"
+            if parsed.drivername != "postgresql+psycopg":
+                hint += " and write the URL as postgresql+psycopg://..."
+        else:
+            hint = f"install the Python package that provides {error.name}"
+        return f"{shown}: its driver {error.name} is not installed ({hint})"
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        return _folder_problem("node.database", Path(parsed.database).parent)
+    return None
+
+
+def _listen_problem(section: str, host: str, port: int) -> str | None:
+    """Why a server could not listen on (host, port), tried by binding as servers do."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except PermissionError:
+            return (
+                f"{section}.port = {port}: not permitted to listen on {host}:{port} (ports "
+                "below 1024 need root or CAP_NET_BIND_SERVICE)"
+            )
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return f"{section}.port = {port}: {host}:{port} is in use (is a node running?)"
+            return f"{section}.host = {host!r}: cannot listen there ({error.strerror})"
+    return None
 
 
 def parse_config(raw: dict[str, Any], path: Path) -> Config:
@@ -335,9 +440,13 @@ def _resolve_paths(config: Config, base: Path) -> Config:
 def _describe(error: dict[str, Any]) -> str:
     location = _location(error["loc"])
     if error["type"] == "extra_forbidden":
-        return f"{location}: unknown key (check its spelling and section in the README's reference)"
+        return _unknown(error["loc"], error["input"])
     if error["type"] == "missing":
         return f"{location}: required, but missing"
+    if error["type"] == "int_type" and isinstance(error["input"], str):
+        key, text = str(error["loc"][-1]), error["input"].strip()
+        example = f"{key} = {text}" if text.isdigit() else f"{key} = 1234"
+        return f"{location} = {error['input']!r}: a number, written without quotes ({example})"
     message = error["msg"].removeprefix("Value error, ")
     return f"{location} = {error['input']!r}: {message}"
 
@@ -352,3 +461,44 @@ def _location(loc: tuple[Any, ...]) -> str:
         else:
             text += ("." if text else "") + str(part)
     return text
+
+
+def _unknown(loc: tuple[Any, ...], value: Any) -> str:
+    """An unknown section or key, with the known one it is a near miss of."""
+    name = str(loc[-1])
+    if len(loc) == 1:
+        sections = list(Config.model_fields)
+        match = difflib.get_close_matches(name, sections, n=1, cutoff=0.6)
+        tables = list(value) if isinstance(value, dict) else []
+        if not match:
+            return f"[{name}]: unknown section (sections: {', '.join(sections)})"
+        if match[0] == "routes":
+            hint = "[[routes]]"
+        elif match[0] == "destinations" and tables:
+            hint = " and ".join(f"[destinations.{table}]" for table in tables)
+        else:
+            hint = f"[{match[0]}]"
+        shown = f"{name}.{tables[0]}" if len(tables) == 1 and match[0] == "destinations" else name
+        return f"[{shown}]: unknown section, did you mean {hint}?"
+    keys = _known_keys(loc[:-1])
+    match = difflib.get_close_matches(name, keys, n=1, cutoff=0.6)
+    hint = (
+        f", did you mean {match[0]}?"
+        if match
+        else " (check its spelling and section in the README's reference)"
+    )
+    return f"{_location(loc)}: unknown key{hint}"
+
+
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the settings at ``loc`` (as pydantic names it) know."""
+    kind: Any = Config
+    for part in loc:
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            field = kind.model_fields.get(str(part))
+            if field is None:
+                return []
+            kind = field.annotation
+        else:  # a dict of tables or a list of them: the part is a table's name or index
+            kind = typing.get_args(kind)[-1]
+    return list(kind.model_fields) if isinstance(kind, type) and issubclass(kind, BaseModel) else []

@@ -19,13 +19,14 @@ import multiprocessing
 import os
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from multiprocessing.synchronize import Event as ProcessEvent
 
 from node.config import Config, NodeSettings
-from node.logs import setup_logging
+from node.logs import LogFormat, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,23 @@ PR_SET_PDEATHSIG = 1
 # How long a start waits for the port to be free: the receivers of a node killed just
 # before are being killed by the kernel.
 PORT_WAIT_SECONDS = 5
+# prometheus_client's multiprocess mode: each process keeps its counters in files there.
+COUNTERS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def receiver_count(settings: NodeSettings) -> int:
     """How many processes receive: ``[node] receivers``, else one per CPU core."""
     return settings.receivers or len(os.sched_getaffinity(0)) or 1
+
+
+def share_counters() -> tempfile.TemporaryDirectory:
+    """A folder where every receiver keeps its C-STORE counters, which `serve`'s /metrics
+    sums (node.metrics), so a scrape counts all receivers and not only `serve`'s share.
+    prometheus_client reads the variable when it is imported: call this before that; the
+    receivers inherit it. New at each start, so the counters start at zero with `serve`."""
+    folder = tempfile.TemporaryDirectory(prefix="dicomnode-counters-")
+    os.environ[COUNTERS_VARIABLE] = folder.name
+    return folder
 
 
 def ensure_ports_free(settings: NodeSettings) -> None:
@@ -66,8 +79,15 @@ def ensure_ports_free(settings: NodeSettings) -> None:
 class ReceiverPool:
     """The receivers beside `serve`'s own: started, watched, restarted and stopped."""
 
-    def __init__(self, config: Config, count: int, on_count_reached: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        count: int,
+        on_count_reached: Callable[[], None],
+        log_format: LogFormat = LogFormat.TEXT,
+    ) -> None:
         self._config = config
+        self._log_format = log_format
         self._count = count
         self._on_count_reached = on_count_reached
         self._context = multiprocessing.get_context("spawn")  # never fork a threaded process
@@ -99,7 +119,7 @@ class ReceiverPool:
     def _start(self, number: int) -> None:
         process = self._context.Process(
             target=run_receiver,
-            args=(self._config, number, self._count_reached, os.getpid()),
+            args=(self._config, number, self._log_format, self._count_reached, os.getpid()),
             name=f"receiver-{number}",
             daemon=False,
         )
@@ -124,7 +144,9 @@ class ReceiverPool:
                     self._start(number)
 
 
-def run_receiver(config: Config, number: int, count_reached: ProcessEvent, parent: int) -> None:
+def run_receiver(
+    config: Config, number: int, log_format: LogFormat, count_reached: ProcessEvent, parent: int
+) -> None:
     """A receiver process: the SCP on the shared port until SIGTERM or its `serve` dies."""
     # Die with `serve`, even when it is killed; and if it died while this one started, now.
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -134,7 +156,7 @@ def run_receiver(config: Config, number: int, count_reached: ProcessEvent, paren
     from pipeline.routing import header_keywords
     from pipeline.state.db import open_database
 
-    setup_logging(config.node.log_level, label=f"receiver-{number}")
+    setup_logging(config.node.log_level, log_format, label=f"receiver-{number}")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # `serve` stops the receivers itself

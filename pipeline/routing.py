@@ -49,7 +49,8 @@ class Destination(_Strict):
 
     ae_title: Annotated[str, Field(pattern=AE_TITLE_PATTERN)]
     host: Annotated[str, Field(min_length=1)]
-    port: Annotated[int, Field(ge=1, le=65535)]
+    # Strict: a port written as text ("4242") is a mistake config check names.
+    port: Annotated[int, Field(strict=True, ge=1, le=65535)]
     tls: DestinationTLS | None = None
 
 

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import time
+import urllib.request
 
 from tests.support.nodeproc import NodeProcess, free_port, run_dicomnode, write_config
 from tests.support.senders import DCMTK_ENV, ECHOSCU, STORESCU
@@ -71,6 +72,10 @@ def test_three_receivers_share_the_port_and_store_each_instance_once(tmp_path, m
         # Twelve associations spread by the kernel: the other receivers took some.
         assert re.search(r"receiver-[23] node.scp: association from \S+ \(127.0.0.1\) accepted",
                          node.log())  # fmt: skip
+        # /metrics counts the C-STOREs of every receiver, not only those `serve` took.
+        with urllib.request.urlopen(f"{node.http_url}/metrics", timeout=30) as response:
+            metrics = response.read().decode()
+        assert f'dicomnode_instances_total{{status="success"}} {float(len(files))}' in metrics
 
         # A receiver that dies is replaced, and the port keeps answering meanwhile.
         pids = receiver_pids(node)
@@ -81,8 +86,8 @@ def test_three_receivers_share_the_port_and_store_each_instance_once(tmp_path, m
 
         # A second node on the same port is refused instead of sharing it.
         second = run_dicomnode("serve", "--config", str(config))
-        assert second.returncode == 1
-        assert f"cannot start: port {port} is in use by another process" in second.stderr
+        assert second.returncode == 2
+        assert f"node.port = {port}: 127.0.0.1:{port} is in use" in second.stderr
 
         # Killing the node kills its receivers, and a new node gets the port.
         pids = receiver_pids(node)

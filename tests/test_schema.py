@@ -11,7 +11,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from pipeline.state.db import Base, create_database_engine, open_database
-from pipeline.state.schema import BASELINE, _alembic_config, _scripts
+from pipeline.state.schema import BASELINE, _alembic_config, _scripts, upgrade_schema
 from tests.support.nodeproc import run_dicomnode, write_config
 from tests.support.paths import REPO
 
@@ -93,3 +93,38 @@ def test_a_database_newer_than_the_node_is_refused(tmp_path, command_line):
     assert "Traceback" not in result.stderr
     upgrade = run_dicomnode("db", "upgrade", "--config", str(config))
     assert upgrade.returncode == 2 and "newer dicomnode" in upgrade.stderr
+
+
+@pytest.mark.parametrize("made_by", ["console", "console with 16-character accession numbers"])
+def test_a_database_the_console_made_before_revisions_is_upgraded(tmp_path, made_by):
+    """The console's first version made its tables (heartbeat, audit) and
+    series.accession_number itself: recorded as the baseline, the upgrade makes only what
+    is missing and ends with the models' tables exactly."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    open_database(url)
+    with sqlite3.connect(tmp_path / "db.sqlite") as db:
+        db.execute("drop table alembic_version")  # made before revisions
+        if made_by.endswith("numbers"):
+            db.execute("drop index ix_series_accession_number")
+            db.execute("alter table series drop column accession_number")
+            db.execute("alter table series add column accession_number varchar(16)")
+            db.execute("drop table audit")
+            db.execute(
+                "create table audit (id integer not null primary key, at datetime not null, "
+                "event varchar(32) not null, origin varchar not null, study_uid varchar(64), "
+                "series_uid varchar(64), accession_number varchar(16), job_id integer, "
+                "delivery_id integer, destination varchar, model varchar, "
+                "model_version varchar, detail varchar not null)"
+            )
+            for column in ("at", "study_uid", "accession_number", "destination"):
+                db.execute(f"create index ix_audit_{column} on audit ({column})")
+        db.execute("insert into heartbeat (role, host, pid, version, started_at, beat_at) "
+                   "values ('serve', 'h', 1, '0.1.0', '2026-11-30', '2026-11-30')")  # fmt: skip
+
+    engine = create_database_engine(url)
+    before, after = upgrade_schema(engine)
+    assert (before, after) == (BASELINE, _scripts().get_current_head())
+    with engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    with sqlite3.connect(tmp_path / "db.sqlite") as db:
+        assert db.execute("select host from heartbeat").fetchall() == [("h",)]

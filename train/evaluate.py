@@ -259,6 +259,15 @@ def evaluate_folders(
         say(paired[-1].summary())
     paired = [item for item in paired if len(item.slices)]
     stem = f"{model.card.name}-{model.card.version}"
+    # Scores on what the model learnt from say nothing of new patients: the card names them.
+    data = model.card.training.get("data")
+    trained_on = {entry["patient"] for entry in data} if isinstance(data, list) else set()
+    for item in paired:
+        if item.pair.patient in trained_on:
+            say(
+                f"warning: {item.pair.label} ({item.pair.patient}): this patient is in "
+                f"{stem}'s training data, so its scores overstate the model"
+            )
     report: dict[str, Any] = {"model": stem, "pairs": None, "unpaired": []}
     collapsed = False
     if paired:

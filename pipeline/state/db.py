@@ -22,6 +22,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def iso(moment: datetime | None) -> str | None:
+    """A stored (naive UTC) time for people and JSON: ISO 8601 with a Z."""
+    return moment.isoformat(timespec="seconds") + "Z" if moment else None
+
+
 class SeriesState(enum.StrEnum):
     RECEIVING = "receiving"  # instances may still come
     ROUTED = "routed"  # complete, and a route made a job of it
@@ -84,6 +89,9 @@ class Series(Base):
     completed_at: Mapped[datetime | None]
     # When the clean stage removed its files (pipeline.retention); the rows stay as history.
     purged_at: Mapped[datetime | None]
+    # The admin searches the console and the audit trail by it; it never goes into logs.
+    # Unbounded as received: PostgreSQL would refuse a malformed longer one (migration 0003).
+    accession_number: Mapped[str | None] = mapped_column(index=True)
 
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
     jobs: Mapped[list[Job]] = relationship(back_populates="series")
@@ -177,6 +185,72 @@ class Delivery(Leased, Base):
     job: Mapped[Job] = relationship(back_populates="deliveries")
 
     __table_args__ = (Index("ix_delivery_state", "state"),)
+
+
+class Role(enum.StrEnum):
+    """What a process that beats runs."""
+
+    SERVE = "serve"  # `dicomnode serve`: receives, completes, dispatches (and may synthesize)
+    WORKER = "worker"  # `dicomnode worker`: synthesizes only
+
+
+class Heartbeat(Base):
+    """A process of the node that says it is alive (pipeline.state.heartbeats): one row per
+    process, named as a lease names its holder, so a lease's holder is found here."""
+
+    __tablename__ = "heartbeat"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str]
+    pid: Mapped[int]
+    process_start: Mapped[str | None]  # see pipeline.state.leases.ProcessIdentity
+    version: Mapped[str]
+    # Where it synthesizes (cpu, cuda:0); None for a node that runs no worker.
+    device: Mapped[str | None] = mapped_column(String(32))
+    started_at: Mapped[datetime]
+    beat_at: Mapped[datetime]
+    current_job_id: Mapped[int | None]
+    # serve only: the last completion tick that ran through, and where its console listens.
+    ticked_at: Mapped[datetime | None]
+    console_url: Mapped[str | None]
+    stopped_at: Mapped[datetime | None]  # set by a clean stop
+
+    __table_args__ = (Index("ix_heartbeat_process", "host", "pid"),)
+
+
+class AuditEvent(enum.StrEnum):
+    """What the audit trail records (pipeline.state.audit)."""
+
+    RECEIVED = "received"  # a series (or part of it) arrived on one association
+    SYNTHESIZED = "synthesized"  # a job made its synthetic series
+    SYNTHESIS_FAILED = "synthesis failed"  # a job failed for good
+    SENT = "sent"  # a destination acknowledged every instance of a delivery
+    SEND_FAILED = "send failed"  # a delivery gave up
+    MODEL_ACTIVATED = "model activated"
+    ADMIN_ACTION = "admin action"  # retry, resend, reprocess by an admin
+
+
+class Audit(Base):
+    """One line of the audit trail: what happened, when, on whose behalf. Rows are only
+    ever added."""
+
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(index=True)
+    event: Mapped[str] = mapped_column(String(32))
+    # Who: the calling AE and its address, a worker or sender, "cli user@host", "http ADDRESS".
+    origin: Mapped[str]
+    study_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    series_uid: Mapped[str | None] = mapped_column(String(64))
+    accession_number: Mapped[str | None] = mapped_column(index=True)  # as the series'
+    job_id: Mapped[int | None]
+    delivery_id: Mapped[int | None]
+    destination: Mapped[str | None] = mapped_column(index=True)
+    model: Mapped[str | None]
+    model_version: Mapped[str | None]
+    detail: Mapped[str]
 
 
 # PostgreSQL connections each process keeps open: the SCP holds one per association while

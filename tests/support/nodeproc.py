@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,12 @@ def write_config(
 ) -> Path:
     """A config.toml for a node under ``folder``, listening on loopback ``port``.
 
-    Without ``models`` (a registry folder) the node runs no worker: intake only.
+    Without ``models`` (a registry folder) the node runs no worker: intake only. One
+    receiving process unless ``receivers`` says more: a process per core would start two
+    interpreters per node on CI's two cores, for tests that do not test receiving in several.
     """
     folder.mkdir(parents=True, exist_ok=True)
+    node.setdefault("receivers", 1)
     node_lines = "\n".join(f"{key} = {json.dumps(value)}" for key, value in node.items())
     text = f"""
 [node]
@@ -56,6 +60,8 @@ check_interval_seconds = 0.2
     else:
         text += f'\n[models]\nregistry = "{models}"\n'
     text += extra
+    if "[http]" not in extra:  # the console on a port of its own: nodes run side by side
+        text += f"\n[http]\nport = {free_port()}\n"
     if "[destinations." not in extra:
         text += routes_toml()
     path = folder / "config.toml"
@@ -66,9 +72,10 @@ check_interval_seconds = 0.2
 class NodeProcess:
     """`dicomnode serve` in a subprocess; its log goes to ``folder/node.log``."""
 
-    def __init__(self, config: Path, port: int) -> None:
+    def __init__(self, config: Path, port: int, *options: str) -> None:
         self.config = config
         self.port = port
+        self.options = options  # more of `serve`'s options (--log-format json)
         self.log_path = config.parent / "node.log"
         self.process: subprocess.Popen | None = None
 
@@ -76,7 +83,7 @@ class NodeProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.process = subprocess.Popen(
-                [*DICOMNODE, "serve", "--config", str(self.config)],
+                [*DICOMNODE, "serve", "--config", str(self.config), *self.options],
                 cwd=REPO,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -101,6 +108,12 @@ class NodeProcess:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"receivers did not all listen:\n{self.log()}")
             time.sleep(0.1)
+
+    @property
+    def http_url(self) -> str:
+        """Where its console listens (``[http]`` of its config)."""
+        http = tomllib.loads(self.config.read_text())["http"]
+        return f"http://{http.get('host', '127.0.0.1')}:{http['port']}"
 
     def kill(self) -> None:
         """SIGKILL: a crash, with no chance to clean up."""
