@@ -3,6 +3,7 @@ once per destination, and a worker killed in the middle of a job changes nothing
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -17,7 +18,14 @@ from pydicom import dcmread
 
 from tests.support.dicomgen import mr_series
 from tests.support.models import make_registry
-from tests.support.nodeproc import DICOMNODE, NodeProcess, free_port, stop_process, write_config
+from tests.support.nodeproc import (
+    DICOMNODE,
+    NodeProcess,
+    free_port,
+    run_dicomnode,
+    stop_process,
+    write_config,
+)
 from tests.support.paths import REPO
 from tests.support.peers import StoreSCP
 from tests.support.senders import send
@@ -182,17 +190,23 @@ def test_postgresql_stores_what_sqlite_stores_however_long_its_values(tmp_path, 
     """Column lengths bind on PostgreSQL only: values as received, of any length, are
     answered as on SQLite (here: kept), not refused as "out of resources"."""
     port = free_port()
-    node = NodeProcess(write_config(tmp_path, port, database=postgres_url), port).start()
+    config = write_config(tmp_path, port, database=postgres_url)
+    node = NodeProcess(config, port).start()
     try:
-        series = [mr_series(2) for _ in range(3)]
+        series = [mr_series(2) for _ in range(4)]
         for ds in series[0]:
             ds.FrameOfReferenceUID = "1." + "2" * 100
         for ds in series[1]:
             ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0] * 20
         for ds in series[2]:
             ds.PixelSpacing = [1.123456789] * 30
+        for ds in series[3]:
+            ds.AccessionNumber = "A" * 40  # SH allows 16; kept whole for the admin's search
         for datasets in series:
             assert send(datasets, port) == [(0, "")] * 2
-        assert sum(s["instances"] for s in node.status()["series"]) == 6
+        assert sum(s["instances"] for s in node.status()["series"]) == 8
     finally:
         node.stop()
+    audit = run_dicomnode("audit", "--accession", "A" * 40, "--json", "--config", str(config))
+    assert audit.returncode == 0, audit.stderr
+    assert [row["event"] for row in json.loads(audit.stdout)] == ["received"]

@@ -70,6 +70,8 @@ IDENTIFIERS = ("SECRET", PATIENT_ID)
 
 # The node under fuzzing drops stalled connections fast, so a run does not wait on them.
 FAST_CONNECTIONS = {"pdu_timeout_seconds": 1.0, "association_request_timeout_seconds": 1.0}
+# Two receiving processes, so malformed inputs and kills reach a receiver beside `serve`.
+RECEIVERS = 2
 SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, JPEG2000Lossless]
 REQUIRED_UIDS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SOPClassUID")
 
@@ -655,7 +657,8 @@ def malformed_inputs(
     rng = random.Random(seed)
     report = MalformedReport()
     port = free_port()
-    node = NodeProcess(write_config(workdir / "node", port, **FAST_CONNECTIONS), port).start()
+    config = write_config(workdir / "node", port, receivers=RECEIVERS, **FAST_CONNECTIONS)
+    node = NodeProcess(config, port).start()
     inputs_folder = workdir / "inputs"
     inputs_folder.mkdir(parents=True)
     acknowledged: dict[str, Acknowledged] = {}  # by SOP Instance UID: the first Success
@@ -906,7 +909,12 @@ def kill_trials(
         "lease_seconds = 600\n"
     ) + routes_toml(Orthanc.AE_TITLE, orthanc.dicom_port)
     config = write_config(
-        workdir / "node", port, extra=extra, models=registry.root, database=database
+        workdir / "node",
+        port,
+        extra=extra,
+        models=registry.root,
+        database=database,
+        receivers=RECEIVERS,
     )
     node = NodeProcess(config, port).start()
     sent: dict[str, list[Dataset]] = {}  # study UID -> its series
