@@ -15,6 +15,7 @@ from node.config import (
     DEFAULT_CONFIG,
     Config,
     ConfigError,
+    check_database,
     check_environment,
     check_models,
     load_config,
@@ -22,6 +23,7 @@ from node.config import (
 from node.logs import LogFormat, setup_logging
 from node.version import software_version
 from pipeline.dicom.contrast import Direction
+from pipeline.state.schema import SchemaError
 
 log = logging.getLogger("dicomnode")
 
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except ConfigError as error:
         print(error.report(), file=sys.stderr)
+        return 2
+    except SchemaError as error:
+        print(f"database refused: {error}", file=sys.stderr)
         return 2
     except SQLAlchemyError as error:
         # A database that went away or cannot be written: a line for the admin, not a trace.
@@ -145,6 +150,16 @@ def _parser(training: bool) -> argparse.ArgumentParser:
     )
     _add_global_options(check, defaults=False)
     check.set_defaults(run=_config_check)
+
+    database = commands.add_parser("db", help="the database's schema version")
+    database_commands = database.add_subparsers(metavar="ACTION")
+    for name, run, text in (
+        ("version", _db_version, "show the database's schema revision and this node's"),
+        ("upgrade", _db_upgrade, "bring the database up to this node's schema revision"),
+    ):
+        action = database_commands.add_parser(name, help=text, description=text)
+        _add_global_options(action, defaults=False)
+        action.set_defaults(run=run)
     return parser
 
 
@@ -181,25 +196,47 @@ def _raise_model_problems(config: Config, path: Path) -> None:
         raise ConfigError(path, problems)
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from node.console import ListenError
-    from node.service import NodeService
-
-    config = load_config(args.config)
-    # Without an in-process worker, the models are checked by `dicomnode worker`.
-    if config.worker.in_process:
-        _raise_model_problems(config, args.config)
-    problems, warnings = check_environment(config, worker=config.worker.in_process)
+def _raise_database_problems(config: Config, path: Path) -> None:
+    problems = check_database(config)
     if problems:
-        raise ConfigError(args.config, problems)
-    setup_logging(config.node.log_level, args.log_format)
-    for warning in warnings:
-        log.warning("%s: %s", args.config, warning)
-    try:
-        NodeService(config).run_until_signalled()
-    except ListenError as error:  # taken between the check and the start
-        log.error("%s: %s", args.config, error)
-        return 2
+        raise ConfigError(path, problems)
+
+
+def _raise_tls_problems(config: Config, path: Path) -> None:
+    from node.tls import check_tls
+
+    problems = check_tls(config)
+    if problems:
+        raise ConfigError(path, problems)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from node.receivers import share_counters
+
+    with share_counters():  # before node.metrics imports prometheus_client
+        from node.console import ListenError
+        from node.service import NodeService
+
+        config = load_config(args.config)
+        _raise_database_problems(config, args.config)
+        _raise_tls_problems(config, args.config)
+        # Without an in-process worker, the models are checked by `dicomnode worker`.
+        if config.worker.in_process:
+            _raise_model_problems(config, args.config)
+        problems, warnings = check_environment(config, worker=config.worker.in_process)
+        if problems:
+            raise ConfigError(args.config, problems)
+        setup_logging(config.node.log_level, args.log_format)
+        for warning in warnings:
+            log.warning("%s: %s", args.config, warning)
+        try:
+            NodeService(config, args.log_format).run_until_signalled()
+        except ListenError as error:  # taken between the check and the start
+            log.error("%s: %s", args.config, error)
+            return 2
+        except OSError as error:  # the port is taken since the check, the spool cannot be made
+            log.error("cannot start: %s", error.strerror or error)
+            return 1
     return 0
 
 
@@ -212,6 +249,7 @@ def _worker(args: argparse.Namespace) -> int:
     from pipeline.state.heartbeats import Heart, Pulse
 
     config = _load_checked(args.config)
+    _raise_database_problems(config, args.config)
     setup_logging(config.node.log_level, args.log_format)
     sessions = open_database(config.node.database)
     take_back_leases(config, sessions)
@@ -375,9 +413,11 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _config_check(args: argparse.Namespace) -> int:
+    from node.tls import check_tls
+
     config = load_config(args.config)
     problems, warnings = check_environment(config, worker=config.worker.in_process)
-    problems += check_models(config)
+    problems += check_models(config) + check_tls(config)
     for warning in warnings:
         print(f"{args.config}: warning: {warning}")
     if problems:
@@ -385,6 +425,30 @@ def _config_check(args: argparse.Namespace) -> int:
     print(
         f"{args.config}: OK ({len(config.routes)} route(s), "
         f"{len(config.destinations)} destination(s))"
+    )
+    return 0
+
+
+def _db_version(args: argparse.Namespace) -> int:
+    from pipeline.state.db import create_database_engine
+    from pipeline.state.schema import schema_version
+
+    config = load_config(args.config)
+    print(schema_version(create_database_engine(config.node.database)).text)
+    return 0
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from pipeline.state.db import create_database_engine
+    from pipeline.state.schema import upgrade_schema
+
+    config = load_config(args.config)
+    _raise_database_problems(config, args.config)
+    before, after = upgrade_schema(create_database_engine(config.node.database))
+    print(
+        f"schema revision {after}: already up to date"
+        if before == after
+        else f"schema upgraded from revision {before} to {after}"
     )
     return 0
 

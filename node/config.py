@@ -14,10 +14,18 @@ import socket
 import tempfile
 import tomllib
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import NoSuchModuleError
 
@@ -26,6 +34,7 @@ from pipeline.retention import RetentionSettings
 from pipeline.routing import AE_TITLE_PATTERN, Destination, Route
 from pipeline.settings import ModelSettings, WorkerSettings
 from pipeline.state.deliveries import DeliverySettings
+from pipeline.state.filesystems import network_filesystem_problem
 from train.settings import RefreshSettings
 
 DEFAULT_CONFIG = Path("config.toml")
@@ -45,6 +54,28 @@ class ConfigError(Exception):
         lines = [f"{self.path}: {len(self.problems)} problem(s):"]
         lines += [f"  - {problem}" for problem in self.problems]
         return "\n".join(lines)
+
+
+class NodeTLS(BaseModel):
+    """``[node.tls]``: DICOM over TLS (1.2 or newer), on ``port`` beside the plain port, or
+    instead of plain DICOM on ``[node] port`` when no port is given."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    certificate: Path  # the node's certificate (PEM), with any intermediates after it
+    key: Path  # its private key (PEM, unencrypted: the node starts unattended)
+    ca: Path | None = None  # CA bundle (PEM) that signs the certificates of callers
+    require_client_certificate: bool = True
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+
+    @model_validator(mode="after")
+    def _ca_to_check_callers(self) -> NodeTLS:
+        if self.require_client_certificate and self.ca is None:
+            raise ValueError(
+                "require_client_certificate = true needs ca (the bundle that signs callers' "
+                "certificates)"
+            )
+        return self
 
 
 class NodeSettings(BaseModel):
@@ -68,14 +99,25 @@ class NodeSettings(BaseModel):
     # A connection that sends no A-ASSOCIATE-RQ this long after it opened is closed.
     association_request_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0
     log_level: str = "INFO"
+    tls: NodeTLS | None = None
+    # Processes receiving on the port (SO_REUSEPORT), each with its own interpreter lock;
+    # unset: one per CPU core (node.receivers).
+    receivers: Annotated[int, Field(ge=1, le=64)] | None = None
 
     @field_validator("allowed_callers")
     @classmethod
     def _callers_are_ae_titles(cls, callers: list[str]) -> list[str]:
         for entry in callers:
-            title, _, host = entry.partition("@")
-            if not re.match(AE_TITLE_PATTERN, title) or ("@" in entry and not host):
-                raise ValueError(f"{entry!r} is not 'AE' or 'AE@host' (AE: 1-16 characters)")
+            caller = AllowedCaller.parse(entry)
+            if (
+                not re.match(AE_TITLE_PATTERN, caller.ae_title)
+                or caller.host == ""
+                or caller.subject == ""
+            ):
+                raise ValueError(
+                    f"{entry!r} is not 'AE', 'AE@host', 'AE#certificate name' or "
+                    "'AE@host#certificate name' (AE: 1-16 characters)"
+                )
         return callers
 
     @field_validator("database")
@@ -98,15 +140,38 @@ class NodeSettings(BaseModel):
             raise ValueError(f"must be one of {', '.join(allowed)}")
         return level.upper()
 
-    def caller_allowed(self, ae_title: str, host: str) -> bool:
-        """Whether the calling AE title (from ``host``) may associate."""
+    def caller_allowed(self, ae_title: str, host: str, subject: str | None = None) -> bool:
+        """Whether the calling AE title (from ``host``, over TLS with a client certificate
+        whose common name is ``subject``) may associate."""
         if not self.allowed_callers:
             return True
-        for entry in self.allowed_callers:
-            title, _, bound_host = entry.partition("@")
-            if title == ae_title and (not bound_host or bound_host == host):
-                return True
-        return False
+        return any(
+            AllowedCaller.parse(entry).admits(ae_title, host, subject)
+            for entry in self.allowed_callers
+        )
+
+
+@dataclass(frozen=True)
+class AllowedCaller:
+    """An ``allowed_callers`` entry: an AE title, optionally bound to a host (``@host``)
+    and to the common name of a client certificate (``#name``, over TLS only)."""
+
+    ae_title: str
+    host: str | None
+    subject: str | None
+
+    @classmethod
+    def parse(cls, entry: str) -> AllowedCaller:
+        caller, has_subject, subject = entry.partition("#")
+        title, has_host, host = caller.partition("@")
+        return cls(title, host if has_host else None, subject if has_subject else None)
+
+    def admits(self, ae_title: str, host: str, subject: str | None) -> bool:
+        return (
+            self.ae_title == ae_title
+            and self.host in (None, host)
+            and (self.subject is None or self.subject == subject)
+        )
 
 
 class HttpSettings(BaseModel):
@@ -171,6 +236,19 @@ def check_refresh(config: Config) -> list[str]:
         for folder in config.refresh.data
         if not folder.is_dir()
     ]
+
+
+def check_database(config: Config) -> list[str]:
+    """An SQLite database on a network filesystem (NFS, CIFS) is refused: its locking does
+    not hold there (pipeline.state.filesystems). PostgreSQL needs its driver installed."""
+    url = make_url(config.node.database)
+    if url.get_backend_name() == "postgresql":
+        problem = _database_problem(config.node.database)  # its driver psycopg 3
+        return [problem] if problem else []
+    if not url.drivername.startswith("sqlite") or url.database in (None, "", ":memory:"):
+        return []
+    problem = network_filesystem_problem(Path(url.database))
+    return [f"node.database = {config.node.database!r}: {problem}"] if problem else []
 
 
 def check_models(config: Config) -> list[str]:
@@ -320,12 +398,43 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         database_path = Path(url.database)
         if not database_path.is_absolute():
             url = url.set(database=str(base / database_path))
+    tls = config.node.tls
+    if tls is not None:
+        tls = tls.model_copy(
+            update={
+                "certificate": base / tls.certificate,
+                "key": base / tls.key,
+                "ca": base / tls.ca if tls.ca else None,
+            }
+        )
     node = config.node.model_copy(
-        update={"storage": storage, "database": url.render_as_string(hide_password=False)}
+        update={
+            "storage": storage,
+            "database": url.render_as_string(hide_password=False),
+            "tls": tls,
+        }
     )
+    destinations = {
+        name: destination.model_copy(
+            update={
+                "tls": destination.tls.model_copy(
+                    update={
+                        field: base / value
+                        for field in ("ca", "certificate", "key")
+                        if (value := getattr(destination.tls, field)) is not None
+                    }
+                )
+            }
+        )
+        if destination.tls
+        else destination
+        for name, destination in config.destinations.items()
+    }
     models = config.models.model_copy(update={"registry": registry})
     refresh = config.refresh.model_copy(update={"data": [base / p for p in config.refresh.data]})
-    return config.model_copy(update={"node": node, "models": models, "refresh": refresh})
+    return config.model_copy(
+        update={"node": node, "models": models, "refresh": refresh, "destinations": destinations}
+    )
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -18,7 +18,12 @@ class LogFormat(enum.StrEnum):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record, with the fields a log shipper indexes."""
+    """One JSON object per record, with the fields a log shipper indexes (and the process's
+    label, where several processes write to the same log)."""
+
+    def __init__(self, label: str = "") -> None:
+        super().__init__()
+        self.label = label
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -27,17 +32,24 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.label:
+            entry["process"] = self.label
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
 
 
-def setup_logging(level: str, log_format: LogFormat = LogFormat.TEXT) -> None:
+def setup_logging(level: str, log_format: LogFormat = LogFormat.TEXT, label: str = "") -> None:
+    """Log to standard error, one line per record, redacted; ``label`` names the process
+    in each record where several write to the same log (the receivers)."""
     handler = logging.StreamHandler(sys.stderr)
     if log_format is LogFormat.JSON:
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(label))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        prefix = f"{label} " if label else ""
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")
+        )
     # Libraries quote the values they warn about, and a malformed value can hold a patient's
     # name: their records and Python's warnings go through the handler's redaction.
     handler.addFilter(RedactingFilter())
@@ -49,6 +61,7 @@ def setup_logging(level: str, log_format: LogFormat = LogFormat.TEXT) -> None:
     # and logs one line each, so its own two lines per exception would only repeat it.
     logging.getLogger("pynetdicom.fsm").setLevel(logging.CRITICAL)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # "Context impl SQLiteImpl"...
     # uvicorn's access log would repeat every page the console serves (each refresh).
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     logging.captureWarnings(True)

@@ -1,17 +1,21 @@
-"""/metrics in Prometheus' format: what this process counts as it answers (C-STORE results),
-and what the database holds, read at each scrape, so that every process of the node (serve,
-workers on other machines) is counted once, where the state is."""
+"""/metrics in Prometheus' format: what the receivers count as they answer (C-STORE results,
+summed over `serve` and its other receiver processes), and what the database holds, read
+at each scrape, so that every process of the node (serve, workers on other machines) is
+counted once, where the state is."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
+from node.receivers import COUNTERS_VARIABLE
 from pipeline.model.registry import ModelRegistry, RegistryError
 from pipeline.routing import Route
 from pipeline.state.db import Delivery, Instance, Job, JobState, Series, utcnow
@@ -19,7 +23,7 @@ from pipeline.state.jobs import read_queue
 
 INSTANCES = Counter(
     "dicomnode_instances",
-    "C-STORE requests this process answered, by status (success, duplicate or a refusal)",
+    "C-STORE requests the node's receivers answered, by status (success, duplicate or a refusal)",
     ["status"],
 )
 # Synthesis of one series takes seconds on a GPU and a minute or more on a CPU.
@@ -111,11 +115,15 @@ def _histogram(timings: list[dict]) -> Metric:
 def metrics_registry(
     sessions: sessionmaker, registry: ModelRegistry, routes: Sequence[Route]
 ) -> CollectorRegistry:
-    """This process's counters and the database's state, for one /metrics."""
-    from prometheus_client import REGISTRY
-
+    """The receivers' counters and the database's state, for one /metrics."""
     combined = CollectorRegistry(auto_describe=False)
-    combined.register(_Forward(REGISTRY))
+    if COUNTERS_VARIABLE in os.environ:
+        # `serve` (node.receivers.share_counters): every receiver process's counters, summed.
+        MultiProcessCollector(combined)
+    else:  # an app built in a process of its own (tests): its counters
+        from prometheus_client import REGISTRY
+
+        combined.register(_Forward(REGISTRY))
     combined.register(StateCollector(sessions, registry, routes))
     return combined
 

@@ -28,6 +28,7 @@ from sqlalchemy.orm import sessionmaker
 from node.acceptor import ConnectionLimits, start_server
 from node.config import NodeSettings
 from node.metrics import INSTANCES
+from node.tls import certificate_name, server_context
 from pipeline.files import DurableFolders, write_new
 from pipeline.intake import InstanceRefused, RefusalKind, inspect_instance, record_instance
 from pipeline.redact import redact
@@ -133,8 +134,10 @@ class StorageSCP:
         storage: Path,
         header_keywords: Iterable[str] = (),
         on_count_reached: Callable[[], None] = lambda: None,
+        reuse_port: bool = False,
     ) -> None:
         self._settings = settings
+        self._reuse_port = reuse_port  # one of several receivers (node.receivers)
         self._sessions = sessions
         self._spool = Spool(storage)
         self._folders = DurableFolders(storage)
@@ -142,7 +145,8 @@ class StorageSCP:
         self._on_count_reached = on_count_reached
         self._tallies: dict[int, _AssociationTally] = {}
         self._lock = threading.Lock()
-        self._server = None
+        self._server = None  # plain DICOM; the TLS server where there is no plain port
+        self._tls_server = None
 
         ae = AE(ae_title=settings.ae_title)
         # pynetdicom counts every acceptor thread against its limit, connections that never
@@ -178,17 +182,31 @@ class StorageSCP:
             acse_timeout=self._ae.acse_timeout,
             max_pdu_length=self._ae.maximum_pdu_size,
         )
-        self._server = start_server(
-            self._ae, (self._settings.host, self._settings.port), handlers, limits
-        )
-        log.info(
-            "listening as %s on %s:%d", self._settings.ae_title, self._settings.host, self.port
-        )
+        host, tls = self._settings.host, self._settings.tls
+        reuse = self._reuse_port
+        if tls is None or tls.port is not None:
+            address = (host, self._settings.port)
+            self._server = start_server(self._ae, address, handlers, limits, reuse_port=reuse)
+            log.info("listening as %s on %s:%d", self._settings.ae_title, host, self.port)
+        if tls is not None:
+            address = (host, tls.port or self._settings.port)
+            server = start_server(
+                self._ae, address, handlers, limits, server_context(tls), reuse_port=reuse
+            )
+            self._tls_server = server
+            self._server = self._server or server
+            log.info(
+                "listening as %s on %s:%d over TLS (client certificate %s)",
+                self._settings.ae_title,
+                host,
+                server.server_address[1],
+                "required" if tls.require_client_certificate else "optional",
+            )
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        for server in {self._server, self._tls_server} - {None}:
+            server.shutdown()
+        self._server = self._tls_server = None
 
     # Handlers run in each association's own thread.
 
@@ -196,11 +214,14 @@ class StorageSCP:
         # The requestor's AE title is filled in only during negotiation, after this event.
         calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
         host = str(event.assoc.requestor.address)
-        if not self._settings.caller_allowed(calling, host):
+        sock = event.assoc.dul.socket
+        subject = certificate_name(sock.socket if sock else None)
+        if not self._settings.caller_allowed(calling, host, subject):
             log.warning(
-                "association from %s (%s) rejected: calling AE title not recognized",
+                "association from %s (%s%s) rejected: calling AE title not recognized",
                 calling,
                 host,
+                f", certificate {subject!r}" if subject else "",
             )
             # Rejected permanent, by the service user, "calling AE title not recognized".
             _reject(event.assoc, 0x01, 0x01, 0x03)

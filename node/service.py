@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 from node.config import Config
 from node.console import ConsoleServer, build_app
 from node.dispatch import Dispatcher
+from node.logs import LogFormat
+from node.receivers import ReceiverPool, ensure_ports_free, receiver_count
 from node.scp import StorageSCP
 from node.version import software_version
 from pipeline.completion import complete_due_series
@@ -105,19 +107,27 @@ def work_in_hand(sessions: sessionmaker) -> str:
 class NodeService:
     """Everything `dicomnode serve` runs, started and stopped together."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, log_format: LogFormat = LogFormat.TEXT) -> None:
         self.config = config
         storage = config.node.storage
         self.spool = Spool(storage)
         self.spool.make()
         self.sessions = open_database(config.node.database)
         self.scheduler = BackgroundScheduler(timezone=UTC)
+        receivers = receiver_count(config.node)
         self.scp = StorageSCP(
             config.node,
             self.sessions,
             storage,
             header_keywords=header_keywords(config.routes),
             on_count_reached=self.wake_completion,
+            reuse_port=receivers > 1,
+        )
+        # The other receiving processes: this one is the first.
+        self.receivers = (
+            ReceiverPool(config, receivers, self.wake_completion, log_format)
+            if receivers > 1
+            else None
         )
         self.worker = build_worker(config, self.sessions) if config.worker.in_process else None
         self.dispatcher = Dispatcher(
@@ -150,6 +160,8 @@ class NodeService:
         return Pulse(current_job_id=job, ticked_at=self.ticked_at)
 
     def start(self) -> None:
+        if self.receivers is not None:  # shared ports: a plain bind tells if one is taken
+            ensure_ports_free(self.config.node)
         if self.console is not None:  # first: a port taken stops the start before any work
             self.console.start()
         removed = self.spool.remove_partial_files()
@@ -203,11 +215,16 @@ class NodeService:
         )
         self.heart.start()
         self.scp.start()
+        if self.receivers is not None:
+            self.receivers.start()
+            log.info("receiving in %d processes", receiver_count(self.config.node))
 
     def stop(self) -> None:
         self.scp.stop()
         if self.console is not None:
             self.console.stop()
+        if self.receivers is not None:
+            self.receivers.stop()
         self.scheduler.shutdown(wait=True)
         self._stop.set()
         self.dispatcher.wake.set()

@@ -141,7 +141,7 @@ def inspect_instance(
         instance_number=int_or_none(ds.get("InstanceNumber")),
         series_number=int_or_none(ds.get("SeriesNumber")),
         description=str(ds.get("SeriesDescription", "") or "")[:64] or None,
-        accession_number=str(ds.get("AccessionNumber", "") or "").strip()[:16] or None,
+        accession_number=str(ds.get("AccessionNumber", "") or "").strip() or None,
         dataset=ds,
         header_keywords=tuple(extra_keywords),
     )

@@ -12,8 +12,8 @@ import enum
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, ForeignKey, Index, String, create_engine, event, inspect
-from sqlalchemy.engine import Engine
+from sqlalchemy import JSON, ForeignKey, Index, String, create_engine, event
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 
@@ -66,9 +66,11 @@ class Series(Base):
     # Geometry every instance must agree with (first instance's values).
     rows: Mapped[int]
     columns: Mapped[int]
-    orientation: Mapped[str | None] = mapped_column(String(128))
-    pixel_spacing: Mapped[str | None] = mapped_column(String(64))
-    frame_of_reference_uid: Mapped[str | None] = mapped_column(String(64))
+    # Unbounded: as received, a malformed value can be any length, and PostgreSQL (unlike
+    # SQLite) refuses a longer one than its column's (migration 0002).
+    orientation: Mapped[str | None]
+    pixel_spacing: Mapped[str | None]
+    frame_of_reference_uid: Mapped[str | None]
     # The count the header announces, None when absent or inconsistent across instances.
     expected_count: Mapped[int | None]
     count_consistent: Mapped[bool] = mapped_column(default=True)
@@ -88,7 +90,8 @@ class Series(Base):
     # When the clean stage removed its files (pipeline.retention); the rows stay as history.
     purged_at: Mapped[datetime | None]
     # The admin searches the console and the audit trail by it; it never goes into logs.
-    accession_number: Mapped[str | None] = mapped_column(String(16), index=True)
+    # Unbounded as received: PostgreSQL would refuse a malformed longer one (migration 0003).
+    accession_number: Mapped[str | None] = mapped_column(index=True)
 
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
     jobs: Mapped[list[Job]] = relationship(back_populates="series")
@@ -241,7 +244,7 @@ class Audit(Base):
     origin: Mapped[str]
     study_uid: Mapped[str | None] = mapped_column(String(64), index=True)
     series_uid: Mapped[str | None] = mapped_column(String(64))
-    accession_number: Mapped[str | None] = mapped_column(String(16), index=True)
+    accession_number: Mapped[str | None] = mapped_column(index=True)  # as the series'
     job_id: Mapped[int | None]
     delivery_id: Mapped[int | None]
     destination: Mapped[str | None] = mapped_column(index=True)
@@ -250,43 +253,47 @@ class Audit(Base):
     detail: Mapped[str]
 
 
-def open_database(url: str) -> sessionmaker:
-    """Connect to ``url``, create the tables if needed, and return a session factory."""
-    is_sqlite = url.startswith("sqlite")
-    engine = create_engine(
-        url,
-        connect_args={"timeout": 60, "check_same_thread": False} if is_sqlite else {},
-        pool_pre_ping=not is_sqlite,
-    )
-    if is_sqlite:
+# PostgreSQL connections each process keeps open: the SCP holds one per association while
+# it records an instance (16 by default), the stages one each; more wait for a free one.
+POOL_SIZE = 8
+POOL_OVERFLOW = 24
+
+
+def database_url(url: str) -> URL:
+    """``url`` with the driver this node uses: psycopg 3 for a bare ``postgresql://``
+    (SQLAlchemy's default there is psycopg2, which the ``postgresql`` extra does not
+    install)."""
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def create_database_engine(url: str) -> Engine:
+    """An engine for ``url``: SQLite in WAL mode, or a pool of PostgreSQL connections
+    checked before use (a database restart must not fail the next C-STORE)."""
+    parsed = database_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_engine(parsed, connect_args={"timeout": 60, "check_same_thread": False})
         _configure_sqlite(engine)
-    Base.metadata.create_all(engine)
-    _add_new_columns(engine)
+        return engine
+    return create_engine(
+        parsed,
+        pool_size=POOL_SIZE,
+        max_overflow=POOL_OVERFLOW,
+        pool_pre_ping=True,
+        pool_recycle=3600,
+    )
+
+
+def open_database(url: str) -> sessionmaker:
+    """Connect to ``url`` and return a session factory. A new database gets its tables; one
+    at another schema revision is refused (pipeline.state.schema)."""
+    from pipeline.state.schema import check_schema  # it reads this module's tables
+
+    engine = create_database_engine(url)
+    check_schema(engine)
     return sessionmaker(engine, expire_on_commit=False)
-
-
-def _add_new_columns(engine: Engine) -> None:
-    """Add the columns a model gained since the database was made (create_all makes only
-    missing tables), so a node upgraded in place opens its existing database. Only nullable
-    columns are ever added this way; anything else needs a real migration."""
-    with engine.begin() as connection:
-        inspector = inspect(connection)
-        for table in Base.metadata.sorted_tables:
-            present = {column["name"] for column in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name in present:
-                    continue
-                if not column.nullable:
-                    raise RuntimeError(f"{table.name}.{column.name} is missing and not nullable")
-                kind = column.type.compile(dialect=engine.dialect)
-                connection.exec_driver_sql(
-                    f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"
-                )
-            # An index of an added column (create_all makes indexes only with their table).
-            indexes = {index["name"] for index in inspector.get_indexes(table.name)}
-            for index in table.indexes:
-                if index.name not in indexes:
-                    index.create(connection)
 
 
 def _configure_sqlite(engine: Engine) -> None:

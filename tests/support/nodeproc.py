@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -25,13 +26,21 @@ def free_port() -> int:
 
 
 def write_config(
-    folder: Path, port: int, extra: str = "", models: Path | None = None, **node: Any
+    folder: Path,
+    port: int,
+    extra: str = "",
+    models: Path | None = None,
+    database: str = "sqlite:///node.sqlite",
+    **node: Any,
 ) -> Path:
     """A config.toml for a node under ``folder``, listening on loopback ``port``.
 
-    Without ``models`` (a registry folder) the node runs no worker: intake only.
+    Without ``models`` (a registry folder) the node runs no worker: intake only. One
+    receiving process unless ``receivers`` says more: a process per core would start two
+    interpreters per node on CI's two cores, for tests that do not test receiving in several.
     """
     folder.mkdir(parents=True, exist_ok=True)
+    node.setdefault("receivers", 1)
     node_lines = "\n".join(f"{key} = {json.dumps(value)}" for key, value in node.items())
     text = f"""
 [node]
@@ -39,7 +48,7 @@ ae_title = "SYNTH"
 host = "127.0.0.1"
 port = {port}
 storage = "spool"
-database = "sqlite:///node.sqlite"
+database = "{database}"
 {node_lines}
 
 [completion]
@@ -90,6 +99,15 @@ class NodeProcess:
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError(f"dicomnode did not listen on {self.port}:\n{self.log()}")
+
+    def wait_until_receiving(self, receivers: int, timeout: float = 60) -> None:
+        """Until the other ``receivers - 1`` receiver processes listen too (`serve` itself
+        listens once ``start`` returns)."""
+        deadline = time.monotonic() + timeout
+        while len(re.findall(r" receiver-\d+ node\.scp: listening", self.log())) < receivers - 1:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"receivers did not all listen:\n{self.log()}")
+            time.sleep(0.1)
 
     @property
     def http_url(self) -> str:
