@@ -15,7 +15,7 @@ matplotlib.use("Agg")  # files only; no display on a server
 import matplotlib.pyplot as plt
 import numpy as np
 
-from train.metrics import minmax_slices
+from pipeline.model.scores import minmax_slices
 
 FIGURE_SLICES = 4
 
