@@ -164,7 +164,7 @@ def check_models(config: Config) -> list[str]:
         if card.direction != route.direction:
             problems.append(
                 f"routes[{index}].model = {route.model_name!r}: {describe(card)} synthesizes "
-                f"{card.direction}, but the route's direction is {route.direction}"
+                f"{card.direction}, but route {route.name!r} has direction {route.direction}"
             )
     return problems
 
@@ -192,6 +192,7 @@ def _cross_section_problems(config: Config) -> list[str]:
         if route.name in seen:
             problems.append(f"routes[{index}].name = {route.name!r}: used by an earlier route")
         seen.add(route.name)
+        problems += [f"routes[{index}].{line} (route {route.name!r})" for line in route.problems()]
         for name in route.destinations:
             if name not in config.destinations:
                 known = ", ".join(sorted(config.destinations)) or "none defined"

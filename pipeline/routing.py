@@ -120,6 +120,24 @@ class Route(_Strict):
             )
         return conditions
 
+    def problems(self) -> list[str]:
+        """Why this route cannot make sense, one line per key (empty: it can), for
+        ``node.config``: each line names the key, the route follows."""
+        problems = []
+        for contrast in self.accepted_contrasts:
+            if contrast is Contrast.OTHER:
+                problems.append(
+                    f"contrast: OTHER takes what the node cannot classify, its own synthetic "
+                    f"output included (derived images are OTHER); name the contrasts "
+                    f"({self.direction.source} for {self.direction})"
+                )
+            elif contrast in self.direction.target_family:
+                problems.append(
+                    f"contrast: {contrast} contradicts direction {self.direction}, which "
+                    f"synthesizes {self.direction.target} from {self.direction.source}"
+                )
+        return problems
+
     @property
     def accepted_contrasts(self) -> list[Contrast]:
         return self.contrast if self.contrast is not None else [self.direction.source]
