@@ -90,7 +90,9 @@ def format_status(status: dict[str, Any]) -> str:
     series_rows = []
     for s in status["series"]:
         count = f"{s['instances']}/{s['expected']}" if s["expected"] else str(s["instances"])
-        reason = s["reason"] if s["state"] == "ignored" else ""
+        reason = s["reason"] if s["state"] in ("ignored", "incomplete") else ""
+        if s["state"] == "receiving" and s["expected"] and s["instances"] < s["expected"]:
+            reason = f"so far {s['instances']} of {s['expected']} announced instances"
         series_rows.append(
             (
                 s["series_uid"],

@@ -98,6 +98,9 @@ class Route(_Strict):
     model: str | None = None
     destinations: Annotated[list[str], Field(min_length=1)]
     quiet_seconds: Annotated[float, Field(gt=0)] | None = None
+    # Synthesize a series short of the count its header announced (else its job fails
+    # as incomplete, pipeline.completion).
+    allow_incomplete: bool = False
 
     @field_validator("match", mode="before")
     @classmethod

@@ -26,6 +26,7 @@ class SeriesState(enum.StrEnum):
     RECEIVING = "receiving"  # instances may still come
     ROUTED = "routed"  # complete, and a route made a job of it
     IGNORED = "ignored"  # complete, and no route wanted it (state_reason says why)
+    INCOMPLETE = "incomplete"  # short of its announced count after the wait; its job failed
 
 
 class JobState(enum.StrEnum):

@@ -25,8 +25,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def create_job(session: Session, series: Series, route: Route) -> Job:
-    """Queue a job for ``series`` as ``route`` says; the caller commits."""
+def create_job(
+    session: Session, series: Series, route: Route, *, refused: str | None = None
+) -> Job:
+    """Queue a job for ``series`` as ``route`` says; the caller commits. A job ``refused``
+    (the reason) is recorded failed at once, so status lists it with the others."""
     now = utcnow()
     job = Job(
         series_id=series.id,
@@ -35,14 +38,16 @@ def create_job(session: Session, series: Series, route: Route) -> Job:
         direction=route.direction.value,
         model=route.model_name,
         destinations=list(route.destinations),
-        state=JobState.QUEUED,
+        state=JobState.QUEUED if refused is None else JobState.FAILED,
+        reason=refused,
         attempts=0,
         created_at=now,
         updated_at=now,
     )
     session.add(job)
     session.flush()
-    log.info("job %d: queued for series %s (route %s)", job.id, series.series_uid, route.name)
+    if refused is None:
+        log.info("job %d: queued for series %s (route %s)", job.id, series.series_uid, route.name)
     return job
 
 
