@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 from pipeline.completion import CompletionSettings
 from pipeline.retention import RetentionSettings
 from pipeline.routing import AE_TITLE_PATTERN, Destination, Route
-from pipeline.settings import ModelSettings, WorkerSettings
+from pipeline.settings import ModelSettings, OutputSettings, WorkerSettings
 from pipeline.state.deliveries import DeliverySettings
 from train.settings import RefreshSettings
 
@@ -108,6 +108,7 @@ class Config(BaseModel):
     completion: CompletionSettings = CompletionSettings()
     models: ModelSettings = ModelSettings()
     worker: WorkerSettings = WorkerSettings()
+    output: OutputSettings = OutputSettings()
     delivery: DeliverySettings = DeliverySettings()
     refresh: RefreshSettings = RefreshSettings()
     retention: RetentionSettings = RetentionSettings()

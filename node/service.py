@@ -72,6 +72,7 @@ def build_worker(config: Config, sessions: sessionmaker) -> Worker:
         ModelRegistry(config.models.registry),
         config.worker,
         software_version(),
+        config.output,
     )
 
 

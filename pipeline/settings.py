@@ -35,3 +35,16 @@ class WorkerSettings(BaseModel):
     # Longer than any job takes; a worker that dies holds its job this long at most.
     lease_seconds: Annotated[float, Field(gt=0)] = 900.0
     poll_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
+
+
+class OutputSettings(BaseModel):
+    """``[output]`` in config.toml: how the synthetic series is marked beyond its header."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # "SYNTHETIC" burnt into the air outside the head of every image (pipeline.dicom.label).
+    burn_in_label: bool = True
+
+
+# What a node writes when config.toml says nothing about [output] (and `dicomnode translate`).
+DEFAULT_OUTPUT = OutputSettings()

@@ -21,13 +21,17 @@ from pipeline.dicom.derived import (
     derived_series_uid,
     write_series,
 )
+from pipeline.dicom.label import burn_label, label_fits
 from pipeline.dicom.reformat import axial_view
 from pipeline.dicom.seriesfiles import SeriesFiles
 from pipeline.dicom.volume import SeriesError, load_series
 from pipeline.model.card import ModelFileError, describe
 from pipeline.model.inference import Synthesizer, Synthesizers, pick_device
-from pipeline.model.preprocess import to_stored_pixels
+from pipeline.model.preprocess import head_mask, to_stored_pixels
 from pipeline.model.registry import RegistryError
+from pipeline.settings import DEFAULT_OUTPUT, OutputSettings
+
+LABEL = "SYNTHETIC"
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,11 @@ class SynthesisResult:
 
 
 def synthesize_series(
-    paths: Sequence[Path], synthesizer: Synthesizer, direction: Direction, software_version: str
+    paths: Sequence[Path],
+    synthesizer: Synthesizer,
+    direction: Direction,
+    software_version: str,
+    output_settings: OutputSettings = DEFAULT_OUTPUT,
 ) -> SynthesisResult:
     """Synthesize the ``direction.target`` series from the source files at ``paths``.
 
@@ -60,17 +68,24 @@ def synthesize_series(
     loaded = time.perf_counter()
     output = synthesizer.synthesize(view.pixels, view.pixel_spacing, view.slice_offsets)
     stored = to_stored_pixels(view.to_source(output))
+    pixels = stored.pixels
+    labelled = output_settings.burn_in_label and label_fits(pixels.shape[1:], LABEL)
+    if labelled:
+        # As bright as the top of the window: white in the viewer's opening view.
+        value = min(int(stored.window_center + stored.window_width / 2), 2**stored.bits_stored - 1)
+        pixels = burn_label(pixels, head_mask(volume.pixels), LABEL, value)
     inferred = time.perf_counter()
     identity = ModelIdentity(card.name, card.version, card.checksum)
     datasets = build_synthetic_series(
         volume,
-        stored.pixels,
+        pixels,
         bits_stored=stored.bits_stored,
         window_center=stored.window_center,
         window_width=stored.window_width,
         target_contrast=direction.target,
         model=identity,
         software_version=software_version,
+        burned_in=labelled,
     )
     built = time.perf_counter()
     return SynthesisResult(

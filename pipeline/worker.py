@@ -22,7 +22,7 @@ from pipeline.dicom.volume import SeriesError
 from pipeline.model.card import ModelFileError, describe
 from pipeline.model.inference import Synthesizer, Synthesizers, pick_device
 from pipeline.model.registry import ModelRegistry, RegistryError
-from pipeline.settings import WorkerSettings
+from pipeline.settings import DEFAULT_OUTPUT, OutputSettings, WorkerSettings
 from pipeline.spool import Spool
 from pipeline.state.jobs import ClaimedJob, JobOutput, claim_job, fail_job, finish_job
 from pipeline.state.leases import worker_identity
@@ -41,8 +41,10 @@ class Worker:
         registry: ModelRegistry,
         settings: WorkerSettings,
         software_version: str,
+        output_settings: OutputSettings = DEFAULT_OUTPUT,
     ) -> None:
         self._sessions = sessions
+        self._output_settings = output_settings
         self._spool = Spool(storage)
         self._registry = registry
         self._settings = settings
@@ -109,6 +111,7 @@ class Worker:
             synthesizer,
             job.direction,
             self._software_version,
+            self._output_settings,
         )
         output_folder = Spool.job_folder(job.id)
         started = time.perf_counter()
