@@ -373,8 +373,10 @@ def _list(args: argparse.Namespace) -> int:
                 f"{marker} {name} {version}  {card.get('direction', '?')}  "
                 f"created {card.get('created', '?')}  sha256:{card.get('checksum', '')[:12]}"
             )
-            print(f"      {_metrics_line(card.get('metrics', {}))}")
+            for line in _metrics_lines(card.get("metrics", {})):
+                print(f"      {line}")
     print("(* = active)")
+    print(f"All models: {RESEARCH_USE}.")
     return 0
 
 
@@ -392,15 +394,34 @@ def _activate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _metrics_line(metrics: dict[str, Any]) -> str:
-    for key in ("reference", "held_out", "training_data_only"):
+# Which figures a card's metrics are, in words: only held-out patients say how a model does
+# on people it never saw.
+_FIGURES = {
+    "held_out": "held out",
+    "reference": "held out (k-fold, its recipe)",
+    "training_data_only": "on its own training data, NOT held out",
+}
+RESEARCH_USE = (
+    "research use, not for diagnosis (until this site's own monitor says otherwise: "
+    "dicomnode quality)"
+)
+
+
+def _metrics_lines(metrics: dict[str, Any]) -> list[str]:
+    lines = []
+    for key, label in _FIGURES.items():
         overall = (metrics.get(key) or {}).get("overall") or {}
         if "model" in overall:
             model, floor = overall["model"], overall.get("inverted", {})
             nan = float("nan")
-            return (
-                f"{key}: PSNR head {model['psnr_head']:.2f} dB, SSIM head "
+            lines.append(
+                f"{label}: PSNR head {model['psnr_head']:.2f} dB, SSIM head "
                 f"{model['ssim_head']:.3f} (inverted input: {floor.get('psnr_head', nan):.2f} dB, "
                 f"{floor.get('ssim_head', nan):.3f})"
             )
-    return "no metrics on the card"
+    if not any(key in metrics for key in ("held_out", "reference")):
+        lines.append(
+            "held out: no figures on the card (docs/ablation.md has its recipe's; "
+            "python -m train.ablation --attach puts them there)"
+        )
+    return lines
