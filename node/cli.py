@@ -64,6 +64,19 @@ def _parser(training: bool) -> argparse.ArgumentParser:
         "--calling-ae", default="", help="assume the series came from this AE (calling_ae rules)"
     )
 
+    quality = command(
+        "quality", _quality, "the quality monitor: rolling scores, worst studies, pauses"
+    )
+    quality.add_argument("--json", action="store_true", help="one JSON object for scripts")
+    quality_actions = quality.add_subparsers(metavar="ACTION")
+    resume = quality_actions.add_parser(
+        "resume", help="resume a protocol the monitor paused (its earlier scores set aside)"
+    )
+    resume.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    for name in ("scanner", "protocol", "model"):
+        resume.add_argument(f"--{name}", required=True, help="as `dicomnode quality` shows it")
+    resume.set_defaults(run=_quality_resume)
+
     command("worker", _worker, "run a synthesis worker only (for [worker] in_process = false)")
     command("check", _check, "C-ECHO each destination and say whether it answers")
     retry = command("retry", _retry, "replay a failed job, or a done job's failed deliveries")
@@ -242,8 +255,40 @@ def _status(args: argparse.Namespace) -> int:
     from pipeline.state.db import open_database
 
     config = load_config(args.config)
-    status = collect_status(open_database(config.node.database), limit=args.limit)
+    sessions = open_database(config.node.database)
+    status = collect_status(sessions, limit=args.limit, monitor=config.monitor)
     print(json.dumps(status, indent=1) if args.json else format_status(status))
+    return 0
+
+
+def _quality(args: argparse.Namespace) -> int:
+    from node.quality import format_quality
+    from pipeline.state.db import open_database
+    from pipeline.state.quality import quality_report
+
+    config = load_config(args.config)
+    report = quality_report(open_database(config.node.database), config.monitor)
+    print(json.dumps(report, indent=1) if args.json else format_quality(report))
+    return 0
+
+
+def _quality_resume(args: argparse.Namespace) -> int:
+    from pipeline.state.db import open_database
+    from pipeline.state.quality import resume
+
+    config = load_config(args.config)
+    known = resume(open_database(config.node.database), args.scanner, args.protocol, args.model)
+    if not known:
+        print(
+            f"quality resume: no scores for protocol {args.protocol!r} on {args.scanner} with "
+            f"model {args.model} (see dicomnode quality)",
+            file=sys.stderr,
+        )
+        return 1
+    print(
+        f"resumed protocol {args.protocol!r} on {args.scanner} with model {args.model}: its "
+        f"{known} earlier score(s) no longer pause it"
+    )
     return 0
 
 

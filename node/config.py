@@ -20,6 +20,7 @@ from pipeline.retention import RetentionSettings
 from pipeline.routing import AE_TITLE_PATTERN, Destination, Route
 from pipeline.settings import ModelSettings, OutputSettings, WorkerSettings
 from pipeline.state.deliveries import DeliverySettings
+from pipeline.state.quality import MonitorSettings
 from train.settings import RefreshSettings
 
 DEFAULT_CONFIG = Path("config.toml")
@@ -109,6 +110,7 @@ class Config(BaseModel):
     models: ModelSettings = ModelSettings()
     worker: WorkerSettings = WorkerSettings()
     output: OutputSettings = OutputSettings()
+    monitor: MonitorSettings = MonitorSettings()
     delivery: DeliverySettings = DeliverySettings()
     refresh: RefreshSettings = RefreshSettings()
     retention: RetentionSettings = RetentionSettings()

@@ -33,6 +33,7 @@ from node.scp import StorageSCP
 from pipeline.completion import complete_due_series
 from pipeline.intake import recover_unrecorded
 from pipeline.model.registry import ModelRegistry
+from pipeline.monitor import score_due_pairs
 from pipeline.retention import purge_finished
 from pipeline.routing import header_keywords
 from pipeline.spool import Spool
@@ -73,6 +74,7 @@ def build_worker(config: Config, sessions: sessionmaker) -> Worker:
         config.worker,
         software_version(),
         config.output,
+        config.monitor,
     )
 
 
@@ -156,6 +158,15 @@ class NodeService:
         self.scheduler.add_job(
             self._clean, "interval", hours=1, id="clean", max_instances=1, coalesce=True
         )
+        if self.config.monitor.enabled:
+            self.scheduler.add_job(
+                self._monitor,
+                "interval",
+                seconds=self.config.monitor.check_interval_seconds,
+                id="monitor",
+                max_instances=1,
+                coalesce=True,
+            )
         if self.config.refresh.enabled:
             refresh = self.config.refresh
             self.scheduler.add_job(
@@ -209,6 +220,12 @@ class NodeService:
             purge_finished(self.sessions, self.config.node.storage, self.config.retention)
         except Exception:
             log.exception("clean stage failed; files are kept and it runs again in an hour")
+
+    def _monitor(self) -> None:
+        try:
+            score_due_pairs(self.sessions, self.config.node.storage, self.config.monitor)
+        except Exception:
+            log.exception("quality monitor failed; it tries again at its next tick")
 
     def _refresh(self) -> None:
         from train.refresh import refresh_models  # torch and the training stack: only now

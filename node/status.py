@@ -8,12 +8,19 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
+from node.quality import format_quality
+from node.tables import table
 from pipeline.state.db import Delivery, Job, Leased, Series
 from pipeline.state.leases import Holder, holder_of
+from pipeline.state.quality import MonitorSettings, quality_report
 
 
-def collect_status(sessions: sessionmaker, limit: int = 200) -> dict[str, Any]:
-    """Series, jobs and deliveries, newest first, as plain data (no patient names)."""
+def collect_status(
+    sessions: sessionmaker, limit: int = 200, monitor: MonitorSettings | None = None
+) -> dict[str, Any]:
+    """Series, jobs and deliveries, newest first, as plain data (no patient names); with
+    ``monitor``, the quality monitor's report too."""
+    quality = quality_report(sessions, monitor) if monitor is not None else None
     with sessions() as session:
         series = session.scalars(
             select(Series).order_by(Series.last_arrival.desc(), Series.id.desc()).limit(limit)
@@ -82,7 +89,7 @@ def collect_status(sessions: sessionmaker, limit: int = 200) -> dict[str, Any]:
                 }
                 for d in deliveries
             ],
-        }
+        } | ({"quality": quality} if quality is not None else {})
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -128,19 +135,21 @@ def format_status(status: dict[str, Any]) -> str:
         )
         for d in status["deliveries"]
     ]
+    quality = [format_quality(status["quality"])] if "quality" in status else []
     return "\n\n".join(
         [
+            *quality,
             "SERIES (newest first)\n"
-            + _table(
+            + table(
                 ("series UID", "description", "contrast", "state", "inst", "last arrival", "why"),
                 series_rows,
             ),
             "JOBS (newest first)\n"
-            + _table(
+            + table(
                 ("id", "series UID", "direction", "route", "state", "model", "reason"), job_rows
             ),
             "DELIVERIES (newest first)\n"
-            + _table(
+            + table(
                 ("id", "job", "destination", "state", "sent", "tries", "reason"), delivery_rows
             ),
         ]
@@ -169,17 +178,6 @@ def _why(entry: dict[str, Any]) -> str:
     if entry["holder"] == Holder.GONE:
         held += " (that process is gone: the next start on its host takes it back)"
     return f"{held}; {reason}" if reason else held
-
-
-def _table(headers: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
-    if not rows:
-        return "  (none)"
-    cells = [tuple(map(str, headers))] + [tuple(map(str, row)) for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return "\n".join(
-        "  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-        for row in cells
-    )
 
 
 def _iso(moment: datetime | None) -> str | None:

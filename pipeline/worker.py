@@ -26,6 +26,13 @@ from pipeline.settings import DEFAULT_OUTPUT, OutputSettings, WorkerSettings
 from pipeline.spool import Spool
 from pipeline.state.jobs import ClaimedJob, JobOutput, claim_job, fail_job, finish_job
 from pipeline.state.leases import worker_identity
+from pipeline.state.quality import (
+    DEFAULT_MONITOR,
+    MonitorPause,
+    MonitorSettings,
+    QualityKey,
+    check_not_paused,
+)
 from pipeline.synthesis import synthesize_series
 
 log = logging.getLogger(__name__)
@@ -42,8 +49,10 @@ class Worker:
         settings: WorkerSettings,
         software_version: str,
         output_settings: OutputSettings = DEFAULT_OUTPUT,
+        monitor_settings: MonitorSettings = DEFAULT_MONITOR,
     ) -> None:
         self._sessions = sessions
+        self._monitor_settings = monitor_settings
         self._output_settings = output_settings
         self._spool = Spool(storage)
         self._registry = registry
@@ -81,7 +90,7 @@ class Worker:
     def _run(self, job: ClaimedJob) -> None:
         try:
             output = self._synthesize(job)
-        except (SeriesError, ModelFileError, RegistryError) as error:
+        except (SeriesError, ModelFileError, RegistryError, MonitorPause) as error:
             # The same input or model would fail again: no point in retrying by itself.
             self._fail(job, str(error), retryable=False)
         except Exception as error:
@@ -106,6 +115,10 @@ class Worker:
         if not job.instance_paths:
             raise SeriesError("the series has no stored instances")
         synthesizer = self.synthesizer(job.model)
+        # The active version's rolling score on this scanner and protocol, checked now:
+        # an activation or a resume takes effect from the next job on.
+        key = QualityKey(job.scanner, job.protocol, job.model, synthesizer.card.version)
+        check_not_paused(self._sessions, key, self._monitor_settings)
         result = synthesize_series(
             [self._spool.path(p) for p in job.instance_paths],
             synthesizer,

@@ -12,7 +12,16 @@ import enum
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, ForeignKey, Index, String, create_engine, event, inspect
+from sqlalchemy import (
+    JSON,
+    Float,
+    ForeignKey,
+    Index,
+    String,
+    create_engine,
+    event,
+    inspect,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
@@ -35,6 +44,7 @@ class JobState(enum.StrEnum):
     DONE = "done"
     FAILED = "failed"
     SUPERSEDED = "superseded"  # the series re-opened before this job ran; a newer job replaces it
+    HELD = "held"  # synthesized, but too uncertain to send (reason says how much); kept
 
 
 class DeliveryState(enum.StrEnum):
@@ -147,6 +157,10 @@ class Job(Leased, Base):
     output_series_uid: Mapped[str | None] = mapped_column(String(64))
     output_path: Mapped[str | None]
     output_count: Mapped[int | None]
+    # The synthesis' Monte-Carlo dropout uncertainty (pipeline.model.uncertainty): its
+    # per-series summary and confidence (1 - it, clipped to [0, 1]).
+    uncertainty: Mapped[float | None] = mapped_column(Float)
+    confidence: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 
@@ -176,6 +190,58 @@ class Delivery(Leased, Base):
     job: Mapped[Job] = relationship(back_populates="deliveries")
 
     __table_args__ = (Index("ix_delivery_state", "state"),)
+
+
+class QualityState(enum.StrEnum):
+    SCORING = "scoring"  # claimed by a monitor tick
+    SCORED = "scored"
+    FAILED = "failed"  # could not be scored (reason says why); counts for no rolling score
+
+
+class QualityScore(Base):
+    """A synthetic series scored against the real series of its target contrast that the
+    same study brought (pipeline.monitor): one per job."""
+
+    __tablename__ = "quality_score"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("job.id"), unique=True)
+    real_series_uid: Mapped[str] = mapped_column(String(64))
+    study_uid: Mapped[str] = mapped_column(String(64))
+    accession: Mapped[str | None] = mapped_column(String(16))
+    # What the rolling scores are kept per (pipeline.state.quality.QualityKey).
+    scanner: Mapped[str]
+    protocol: Mapped[str]
+    model: Mapped[str]
+    model_version: Mapped[str]
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None]
+    # Per series: mean over the scored slices; inside the head, and the paper's PSNR.
+    correlation: Mapped[float | None] = mapped_column(Float)
+    ssim: Mapped[float | None] = mapped_column(Float)
+    psnr: Mapped[float | None] = mapped_column(Float)
+    # Per slice: {"slices": [...], "corr_head": [...], "ssim_head": [...], "psnr_slice": [...]}
+    per_slice: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    placed_by: Mapped[str | None]  # header geometry, or the rigid registration
+    created_at: Mapped[datetime]
+    scored_at: Mapped[datetime | None]
+
+    job: Mapped[Job] = relationship()
+
+    __table_args__ = (Index("ix_quality_key", "scanner", "protocol", "model", "model_version"),)
+
+
+class MonitorResume(Base):
+    """An admin's `dicomnode quality resume`: scores before it no longer pause its
+    scanner/protocol/model."""
+
+    __tablename__ = "monitor_resume"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    scanner: Mapped[str]
+    protocol: Mapped[str]
+    model: Mapped[str]
+    resumed_at: Mapped[datetime]
 
 
 def open_database(url: str) -> sessionmaker:

@@ -18,6 +18,7 @@ from pipeline.dicom.contrast import Direction
 from pipeline.state.db import Delivery, DeliveryState, Instance, Job, JobState, Series, utcnow
 from pipeline.state.deliveries import create_deliveries, retry_delivery
 from pipeline.state.leases import claim_oldest, take_back
+from pipeline.state.quality import protocol_of, scanner_of
 
 if TYPE_CHECKING:
     from pipeline.routing import Route
@@ -61,6 +62,8 @@ class ClaimedJob:
     model: str
     attempt: int
     instance_paths: list[str]  # relative to the spool root
+    scanner: str  # of the source series (pipeline.state.quality.scanner_of)
+    protocol: str
 
 
 def claim_job(
@@ -100,6 +103,8 @@ def claim_job(
             job.model,
             job.attempts,
             list(paths),
+            scanner_of(job.series.header),
+            protocol_of(job.series.header),
         )
 
 
