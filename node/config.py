@@ -18,7 +18,12 @@ from sqlalchemy.engine import make_url
 from pipeline.completion import CompletionSettings
 from pipeline.retention import RetentionSettings
 from pipeline.routing import AE_TITLE_PATTERN, Destination, Route
-from pipeline.settings import ModelSettings, OutputSettings, WorkerSettings
+from pipeline.settings import (
+    ModelSettings,
+    OutputSettings,
+    UncertaintySettings,
+    WorkerSettings,
+)
 from pipeline.state.deliveries import DeliverySettings
 from pipeline.state.quality import MonitorSettings
 from train.settings import RefreshSettings
@@ -111,6 +116,7 @@ class Config(BaseModel):
     worker: WorkerSettings = WorkerSettings()
     output: OutputSettings = OutputSettings()
     monitor: MonitorSettings = MonitorSettings()
+    uncertainty: UncertaintySettings = UncertaintySettings()
     delivery: DeliverySettings = DeliverySettings()
     refresh: RefreshSettings = RefreshSettings()
     retention: RetentionSettings = RetentionSettings()
@@ -196,6 +202,12 @@ def _cross_section_problems(config: Config) -> list[str]:
             problems.append(f"routes[{index}].name = {route.name!r}: used by an earlier route")
         seen.add(route.name)
         problems += [f"routes[{index}].{line} (route {route.name!r})" for line in route.problems()]
+        wants_uncertainty = route.hold_uncertainty_above is not None or route.send_uncertainty
+        if wants_uncertainty and not config.uncertainty.enabled:
+            problems.append(
+                f"routes[{index}]: hold_uncertainty_above and send_uncertainty need "
+                f"[uncertainty] enabled = true (route {route.name!r})"
+            )
         for name in route.destinations:
             if name not in config.destinations:
                 known = ", ".join(sorted(config.destinations)) or "none defined"

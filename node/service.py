@@ -75,6 +75,7 @@ def build_worker(config: Config, sessions: sessionmaker) -> Worker:
         software_version(),
         config.output,
         config.monitor,
+        config.uncertainty,
     )
 
 

@@ -66,6 +66,8 @@ def collect_status(
                     "timings": j.timings,
                     "started_at": _iso(j.started_at),
                     "output_series_uid": j.output_series_uid,
+                    "uncertainty": j.uncertainty,
+                    "confidence": j.confidence,
                     "destinations": j.destinations,
                     **_lease(j),
                     "created_at": _iso(j.created_at),
@@ -119,6 +121,7 @@ def format_status(status: dict[str, Any]) -> str:
             j["route"],
             j["state"],
             j["model_version"] or "",
+            "" if j["uncertainty"] is None else f"{j['uncertainty']:.4f}",
             _why(j),
         )
         for j in status["jobs"]
@@ -146,7 +149,17 @@ def format_status(status: dict[str, Any]) -> str:
             ),
             "JOBS (newest first)\n"
             + table(
-                ("id", "series UID", "direction", "route", "state", "model", "reason"), job_rows
+                (
+                    "id",
+                    "series UID",
+                    "direction",
+                    "route",
+                    "state",
+                    "model",
+                    "uncertainty",
+                    "reason",
+                ),
+                job_rows,
             ),
             "DELIVERIES (newest first)\n"
             + table(

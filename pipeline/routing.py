@@ -101,6 +101,10 @@ class Route(_Strict):
     # Synthesize a series short of the count its header announced (else its job fails
     # as incomplete, pipeline.completion).
     allow_incomplete: bool = False
+    # A synthesis whose series uncertainty ([uncertainty]) exceeds this is held, not sent.
+    hold_uncertainty_above: Annotated[float, Field(gt=0)] | None = None
+    # Send the per-voxel uncertainty map too, as its own derived series.
+    send_uncertainty: bool = False
 
     @field_validator("match", mode="before")
     @classmethod

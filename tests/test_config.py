@@ -181,3 +181,19 @@ def test_refresh_settings_are_checked_and_resolved(tmp_path):
     path = tmp_path / "config.toml"
     config = load_config(path)
     assert config.refresh.data == [tmp_path / "studies"] and config.refresh.time == "02:00"
+
+
+def test_uncertainty_cost_is_bounded_and_routes_that_need_it_name_it(tmp_path):
+    costly = "[uncertainty]\npasses = 3\n" + VALID
+    assert problems(tmp_path, costly) == [
+        "uncertainty = {'passes': 3}: passes = 3 costs 4 plain syntheses, more than max_cost = 3"
+    ]
+    allowed = "[uncertainty]\npasses = 3\nmax_cost = 4\n" + VALID
+    path = tmp_path / "allowed.toml"
+    path.write_text(allowed)
+    assert load_config(path).uncertainty.passes == 3
+    without = "[uncertainty]\nenabled = false\n" + VALID + "hold_uncertainty_above = 0.1\n"
+    assert problems(tmp_path, without) == [
+        "routes[0]: hold_uncertainty_above and send_uncertainty need [uncertainty] "
+        "enabled = true (route 't1')"
+    ]

@@ -161,6 +161,9 @@ class Job(Leased, Base):
     # per-series summary and confidence (1 - it, clipped to [0, 1]).
     uncertainty: Mapped[float | None] = mapped_column(Float)
     confidence: Mapped[float | None] = mapped_column(Float)
+    # The route's, when the job was made (pipeline.routing.Route).
+    hold_uncertainty_above: Mapped[float | None] = mapped_column(Float)
+    send_uncertainty: Mapped[bool | None]
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 

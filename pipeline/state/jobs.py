@@ -39,6 +39,8 @@ def create_job(
         direction=route.direction.value,
         model=route.model_name,
         destinations=list(route.destinations),
+        hold_uncertainty_above=route.hold_uncertainty_above,
+        send_uncertainty=route.send_uncertainty,
         state=JobState.QUEUED if refused is None else JobState.FAILED,
         reason=refused,
         attempts=0,
@@ -64,6 +66,8 @@ class ClaimedJob:
     instance_paths: list[str]  # relative to the spool root
     scanner: str  # of the source series (pipeline.state.quality.scanner_of)
     protocol: str
+    hold_uncertainty_above: float | None  # the route's
+    send_uncertainty: bool
 
 
 def claim_job(
@@ -105,6 +109,8 @@ def claim_job(
             list(paths),
             scanner_of(job.series.header),
             protocol_of(job.series.header),
+            job.hold_uncertainty_above,
+            bool(job.send_uncertainty),
         )
 
 
@@ -119,6 +125,9 @@ class JobOutput:
     series_uid: str  # of the synthetic series
     path: str  # its folder, relative to the spool root
     count: int  # its instances
+    uncertainty: float | None = None  # pipeline.model.uncertainty; None: not computed
+    confidence: float | None = None
+    held: str | None = None  # why it is held back instead of sent
 
 
 def finish_job(sessions: sessionmaker, job_id: int, owner: str, output: JobOutput) -> bool:
@@ -135,10 +144,17 @@ def finish_job(sessions: sessionmaker, job_id: int, owner: str, output: JobOutpu
         job.output_series_uid = output.series_uid
         job.output_path = output.path
         job.output_count = output.count
-        job.state = JobState.DONE
-        job.reason = None
+        job.uncertainty = output.uncertainty
+        job.confidence = output.confidence
         job.release_lease()
         job.updated_at = utcnow()
+        if output.held is not None:
+            job.state = JobState.HELD
+            job.reason = output.held
+            log.warning("job %d: held: %s", job.id, output.held)
+            return True
+        job.state = JobState.DONE
+        job.reason = None
         deliveries = create_deliveries(session, job)
         # Older output of the same series still waiting to be sent would overwrite this
         # job's images on the PACS (same UIDs) if it went out later: it is not sent.
@@ -230,6 +246,13 @@ def retry_job(sessions: sessionmaker, job_id: int) -> str:
             job.updated_at = utcnow()
             log.info("job %d: queued again by an admin", job.id)
             return f"job {job_id} queued again"
+        if job.state == JobState.HELD:
+            job.state = JobState.DONE
+            job.reason = f"released by an admin (was held: {job.reason})"
+            job.updated_at = utcnow()
+            deliveries = create_deliveries(session, job)
+            log.info("job %d: released by an admin, %d delivery(ies)", job.id, len(deliveries))
+            return f"job {job_id} released: {len(deliveries)} delivery(ies) queued"
         state = job.state
         failed = [d.id for d in job.deliveries if d.state == DeliveryState.FAILED]
     if state == JobState.DONE and failed:
