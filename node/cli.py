@@ -77,6 +77,14 @@ def _parser(training: bool) -> argparse.ArgumentParser:
         resume.add_argument(f"--{name}", required=True, help="as `dicomnode quality` shows it")
     resume.set_defaults(run=_quality_resume)
 
+    harvest = command("harvest", _harvest_list, "training pairs kept from received studies")
+    harvest_actions = harvest.add_subparsers(metavar="ACTION")
+    listing = harvest_actions.add_parser("list", help="kept and released pairs (pseudonyms)")
+    listing.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    for sub in (harvest, listing):
+        sub.add_argument("--json", action="store_true", help="one JSON object for scripts")
+    listing.set_defaults(run=_harvest_list)
+
     command("worker", _worker, "run a synthesis worker only (for [worker] in_process = false)")
     command("check", _check, "C-ECHO each destination and say whether it answers")
     retry = command("retry", _retry, "replay a failed job, or a done job's failed deliveries")
@@ -289,6 +297,37 @@ def _quality_resume(args: argparse.Namespace) -> int:
         f"resumed protocol {args.protocol!r} on {args.scanner} with model {args.model}: its "
         f"{known} earlier score(s) no longer pause it"
     )
+    return 0
+
+
+def _harvest_list(args: argparse.Namespace) -> int:
+    from node.tables import table
+    from pipeline.harvest import list_harvested
+    from pipeline.state.db import open_database
+
+    config = load_config(args.config)
+    listing = list_harvested(open_database(config.node.database))
+    if args.json:
+        print(json.dumps(listing, indent=1))
+        return 0
+    state = "on" if config.harvest.enabled else "off ([harvest] enabled = false)"
+    print(
+        f"HARVEST {state}: {listing['kept']} pair(s) kept, {listing['kept_bytes'] / 2**20:.1f} "
+        f"MiB (caps: {config.harvest.max_pairs} pairs, {config.harvest.max_gib:g} GiB)"
+    )
+    rows = [
+        (
+            p["id"],
+            p["patient"],
+            p["study_uid"],
+            p["files"],
+            p["harvested_at"],
+            p["released_at"] or "",
+        )
+        for p in listing["pairs"]
+    ]
+    headers = ("id", "patient", "study UID", "files", "harvested", "released")
+    print(table(headers, [tuple("" if v is None else v for v in row) for row in rows]))
     return 0
 
 

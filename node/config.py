@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy.engine import make_url
 
 from pipeline.completion import CompletionSettings
+from pipeline.harvest import HarvestSettings
 from pipeline.retention import RetentionSettings
 from pipeline.routing import AE_TITLE_PATTERN, Destination, Route
 from pipeline.settings import (
@@ -117,6 +118,7 @@ class Config(BaseModel):
     output: OutputSettings = OutputSettings()
     monitor: MonitorSettings = MonitorSettings()
     uncertainty: UncertaintySettings = UncertaintySettings()
+    harvest: HarvestSettings = HarvestSettings()
     delivery: DeliverySettings = DeliverySettings()
     refresh: RefreshSettings = RefreshSettings()
     retention: RetentionSettings = RetentionSettings()

@@ -31,6 +31,7 @@ from node.config import Config
 from node.dispatch import Dispatcher
 from node.scp import StorageSCP
 from pipeline.completion import complete_due_series
+from pipeline.harvest import harvest_due_pairs
 from pipeline.intake import recover_unrecorded
 from pipeline.model.registry import ModelRegistry
 from pipeline.monitor import score_due_pairs
@@ -159,6 +160,15 @@ class NodeService:
         self.scheduler.add_job(
             self._clean, "interval", hours=1, id="clean", max_instances=1, coalesce=True
         )
+        if self.config.harvest.enabled:
+            self.scheduler.add_job(
+                self._harvest,
+                "interval",
+                seconds=self.config.harvest.check_interval_seconds,
+                id="harvest",
+                max_instances=1,
+                coalesce=True,
+            )
         if self.config.monitor.enabled:
             self.scheduler.add_job(
                 self._monitor,
@@ -221,6 +231,12 @@ class NodeService:
             purge_finished(self.sessions, self.config.node.storage, self.config.retention)
         except Exception:
             log.exception("clean stage failed; files are kept and it runs again in an hour")
+
+    def _harvest(self) -> None:
+        try:
+            harvest_due_pairs(self.sessions, self.config.node.storage, self.config.harvest)
+        except Exception:
+            log.exception("harvest failed; it tries again at its next tick")
 
     def _monitor(self) -> None:
         try:

@@ -41,7 +41,12 @@ def add_commands(subparsers: Any) -> None:
         return sub
 
     train = command("train", _train, "train a model on paired T1/T2 studies and register it")
-    train.add_argument("data", type=Path, nargs="+", metavar="DATA", help="folders of studies")
+    train.add_argument("data", type=Path, nargs="*", metavar="DATA", help="folders of studies")
+    train.add_argument(
+        "--harvested",
+        action="store_true",
+        help="also the pairs the node harvested ([harvest]), patients by salted pseudonym",
+    )
     train.add_argument("--direction", choices=[d.value for d in Direction], required=True)
     train.add_argument("--out", type=Path, help="also write the model file here")
     train.add_argument("--name", help="registry name (default: the direction)")
@@ -285,6 +290,16 @@ def _train(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as error:
         print(f"train: {error}", file=sys.stderr)
         return 2
+    data, salt = list(args.data), ""
+    if args.harvested:
+        from pipeline.harvest import harvest_root, node_salt
+
+        storage = load_config_or_defaults(args.config).node.storage
+        data.append(harvest_root(storage))
+        salt = node_salt(storage)
+    if not data:
+        print("train: give folders of studies, or --harvested", file=sys.stderr)
+        return 2
     registry = (
         None if args.no_registry else ModelRegistry(registry_root(args.config, args.registry))
     )
@@ -295,7 +310,8 @@ def _train(args: argparse.Namespace) -> int:
     # var/ is where the node keeps its working state, and it is never committed.
     checkpoint = args.checkpoint or args.config.resolve().parent / "var" / "train" / f"{name}.ckpt"
     request = TrainRequest(
-        data=args.data,
+        data=data,
+        salt=salt,
         settings=settings,
         name=name,
         holdout=args.holdout,

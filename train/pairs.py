@@ -28,6 +28,7 @@ from pipeline.dicom.reformat import at_pixel_size, axial_volume
 from pipeline.dicom.registration import Rigid, resample_onto
 from pipeline.dicom.seriesfiles import SeriesFiles, scan_series
 from pipeline.dicom.volume import SeriesError, Volume, load_series
+from pipeline.harvest import salted_pseudonym
 from pipeline.model.scores import place_real
 from train.lesions import LESION_LEVEL, LesionMasks
 
@@ -55,10 +56,11 @@ class StudyPair:
     study_uid: str
     t1: SeriesFiles
     t2: SeriesFiles
+    salt: str = ""  # the node's harvest salt, for pairs it harvested
 
     @property
     def patient(self) -> str:
-        return patient_label(self.patient_id)
+        return patient_label(self.patient_id, self.salt)
 
     def source_and_target(self, direction: Direction) -> tuple[SeriesFiles, SeriesFiles]:
         first_is_t1 = Direction.parse(direction, "direction").source is Contrast.T1
@@ -101,12 +103,15 @@ class PairedVolume:
         )
 
 
-def patient_label(patient_id: str) -> str:
-    """A stable pseudonym for a PatientID, for logs, reports and model cards."""
+def patient_label(patient_id: str, salt: str = "") -> str:
+    """A stable pseudonym for a PatientID, for logs, reports and model cards; with the
+    node's ``salt``, the harvest's (``pipeline.harvest.salted_pseudonym``)."""
+    if salt:
+        return salted_pseudonym(patient_id, salt)
     return "patient-" + hashlib.sha256(patient_id.encode()).hexdigest()[:8]
 
 
-def find_pairs(roots: Sequence[Path]) -> PairSearch:
+def find_pairs(roots: Sequence[Path], salt: str = "") -> PairSearch:
     """Every T1/T2 pair under ``roots``, by header classification, never by file names.
 
     Series are grouped by (PatientID, StudyInstanceUID, FrameOfReferenceUID). A group with
@@ -146,7 +151,7 @@ def find_pairs(roots: Sequence[Path]) -> PairSearch:
         for extra in [s for s in t1s + t2s if s is not t1 and s is not t2]:
             notes.append(f"{_label(extra.folder, roots)}: another series of the pair's contrast")
         label = _label(_common_folder(t1.folder, t2.folder), roots)
-        pairs.append(StudyPair(label, patient, study, t1, t2))
+        pairs.append(StudyPair(label, patient, study, t1, t2, salt))
     pairs.sort(key=lambda p: p.label)
     return PairSearch(pairs, notes, unpaired)
 
@@ -257,10 +262,11 @@ def split_by_patient(
     patient that has no pair.
     """
     patients = sorted({pair.patient_id for pair in pairs})
+    pseudonyms = {pair.patient_id: pair.patient for pair in pairs}
     if holdout:
         chosen = set()
         for wanted in holdout:
-            matches = [p for p in patients if wanted in (p, patient_label(p))]
+            matches = [p for p in patients if wanted in (p, pseudonyms[p])]
             if not matches:
                 raise ValueError(f"--holdout {wanted}: no paired study of that patient")
             chosen.update(matches)

@@ -247,6 +247,23 @@ class MonitorResume(Base):
     resumed_at: Mapped[datetime]
 
 
+class HarvestedPair(Base):
+    """A study that brought a T1 and a T2: a training pair (pipeline.harvest), its files
+    kept under the spool's harvest folder until the count or size cap pushes it out."""
+
+    __tablename__ = "harvested_pair"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    t1_series_id: Mapped[int] = mapped_column(ForeignKey("series.id"))
+    t2_series_id: Mapped[int] = mapped_column(ForeignKey("series.id"))
+    patient: Mapped[str] = mapped_column(String(32))  # salted pseudonym, never the PatientID
+    files: Mapped[int]
+    size: Mapped[int]  # bytes
+    harvested_at: Mapped[datetime]
+    released_at: Mapped[datetime | None]  # its files removed to stay within the cap
+
+
 def open_database(url: str) -> sessionmaker:
     """Connect to ``url``, create the tables if needed, and return a session factory."""
     is_sqlite = url.startswith("sqlite")
