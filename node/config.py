@@ -150,8 +150,13 @@ def check_refresh(config: Config) -> list[str]:
     """A scheduled refresh needs its data folders."""
     if not config.refresh.enabled:
         return []
-    if not config.refresh.data:
-        return ["refresh.data: empty, but refresh is enabled (give folders of paired studies)"]
+    if config.refresh.harvested and not config.harvest.enabled:
+        return ["refresh.harvested: true, but [harvest] enabled = false harvests nothing"]
+    if not config.refresh.data and not config.refresh.harvested:
+        return [
+            "refresh.data: empty, but refresh is enabled (give folders of paired studies, "
+            "or harvested = true)"
+        ]
     return [
         f"refresh.data: {folder} is not a folder"
         for folder in config.refresh.data

@@ -31,7 +31,7 @@ from node.config import Config
 from node.dispatch import Dispatcher
 from node.scp import StorageSCP
 from pipeline.completion import complete_due_series
-from pipeline.harvest import harvest_due_pairs
+from pipeline.harvest import harvest_due_pairs, harvest_root, node_salt
 from pipeline.intake import recover_unrecorded
 from pipeline.model.registry import ModelRegistry
 from pipeline.monitor import score_due_pairs
@@ -248,8 +248,11 @@ class NodeService:
         from train.refresh import refresh_models  # torch and the training stack: only now
 
         try:
+            storage = self.config.node.storage
+            harvested = [harvest_root(storage)] if self.config.refresh.harvested else []
+            salt = node_salt(storage) if harvested else ""
             for line in refresh_models(
-                self.config.refresh, ModelRegistry(self.config.models.registry)
+                self.config.refresh, ModelRegistry(self.config.models.registry), harvested, salt
             ):
                 log.info("model refresh: %s", line)
         except Exception:

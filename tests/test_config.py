@@ -197,3 +197,13 @@ def test_uncertainty_cost_is_bounded_and_routes_that_need_it_name_it(tmp_path):
         "routes[0]: hold_uncertainty_above and send_uncertainty need [uncertainty] "
         "enabled = true (route 't1')"
     ]
+
+
+def test_a_refresh_may_train_on_the_harvest_alone_if_there_is_one(tmp_path):
+    refresh = "\n[refresh]\nenabled = true\nharvested = true\n"
+    assert problems(tmp_path, VALID + refresh) == [
+        "refresh.harvested: true, but [harvest] enabled = false harvests nothing"
+    ]
+    path = tmp_path / "harvesting.toml"
+    path.write_text(VALID + refresh + "\n[harvest]\nenabled = true\n")
+    assert load_config(path).refresh.harvested
