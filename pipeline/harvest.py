@@ -12,7 +12,6 @@ look up.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -28,7 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.dicom.contrast import Contrast
-from pipeline.files import make_folders, write_atomically
+from pipeline.files import make_folders, write_new
 from pipeline.spool import HARVEST, HARVEST_SALT, Spool
 from pipeline.state.db import HarvestedPair, Instance, Series, SeriesState, utcnow
 
@@ -57,8 +56,9 @@ def node_salt(storage: Path) -> str:
     """The node's harvest salt, made (durably) on first use."""
     path = Spool(storage).path(HARVEST_SALT)
     if not path.exists():
-        with contextlib.suppress(FileExistsError):
-            write_atomically(path, secrets.token_hex(16).encode())
+        make_folders(path.parent)
+        # Never replaced: a second node starting at the same moment keeps the first salt.
+        write_new(path, secrets.token_hex(16).encode())
     return path.read_text().strip()
 
 

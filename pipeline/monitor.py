@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from sqlalchemy import select
+from sqlalchemy import and_, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from pipeline.dicom.contrast import Direction
 from pipeline.dicom.volume import SeriesError, load_series
@@ -58,36 +58,28 @@ class Pair:
 def find_due_pairs(session: Session) -> list[Pair]:
     """Finished syntheses not scored yet whose study holds a complete real series of their
     target contrast on the same frame of reference, with the files of all three kept."""
-    scored = select(QualityScore.job_id)
-    jobs = session.scalars(
-        select(Job)
-        .join(Series, Job.series_id == Series.id)
+    source, real = aliased(Series), aliased(Series)
+    rows = session.execute(
+        select(Job.id, Job.direction, real.id, real.contrast, real.frame_of_reference_uid)
+        .add_columns(source.frame_of_reference_uid)
+        .join(source, Job.series_id == source.id)
+        .join(real, and_(real.study_uid == source.study_uid, real.id != source.id))
         .where(
             Job.state.in_(SCORED_JOBS),
             Job.output_path.is_not(None),
-            Job.id.not_in(scored),
-            Series.purged_at.is_(None),
+            Job.id.not_in(select(QualityScore.job_id)),
+            source.purged_at.is_(None),
+            real.state.in_(COMPLETE),
+            real.purged_at.is_(None),
         )
-        .order_by(Job.id)
+        .order_by(Job.id, real.id.desc())  # the latest real series of a contrast first
     ).all()
-    pairs = []
-    for job in jobs:
-        source = job.series
-        real = session.scalars(
-            select(Series)
-            .where(
-                Series.study_uid == source.study_uid,
-                Series.contrast == Direction(job.direction).target,
-                Series.state.in_(COMPLETE),
-                Series.purged_at.is_(None),
-                Series.id != source.id,
-            )
-            .order_by(Series.id.desc())
-        ).all()
-        same_frame = [s for s in real if s.frame_of_reference_uid == source.frame_of_reference_uid]
-        if same_frame:
-            pairs.append(Pair(job.id, same_frame[0].id))
-    return pairs
+    pairs: dict[int, Pair] = {}
+    for job_id, direction, real_id, contrast, real_frame, source_frame in rows:
+        wanted = contrast == Direction(direction).target and real_frame == source_frame
+        if wanted and job_id not in pairs:
+            pairs[job_id] = Pair(job_id, real_id)
+    return list(pairs.values())
 
 
 def score_due_pairs(
