@@ -12,7 +12,10 @@ raised while decoding malformed PDUs end its reactor threads. Here:
 - a new connection has ``request_timeout`` to send its A-ASSOCIATE-RQ; and until it has,
   it does not count against the node's association limit (node.scp enforces that limit
   on requests, not on sockets);
-- an exception that escapes pynetdicom's reactor aborts its association with one line.
+- an exception that escapes pynetdicom's reactor aborts its association with one line;
+- on a TLS port the handshake runs in the connection's own thread within
+  ``request_timeout`` (pynetdicom does it in the thread that accepts connections, so one
+  silent peer would hold every other caller out), and a failed one is one log line.
 
 pynetdicom gives no hook to choose the classes of an acceptor's association and upper
 layer (it builds them in ``RequestHandler._create_association``); ours add behaviour
@@ -24,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -208,10 +212,39 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {redact(str(error), limit=200)}"
 
 
+def _describe_tls(error: object) -> str:
+    """An SSL error in words: its reason (e.g. CERTIFICATE_VERIFY_FAILED, WRONG_VERSION_NUMBER
+    for plain DICOM sent to the TLS port), not OpenSSL's file and line."""
+    if isinstance(error, ssl.SSLError) and error.reason:
+        return error.reason.lower().replace("_", " ")
+    if isinstance(error, ssl.SSLError | OSError):
+        return redact(str(error), limit=200)
+    return str(error)
+
+
 class GuardedRequestHandler(RequestHandler):
     """Builds each acceptor association on the guarded upper layer."""
 
     server: GuardedServer
+
+    def handle(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket) and not self._handshake(self.request):
+            return
+        super().handle()
+
+    def _handshake(self, sock: ssl.SSLSocket) -> bool:
+        peer = f"{self.client_address[0]}:{self.client_address[1]}"
+        try:
+            sock.settimeout(self.server.limits.request_timeout)
+            sock.do_handshake()
+            sock.settimeout(None)
+        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+            reason = "no handshake in time" if isinstance(error, TimeoutError) else error
+            log.warning("TLS connection from %s refused: %s", peer, _describe_tls(reason))
+            with contextlib.suppress(OSError):
+                sock.close()
+            return False
+        return True
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
@@ -230,9 +263,28 @@ class GuardedRequestHandler(RequestHandler):
 class GuardedServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, with the guarded request handler and its limits."""
 
-    def __init__(self, *args: Any, limits: ConnectionLimits, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, limits: ConnectionLimits, reuse_port: bool, **kwargs: Any
+    ) -> None:
         self.limits = limits
+        self.reuse_port = reuse_port
         super().__init__(*args, request_handler=GuardedRequestHandler, **kwargs)
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            # Several receiver processes listen on the port; the kernel spreads the
+            # connections over them (node.receivers).
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = cast(socket.socket, self.socket).accept()
+        if self.ssl_context:
+            # The handshake waits for the connection's own thread (GuardedRequestHandler).
+            client = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
+        return client, address
 
 
 def start_server(
@@ -240,13 +292,21 @@ def start_server(
     address: tuple[str, int],
     evt_handlers: list[Any],
     limits: ConnectionLimits,
+    ssl_context: ssl.SSLContext | None = None,
+    reuse_port: bool = False,
 ) -> GuardedServer:
     """Listen on ``address`` in a thread of its own, as ``AE.start_server(block=False)``
-    does, with connections bounded by ``limits``."""
+    does, with connections bounded by ``limits`` (over TLS with ``ssl_context``; sharing
+    the port with other processes with ``reuse_port``)."""
     server = cast(
         GuardedServer,
         ae.make_server(
-            address, evt_handlers=evt_handlers, server_class=GuardedServer, limits=limits
+            address,
+            ssl_context=ssl_context,
+            evt_handlers=evt_handlers,
+            server_class=GuardedServer,
+            limits=limits,
+            reuse_port=reuse_port,
         ),
     )
     timestamp = datetime.now().strftime("%Y%m%d%H%M%S")

@@ -5,19 +5,35 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-import warnings
 from pathlib import Path
 
-from node.config import DEFAULT_CONFIG, Config, ConfigError, check_models, load_config
+from sqlalchemy.exc import SQLAlchemyError
+
+from node.config import (
+    DEFAULT_CONFIG,
+    Config,
+    ConfigError,
+    check_database,
+    check_environment,
+    check_models,
+    load_config,
+)
+from node.logs import LogFormat, setup_logging
+from node.version import software_version
 from pipeline.dicom.contrast import Direction
-from pipeline.redact import RedactingFilter
+from pipeline.state.schema import SchemaError
 
 log = logging.getLogger("dicomnode")
 
 
 # The ML engineer's commands load torch and the training stack (seconds); the admin's
 # quick commands must not wait for that, so these are built only when asked for.
+# The config file when --config is not given (else ./config.toml): for a service's
+# environment, or an admin's shell profile.
+CONFIG_VARIABLE = "DICOMNODE_CONFIG"
+GLOBAL_OPTIONS = ("--config", "--log-format")
 TRAINING_COMMANDS = {
     "train": "train a model on paired T1/T2 studies and register it",
     "evaluate": "score a model on paired studies, beside the trivial floors",
@@ -27,16 +43,38 @@ TRAINING_COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = _parser(training=bool(argv) and argv[0] in TRAINING_COMMANDS)
+    parser = _parser(training=_command_of(argv) in TRAINING_COMMANDS)
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
+    args.config = Path(args.config or os.environ.get(CONFIG_VARIABLE) or DEFAULT_CONFIG)
     try:
         return args.run(args)
     except ConfigError as error:
         print(error.report(), file=sys.stderr)
         return 2
+    except SchemaError as error:
+        print(f"database refused: {error}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError as error:
+        # A database that went away or cannot be written: a line for the admin, not a trace.
+        reason = str(getattr(error, "orig", None) or error).splitlines()[0]
+        print(f"dicomnode: the database failed: {type(error).__name__}: {reason}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand's name: the first word that is neither an option nor its value."""
+    words = iter(argv)
+    for word in words:
+        if word in GLOBAL_OPTIONS:
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
 
 
 def _parser(training: bool) -> argparse.ArgumentParser:
@@ -44,18 +82,18 @@ def _parser(training: bool) -> argparse.ArgumentParser:
         prog="dicomnode",
         description="DICOM node (AE SYNTH) that synthesizes T2 from T1 and T1 from T2 MR series.",
     )
+    parser.add_argument("--version", action="version", version=f"dicomnode {software_version()}")
+    _add_global_options(parser, defaults=True)
     commands = parser.add_subparsers(metavar="COMMAND")
 
     def command(name: str, run, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
-        sub.add_argument(
-            "--config", type=Path, default=DEFAULT_CONFIG, help="default: ./config.toml"
-        )
+        _add_global_options(sub, defaults=False)
         sub.set_defaults(run=run)
         return sub
 
     command("serve", _serve, "receive series, synthesize and deliver (runs until stopped)")
-    status = command("status", _status, "what the node received, is doing, and what failed")
+    status = command("status", _status, "is the node healthy, what it received, does, failed")
     status.add_argument("--json", action="store_true", help="one JSON object for scripts")
     status.add_argument("--limit", type=int, default=200, help="rows per table (default 200)")
     route = command("route", _route, "dry run: which rule would fire for each series under PATH")
@@ -90,6 +128,20 @@ def _parser(training: bool) -> argparse.ArgumentParser:
     retry = command("retry", _retry, "replay a failed job, or a done job's failed deliveries")
     retry.add_argument("id", type=int, metavar="ID", help="job id (see `dicomnode status`)")
     retry.add_argument("--delivery", action="store_true", help="ID is a delivery id")
+    resend = command("resend", _resend, "send a done job's synthetic series again")
+    resend.add_argument("job", type=int, metavar="JOB", help="job id (see `dicomnode status`)")
+    resend.add_argument(
+        "--destination", metavar="NAME", help="only to this destination (default: its route's)"
+    )
+    reprocess = command("reprocess", _reprocess, "synthesize a series again with the active model")
+    reprocess.add_argument("series", metavar="SERIES", help="the received series' instance UID")
+    audit = command("audit", _audit, "who sent what, what was made and sent, what admins did")
+    which = audit.add_mutually_exclusive_group()
+    which.add_argument("--accession", metavar="A", help="only this accession number")
+    which.add_argument("--study", metavar="UID", help="only this study instance UID")
+    which.add_argument("--destination", metavar="NAME", help="only sends to this destination")
+    audit.add_argument("--json", action="store_true", help="one JSON array for scripts")
+    audit.add_argument("--limit", type=int, default=1000, help="newest rows (default 1000)")
     translate = command(
         "translate", _translate, "offline: synthesize from a folder of DICOM files into a folder"
     )
@@ -107,39 +159,48 @@ def _parser(training: bool) -> argparse.ArgumentParser:
     if training:
         from node.train_commands import add_commands
 
-        add_commands(commands)
+        add_commands(commands, _add_global_options)
     else:
         for name, text in TRAINING_COMMANDS.items():
             commands.add_parser(name, help=text)
 
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(metavar="ACTION")
-    check = config_commands.add_parser("check", help="check config.toml without starting")
-    check.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    check = config_commands.add_parser(
+        "check", help="check config.toml, and this machine for it, without starting"
+    )
+    _add_global_options(check, defaults=False)
     check.set_defaults(run=_config_check)
+
+    database = commands.add_parser("db", help="the database's schema version")
+    database_commands = database.add_subparsers(metavar="ACTION")
+    for name, run, text in (
+        ("version", _db_version, "show the database's schema revision and this node's"),
+        ("upgrade", _db_upgrade, "bring the database up to this node's schema revision"),
+    ):
+        action = database_commands.add_parser(name, help=text, description=text)
+        _add_global_options(action, defaults=False)
+        action.set_defaults(run=run)
     return parser
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+def _add_global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """--config and --log-format, accepted before the subcommand and after it. After it they
+    have no default, so a subcommand does not overwrite what was given before it."""
+    unset = None if defaults else argparse.SUPPRESS
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=unset,
+        help=f"config.toml (default: ${CONFIG_VARIABLE}, else ./config.toml)",
     )
-    # pynetdicom's own INFO lines repeat ours and, at DEBUG, dump whole datasets (patient
-    # names included): keep it to warnings.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    # Its state machine's errors are exceptions it raises next: node.acceptor catches them
-    # and logs one line each, so its own two lines per exception would only repeat it.
-    logging.getLogger("pynetdicom.fsm").setLevel(logging.CRITICAL)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    # Libraries quote the values they warn about, and a malformed value can hold a patient's
-    # name: their records and Python's warnings go through the handler's redaction.
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactingFilter())
-    logging.captureWarnings(True)
-    # pydicom logs each warning it also issues as a Python warning: once is enough.
-    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+    parser.add_argument(
+        "--log-format",
+        type=LogFormat,
+        choices=list(LogFormat),
+        default=LogFormat.TEXT if defaults else argparse.SUPPRESS,
+        help="text (default) or json (one object a line, for log shippers)",
+    )
 
 
 def _load_checked(path: Path) -> Config:
@@ -156,15 +217,47 @@ def _raise_model_problems(config: Config, path: Path) -> None:
         raise ConfigError(path, problems)
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from node.service import NodeService
+def _raise_database_problems(config: Config, path: Path) -> None:
+    problems = check_database(config)
+    if problems:
+        raise ConfigError(path, problems)
 
-    config = load_config(args.config)
-    # Without an in-process worker, the models are checked by `dicomnode worker`.
-    if config.worker.in_process:
-        _raise_model_problems(config, args.config)
-    _setup_logging(config.node.log_level)
-    NodeService(config).run_until_signalled()
+
+def _raise_tls_problems(config: Config, path: Path) -> None:
+    from node.tls import check_tls
+
+    problems = check_tls(config)
+    if problems:
+        raise ConfigError(path, problems)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from node.receivers import share_counters
+
+    with share_counters():  # before node.metrics imports prometheus_client
+        from node.console import ListenError
+        from node.service import NodeService
+
+        config = load_config(args.config)
+        _raise_database_problems(config, args.config)
+        _raise_tls_problems(config, args.config)
+        # Without an in-process worker, the models are checked by `dicomnode worker`.
+        if config.worker.in_process:
+            _raise_model_problems(config, args.config)
+        problems, warnings = check_environment(config, worker=config.worker.in_process)
+        if problems:
+            raise ConfigError(args.config, problems)
+        setup_logging(config.node.log_level, args.log_format)
+        for warning in warnings:
+            log.warning("%s: %s", args.config, warning)
+        try:
+            NodeService(config, args.log_format).run_until_signalled()
+        except ListenError as error:  # taken between the check and the start
+            log.error("%s: %s", args.config, error)
+            return 2
+        except OSError as error:  # the port is taken since the check, the spool cannot be made
+            log.error("cannot start: %s", error.strerror or error)
+            return 1
     return 0
 
 
@@ -173,18 +266,32 @@ def _worker(args: argparse.Namespace) -> int:
     import threading
 
     from node.service import build_worker, take_back_leases
-    from pipeline.state.db import open_database
+    from pipeline.state.db import Role, open_database
+    from pipeline.state.heartbeats import Heart, Pulse
 
     config = _load_checked(args.config)
-    _setup_logging(config.node.log_level)
+    _raise_database_problems(config, args.config)
+    setup_logging(config.node.log_level, args.log_format)
     sessions = open_database(config.node.database)
     take_back_leases(config, sessions)
     worker = build_worker(config, sessions)
+    heart = Heart(
+        sessions,
+        Role.WORKER,
+        software_version(),
+        worker.device,
+        pulse=lambda: Pulse(current_job_id=worker.current_job),
+    )
+    heart.start()
+    worker.on_job_done = heart.wake.set  # the finished job leaves the processes list at once
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: (stop.set(), worker.wake.set()))
-    log.info("worker %s started", worker.owner)
-    worker.run_forever(stop)
+    log.info("worker %s started on %s", worker.owner, worker.device)
+    try:
+        worker.run_forever(stop)
+    finally:
+        heart.stop()
     return 0
 
 
@@ -204,28 +311,78 @@ def _check(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _retry(args: argparse.Namespace) -> int:
+def _admin_action(args: argparse.Namespace, verb: str, action) -> int:
+    """Run ``action(config, sessions, origin)``: print what it did, or why it could not."""
+    from pipeline.state.audit import cli_origin
     from pipeline.state.db import open_database
-    from pipeline.state.deliveries import retry_delivery
-    from pipeline.state.jobs import retry_job
 
     config = load_config(args.config)
     sessions = open_database(config.node.database)
     try:
-        print(retry_delivery(sessions, args.id) if args.delivery else retry_job(sessions, args.id))
+        print(action(config, sessions, cli_origin()))
     except ValueError as error:
-        print(f"cannot retry: {error}", file=sys.stderr)
+        print(f"cannot {verb}: {error}", file=sys.stderr)
         return 1
     return 0
 
 
+def _retry(args: argparse.Namespace) -> int:
+    from pipeline.state.deliveries import retry_delivery
+    from pipeline.state.jobs import retry_job
+
+    retry = retry_delivery if args.delivery else retry_job
+    return _admin_action(
+        args, "retry", lambda config, sessions, origin: retry(sessions, args.id, origin=origin)
+    )
+
+
+def _resend(args: argparse.Namespace) -> int:
+    from pipeline.state.deliveries import resend_job
+
+    return _admin_action(
+        args,
+        "resend",
+        lambda config, sessions, origin: resend_job(
+            sessions, args.job, args.destination, config.destinations, origin=origin
+        ),
+    )
+
+
+def _reprocess(args: argparse.Namespace) -> int:
+    from pipeline.state.jobs import reprocess_series
+
+    return _admin_action(
+        args,
+        "reprocess",
+        lambda config, sessions, origin: reprocess_series(sessions, args.series, origin=origin),
+    )
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from node.status import format_audit
+    from pipeline.state.audit import AuditFilter, read_audit
+    from pipeline.state.db import open_database
+
+    config = load_config(args.config)
+    where = AuditFilter(accession=args.accession, study=args.study, destination=args.destination)
+    rows = read_audit(open_database(config.node.database), where, limit=args.limit)
+    print(json.dumps(rows, indent=1) if args.json else format_audit(rows))
+    return 0
+
+
 def _translate(args: argparse.Namespace) -> int:
-    from node.service import software_version
     from pipeline.dicom.seriesfiles import scan_series
     from pipeline.model.registry import ModelRegistry
     from pipeline.synthesis import translate_series
 
-    _setup_logging("WARNING")
+    setup_logging("WARNING", args.log_format)
+    for path, role in ((args.input, "INPUT"), (args.output, "OUTPUT")):
+        if path.exists() and not path.is_dir():
+            print(f"translate: {role} {path} is a file; give a folder", file=sys.stderr)
+            return 1
+    if not args.input.exists():
+        print(f"translate: INPUT {args.input} does not exist", file=sys.stderr)
+        return 1
     registry = None if args.model else ModelRegistry(load_config(args.config).models.registry)
 
     def model_for(direction: Direction) -> Path:
@@ -259,13 +416,20 @@ def _translate(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from node.health import check_health
     from node.status import collect_status, format_status
     from pipeline.state.db import open_database
 
     config = load_config(args.config)
     sessions = open_database(config.node.database)
+    verdict = check_health(config, sessions)
     status = collect_status(sessions, limit=args.limit, monitor=config.monitor)
-    print(json.dumps(status, indent=1) if args.json else format_status(status))
+    if args.json:
+        print(json.dumps({"health": asdict(verdict), **status}, indent=1))
+    else:
+        print(f"{verdict.line()}\n\n{format_status(status)}")
     return 0
 
 
@@ -281,11 +445,13 @@ def _quality(args: argparse.Namespace) -> int:
 
 
 def _quality_resume(args: argparse.Namespace) -> int:
+    from pipeline.state.audit import cli_origin
     from pipeline.state.db import open_database
     from pipeline.state.quality import resume
 
     config = load_config(args.config)
-    known = resume(open_database(config.node.database), args.scanner, args.protocol, args.model)
+    sessions = open_database(config.node.database)
+    known = resume(sessions, args.scanner, args.protocol, args.model, origin=cli_origin())
     if not known:
         print(
             f"quality resume: no scores for protocol {args.protocol!r} on {args.scanner} with "
@@ -332,10 +498,42 @@ def _harvest_list(args: argparse.Namespace) -> int:
 
 
 def _config_check(args: argparse.Namespace) -> int:
-    config = _load_checked(args.config)
+    from node.tls import check_tls
+
+    config = load_config(args.config)
+    problems, warnings = check_environment(config, worker=config.worker.in_process)
+    problems += check_models(config) + check_tls(config)
+    for warning in warnings:
+        print(f"{args.config}: warning: {warning}")
+    if problems:
+        raise ConfigError(args.config, problems)
     print(
         f"{args.config}: OK ({len(config.routes)} route(s), "
         f"{len(config.destinations)} destination(s))"
+    )
+    return 0
+
+
+def _db_version(args: argparse.Namespace) -> int:
+    from pipeline.state.db import create_database_engine
+    from pipeline.state.schema import schema_version
+
+    config = load_config(args.config)
+    print(schema_version(create_database_engine(config.node.database)).text)
+    return 0
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from pipeline.state.db import create_database_engine
+    from pipeline.state.schema import upgrade_schema
+
+    config = load_config(args.config)
+    _raise_database_problems(config, args.config)
+    before, after = upgrade_schema(create_database_engine(config.node.database))
+    print(
+        f"schema revision {after}: already up to date"
+        if before == after
+        else f"schema upgraded from revision {before} to {after}"
     )
     return 0
 
@@ -346,9 +544,14 @@ def _route(args: argparse.Namespace) -> int:
     from pipeline.routing import header_keywords, select_route
 
     config = load_config(args.config)
+    missing = [str(path) for path in args.path if not path.exists()]
+    if missing:
+        print("route: no such file or folder: " + ", ".join(missing), file=sys.stderr)
+        return 1
     found = scan_series(args.path, header_keywords(config.routes))
     if not found.series:
-        print("no DICOM series found under " + ", ".join(map(str, args.path)))
+        print("no DICOM series found under " + ", ".join(map(str, args.path)), file=sys.stderr)
+        return 1
     for entry in found.series:
         classification = classify(entry.header)
         decision = select_route(

@@ -14,7 +14,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import Dataset
@@ -27,10 +27,14 @@ from sqlalchemy.orm import sessionmaker
 
 from node.acceptor import ConnectionLimits, start_server
 from node.config import NodeSettings
+from node.metrics import INSTANCES
+from node.tls import certificate_name, server_context
 from pipeline.files import DurableFolders, write_new
 from pipeline.intake import InstanceRefused, RefusalKind, inspect_instance, record_instance
 from pipeline.redact import redact
 from pipeline.spool import Spool, stored_data_set
+from pipeline.state import audit
+from pipeline.state.db import Audit, AuditEvent, Series
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +102,8 @@ _STATUS = {
     RefusalKind.UNDECODABLE: StoreStatus.UNDECODABLE,
     RefusalKind.INCONSISTENT: StoreStatus.INCONSISTENT,
 }
+# Refused SOP classes named in an association's log line; the rest are logged at DEBUG.
+REFUSED_CLASSES_NAMED = 3
 # ErrorComment is a Long String (PS3.5): 64 characters at most.
 ERROR_COMMENT_LENGTH = 64
 
@@ -114,6 +120,8 @@ class _AssociationTally:
     stored: int = 0
     duplicates: int = 0
     refused: int = 0
+    # Series UID -> (its audit row, instances stored on this association).
+    receipts: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class StorageSCP:
@@ -126,8 +134,10 @@ class StorageSCP:
         storage: Path,
         header_keywords: Iterable[str] = (),
         on_count_reached: Callable[[], None] = lambda: None,
+        reuse_port: bool = False,
     ) -> None:
         self._settings = settings
+        self._reuse_port = reuse_port  # one of several receivers (node.receivers)
         self._sessions = sessions
         self._spool = Spool(storage)
         self._folders = DurableFolders(storage)
@@ -135,7 +145,8 @@ class StorageSCP:
         self._on_count_reached = on_count_reached
         self._tallies: dict[int, _AssociationTally] = {}
         self._lock = threading.Lock()
-        self._server = None
+        self._server = None  # plain DICOM; the TLS server where there is no plain port
+        self._tls_server = None
 
         ae = AE(ae_title=settings.ae_title)
         # pynetdicom counts every acceptor thread against its limit, connections that never
@@ -171,17 +182,31 @@ class StorageSCP:
             acse_timeout=self._ae.acse_timeout,
             max_pdu_length=self._ae.maximum_pdu_size,
         )
-        self._server = start_server(
-            self._ae, (self._settings.host, self._settings.port), handlers, limits
-        )
-        log.info(
-            "listening as %s on %s:%d", self._settings.ae_title, self._settings.host, self.port
-        )
+        host, tls = self._settings.host, self._settings.tls
+        reuse = self._reuse_port
+        if tls is None or tls.port is not None:
+            address = (host, self._settings.port)
+            self._server = start_server(self._ae, address, handlers, limits, reuse_port=reuse)
+            log.info("listening as %s on %s:%d", self._settings.ae_title, host, self.port)
+        if tls is not None:
+            address = (host, tls.port or self._settings.port)
+            server = start_server(
+                self._ae, address, handlers, limits, server_context(tls), reuse_port=reuse
+            )
+            self._tls_server = server
+            self._server = self._server or server
+            log.info(
+                "listening as %s on %s:%d over TLS (client certificate %s)",
+                self._settings.ae_title,
+                host,
+                server.server_address[1],
+                "required" if tls.require_client_certificate else "optional",
+            )
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        for server in {self._server, self._tls_server} - {None}:
+            server.shutdown()
+        self._server = self._tls_server = None
 
     # Handlers run in each association's own thread.
 
@@ -189,11 +214,14 @@ class StorageSCP:
         # The requestor's AE title is filled in only during negotiation, after this event.
         calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
         host = str(event.assoc.requestor.address)
-        if not self._settings.caller_allowed(calling, host):
+        sock = event.assoc.dul.socket
+        subject = certificate_name(sock.socket if sock else None)
+        if not self._settings.caller_allowed(calling, host, subject):
             log.warning(
-                "association from %s (%s) rejected: calling AE title not recognized",
+                "association from %s (%s%s) rejected: calling AE title not recognized",
                 calling,
                 host,
+                f", certificate {subject!r}" if subject else "",
             )
             # Rejected permanent, by the service user, "calling AE title not recognized".
             _reject(event.assoc, 0x01, 0x01, 0x03)
@@ -223,17 +251,20 @@ class StorageSCP:
         if refused:
             # Generic senders propose every storage class they know (storescu: ~120), so
             # one line per association, not one per class.
-            named = [f"{UID(uid).name} ({uid})" for uid in refused[:10]]
-            more = f" and {len(refused) - 10} more" if len(refused) > 10 else ""
+            named = [f"{UID(uid).name} ({uid})" for uid in refused]
+            shown = REFUSED_CLASSES_NAMED
+            more = f" and {len(refused) - shown} more (at DEBUG)" if len(refused) > shown else ""
             log.warning(
                 "association from %s (%s): %d SOP class(es) refused, not accepted by this "
                 "node: %s%s",
                 calling,
                 host,
                 len(refused),
-                "; ".join(named),
+                "; ".join(named[:shown]),
                 more,
             )
+            if more:
+                log.debug("association from %s (%s): refused %s", calling, host, "; ".join(named))
 
     def _on_ended(self, event: evt.Event) -> None:
         calling, host = _peer(event)
@@ -242,6 +273,7 @@ class StorageSCP:
         if tally is None:
             return  # rejected before it was established; already logged
         how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        self._close_receipts(tally, how)
         log.info(
             "association from %s (%s) %s: %d stored, %d duplicate, %d refused",
             calling,
@@ -252,20 +284,34 @@ class StorageSCP:
             tally.refused,
         )
 
+    def _close_receipts(self, tally: _AssociationTally, how: str) -> None:
+        """The audit trail's receipts of this association get their counts."""
+        if not tally.receipts:
+            return
+        try:
+            with self._sessions.begin() as session:
+                for row_id, stored in tally.receipts.values():
+                    row = session.get(Audit, row_id)
+                    row.detail = f"{stored} instance(s) stored on one association ({how})"
+        except SQLAlchemyError as error:
+            log.warning("audit trail not completed: %s", type(error).__name__)
+
     def _on_echo(self, event: evt.Event) -> int:
         return 0x0000
 
     def _on_store(self, event: evt.Event) -> Dataset | int:
         calling, host = _peer(event)
         tally = self._tallies.get(id(event.assoc)) or _AssociationTally()
-        answer = self._store(event, calling)
+        answer = self._store(event, calling, host, tally)
         if answer.status is StoreStatus.SUCCESS:
             if answer.duplicate:
                 tally.duplicates += 1
             else:
                 tally.stored += 1
+            INSTANCES.labels("duplicate" if answer.duplicate else "success").inc()
             return int(StoreStatus.SUCCESS)
         tally.refused += 1
+        INSTANCES.labels(answer.status.name.lower()).inc()
         log.warning(
             "C-STORE from %s (%s) refused with 0x%04X: %s",
             calling,
@@ -278,7 +324,9 @@ class StorageSCP:
         response.ErrorComment = answer.comment or answer.reason[:ERROR_COMMENT_LENGTH]
         return response
 
-    def _store(self, event: evt.Event, calling: str) -> StoreResult:
+    def _store(
+        self, event: evt.Event, calling: str, host: str, tally: _AssociationTally
+    ) -> StoreResult:
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
@@ -314,6 +362,18 @@ class StorageSCP:
         try:
             with self._sessions.begin() as session:
                 outcome = record_instance(session, facts, len(data), calling)
+                receipt = tally.receipts.get(facts.series_uid)
+                if receipt is None and not outcome.duplicate:
+                    # In the instance's own transaction: a receipt is never lost to a crash.
+                    row = audit.record(
+                        session,
+                        AuditEvent.RECEIVED,
+                        f"{calling}@{host}",
+                        "receiving",
+                        series=session.get(Series, outcome.series_id),
+                    )
+                    session.flush()
+                    receipt = (row.id, 0)
         except InstanceRefused as refusal:
             # Refused: a file this call made goes; one that was there already is not ours.
             if created:
@@ -343,6 +403,7 @@ class StorageSCP:
             ):
                 return _conflict(facts.sop_instance_uid)
             return StoreResult(StoreStatus.SUCCESS, duplicate=True)
+        tally.receipts[facts.series_uid] = (receipt[0], receipt[1] + 1)
         if outcome.count_reached:
             self._on_count_reached()
         return StoreResult(StoreStatus.SUCCESS)

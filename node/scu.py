@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ from pynetdicom.status import (
 )
 
 from node.scp import set_tcp_nodelay
+from node.tls import client_context
 from pipeline.routing import Destination
 from pipeline.state.deliveries import DeliverySettings, InstanceResult
 
@@ -170,7 +172,13 @@ def _associate(
     started = time.monotonic()
     try:
         assoc = ae.associate(
-            destination.host, destination.port, ae_title=destination.ae_title, evt_handlers=handlers
+            destination.host,
+            destination.port,
+            ae_title=destination.ae_title,
+            evt_handlers=handlers,
+            tls_args=(client_context(destination.tls), destination.host)
+            if destination.tls
+            else None,
         )
     except socket.gaierror as error:
         return None, f"cannot connect to {label}: cannot resolve host: {error.strerror}"
@@ -205,8 +213,14 @@ def _connect_failure(destination: Destination, timeout: float, elapsed: float) -
         return f"connection timed out after {timeout:g} s"
     # pynetdicom logs why the connection failed but does not keep it: ask the system again.
     try:
-        with socket.create_connection((destination.host, destination.port), timeout=timeout):
+        with socket.create_connection((destination.host, destination.port), timeout=timeout) as raw:
+            if destination.tls:  # the handshake is what fails, most likely: say why
+                context = client_context(destination.tls)
+                with context.wrap_socket(raw, server_hostname=destination.host):
+                    pass
             return "connection failed, though the port accepts connections now"
+    except ssl.SSLError as error:
+        return f"TLS handshake failed: {(error.reason or str(error)).lower().replace('_', ' ')}"
     except TimeoutError:
         return f"connection timed out after {timeout:g} s"
     except OSError as error:

@@ -15,7 +15,6 @@ import logging
 import signal
 import threading
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -28,8 +27,12 @@ if TYPE_CHECKING:
     from pipeline.worker import Worker
 
 from node.config import Config
+from node.console import ConsoleServer, build_app
 from node.dispatch import Dispatcher
+from node.logs import LogFormat
+from node.receivers import ReceiverPool, ensure_ports_free, receiver_count
 from node.scp import StorageSCP
+from node.version import software_version
 from pipeline.completion import complete_due_series
 from pipeline.harvest import harvest_due_pairs, harvest_root, node_salt
 from pipeline.intake import recover_unrecorded
@@ -38,29 +41,25 @@ from pipeline.monitor import score_due_pairs
 from pipeline.retention import purge_finished
 from pipeline.routing import header_keywords
 from pipeline.spool import Spool
+from pipeline.state.audit import record_activation
 from pipeline.state.db import (
     Delivery,
     DeliveryState,
     Job,
     JobState,
+    Role,
     Series,
     SeriesState,
     open_database,
     utcnow,
 )
 from pipeline.state.deliveries import take_back_deliveries_of_gone_senders
+from pipeline.state.heartbeats import Heart, Pulse
 from pipeline.state.jobs import take_back_jobs_of_gone_workers
 
 log = logging.getLogger(__name__)
 
 COMPLETION_JOB = "completion"
-
-
-def software_version() -> str:
-    try:
-        return version("dicomnode")
-    except PackageNotFoundError:  # running from a checkout that was never installed
-        return "0+unknown"
 
 
 def build_worker(config: Config, sessions: sessionmaker) -> Worker:
@@ -113,31 +112,63 @@ def work_in_hand(sessions: sessionmaker) -> str:
 class NodeService:
     """Everything `dicomnode serve` runs, started and stopped together."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, log_format: LogFormat = LogFormat.TEXT) -> None:
         self.config = config
         storage = config.node.storage
         self.spool = Spool(storage)
         self.spool.make()
         self.sessions = open_database(config.node.database)
         self.scheduler = BackgroundScheduler(timezone=UTC)
+        receivers = receiver_count(config.node)
         self.scp = StorageSCP(
             config.node,
             self.sessions,
             storage,
             header_keywords=header_keywords(config.routes),
             on_count_reached=self.wake_completion,
+            reuse_port=receivers > 1,
+        )
+        # The other receiving processes: this one is the first.
+        self.receivers = (
+            ReceiverPool(config, receivers, self.wake_completion, log_format)
+            if receivers > 1
+            else None
         )
         self.worker = build_worker(config, self.sessions) if config.worker.in_process else None
         self.dispatcher = Dispatcher(
             self.sessions, storage, config.destinations, config.delivery, config.node.ae_title
         )
         if self.worker is not None:
-            self.worker.on_job_done = self.dispatcher.wake.set
+            self.worker.on_job_done = self._job_done
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._listening_since = utcnow()
+        # The last completion tick that ran through: /health says when the scheduler stalls.
+        self.ticked_at: datetime | None = None
+        self.heart: Heart | None = None
+        self.console = (
+            ConsoleServer(config, build_app(config, self.sessions, self._heart_id))
+            if config.http.enabled
+            else None
+        )
+
+    def _job_done(self) -> None:
+        self.dispatcher.wake.set()
+        if self.heart is not None:
+            self.heart.wake.set()  # the console should not show the finished job for a beat
+
+    def _heart_id(self) -> int | None:
+        return self.heart.id if self.heart is not None else None
+
+    def pulse(self) -> Pulse:
+        job = self.worker.current_job if self.worker is not None else None
+        return Pulse(current_job_id=job, ticked_at=self.ticked_at)
 
     def start(self) -> None:
+        if self.receivers is not None:  # shared ports: a plain bind tells if one is taken
+            ensure_ports_free(self.config.node)
+        if self.console is not None:  # first: a port taken stops the start before any work
+            self.console.start()
         removed = self.spool.remove_partial_files()
         if removed:
             log.info("removed %d partial file(s) left by an earlier crash", removed)
@@ -197,10 +228,26 @@ class NodeService:
             thread.start()
             self._threads.append(thread)
         self._listening_since = utcnow()
+        self.heart = Heart(
+            self.sessions,
+            Role.SERVE,
+            software_version(),
+            self.worker.device if self.worker is not None else None,
+            pulse=self.pulse,
+            console_url=self.console.url if self.console is not None else None,
+        )
+        self.heart.start()
         self.scp.start()
+        if self.receivers is not None:
+            self.receivers.start()
+            log.info("receiving in %d processes", receiver_count(self.config.node))
 
     def stop(self) -> None:
         self.scp.stop()
+        if self.console is not None:
+            self.console.stop()
+        if self.receivers is not None:
+            self.receivers.stop()
         self.scheduler.shutdown(wait=True)
         self._stop.set()
         self.dispatcher.wake.set()
@@ -208,6 +255,8 @@ class NodeService:
             self.worker.wake.set()
         for thread in self._threads:
             thread.join(timeout=60)
+        if self.heart is not None:
+            self.heart.stop()
 
     def run_until_signalled(self) -> None:
         """Start, then run until SIGTERM or SIGINT; stop cleanly."""
@@ -247,16 +296,19 @@ class NodeService:
     def _refresh(self) -> None:
         from train.refresh import refresh_models  # torch and the training stack: only now
 
+        registry = ModelRegistry(self.config.models.registry)
+        before = registry.active_versions()
         try:
             storage = self.config.node.storage
             harvested = [harvest_root(storage)] if self.config.refresh.harvested else []
             salt = node_salt(storage) if harvested else ""
-            for line in refresh_models(
-                self.config.refresh, ModelRegistry(self.config.models.registry), harvested, salt
-            ):
+            for line in refresh_models(self.config.refresh, registry, harvested, salt):
                 log.info("model refresh: %s", line)
         except Exception:
             log.exception("model refresh failed; the active models are unchanged")
+        for name, version in registry.active_versions().items():
+            if before.get(name) != version:
+                record_activation(self.sessions, name, version, "daily refresh")
 
     def _complete(self) -> None:
         try:
@@ -268,6 +320,10 @@ class NodeService:
             )
             if self.worker is not None and any(c.job_id for c in done):
                 self.worker.wake.set()
+            first = self.ticked_at is None
+            self.ticked_at = utcnow()
+            if first and self.heart is not None:
+                self.heart.wake.set()  # /health should not wait a beat to see the first tick
         except Exception:
             # A failing tick must not stop the schedule; it is retried next second.
             log.exception("completion check failed")

@@ -16,27 +16,24 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from node.config import DEFAULT_CONFIG, load_config_or_defaults
+from node.config import load_config_or_defaults
 from pipeline.dicom.contrast import Direction
 from pipeline.model.preprocess import Normalization
 
 
-def add_commands(subparsers: Any) -> None:
-    """Add ``train``, ``evaluate`` and ``models`` to an argparse subparsers object."""
+def add_commands(subparsers: Any, add_global_options: Callable[..., None]) -> None:
+    """Add ``train``, ``evaluate`` and ``models`` to an argparse subparsers object, each
+    with the node's ``add_global_options`` (--config, --log-format)."""
     # torch comes with it: the CLI builds these commands only when one of them is run.
     from train.trainer import TrainSettings
 
     def command(name: str, run: Any, help: str) -> argparse.ArgumentParser:
         sub = subparsers.add_parser(name, help=help, description=help)
-        sub.add_argument(
-            "--config",
-            type=Path,
-            default=DEFAULT_CONFIG,
-            help="config.toml (default: ./config.toml)",
-        )
+        add_global_options(sub, defaults=False)
         sub.set_defaults(run=run)
         return sub
 
@@ -125,8 +122,8 @@ def add_commands(subparsers: Any) -> None:
         type=float,
         default=TrainSettings.neighbour_distance_mm,
         metavar="MM",
-        help="also show the network the slices MM below and above each slice (2.5-D; "
-        f"default {TrainSettings.neighbour_distance_mm})",
+        help="also show the network the slices MM below and above each slice (2.5-D; 0: "
+        f"each slice alone; default {TrainSettings.neighbour_distance_mm})",
     )
     train.add_argument(
         "--lesion-painting",
@@ -196,7 +193,9 @@ def add_commands(subparsers: Any) -> None:
     evaluation.add_argument("data", type=Path, nargs="+", metavar="DATA")
     evaluation.add_argument("--registry", type=Path, help="registry folder (default: from config)")
     evaluation.add_argument(
-        "--report", type=Path, default=Path("evaluation"), help="folder for JSON and figures"
+        "--report",
+        type=Path,
+        help="folder for JSON and figures (default: var/evaluation beside config.toml)",
     )
     evaluation.add_argument(
         "--no-register",
@@ -214,12 +213,12 @@ def add_commands(subparsers: Any) -> None:
     models = command("models", _list, "list the registered models, or activate a version")
     actions = models.add_subparsers(metavar="ACTION")
     listing = actions.add_parser("list", help="versions, metrics, checksums, which is active")
-    listing.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    add_global_options(listing, defaults=False)
     listing.set_defaults(run=_list)
     activate = actions.add_parser("activate", help="make VERSION the one jobs use (rollback)")
     activate.add_argument("name", metavar="NAME")
     activate.add_argument("version", metavar="VERSION")
-    activate.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    add_global_options(activate, defaults=False)
     activate.set_defaults(run=_activate)
     for parser in (models, listing, activate):
         parser.add_argument("--registry", type=Path, help="registry folder (default: from config)")
@@ -338,6 +337,8 @@ def _train(args: argparse.Namespace) -> int:
         f" s ({outcome.card.training['samples_per_second']} samples/s); "
         + ("written to " + ", ".join(map(str, outcome.written)) if outcome.written else "")
     )
+    if outcome.activated:
+        _audit_activation(args, outcome.card.name, outcome.card.version)
     return 0 if outcome.shipped else 1
 
 
@@ -355,8 +356,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     except (ModelFileError, RegistryError, LesionMaskError) as error:
         print(f"evaluate: {error}", file=sys.stderr)
         return 1
+    # var/ is where the node keeps its working state, and it is never committed.
+    report = args.report or args.config.resolve().parent / "var" / "evaluation"
     result = evaluate_folders(
-        model, args.data, args.report, register=not args.no_register, lesions=lesions
+        model, args.data, report, register=not args.no_register, lesions=lesions
     )
     if result.path is None:
         print("evaluate: no pairs and no unpaired source series found", file=sys.stderr)
@@ -407,7 +410,25 @@ def _activate(args: argparse.Namespace) -> int:
         print(f"models activate: {error}", file=sys.stderr)
         return 1
     print(f"{args.name} {args.version} is now active")
+    _audit_activation(args, args.name, args.version)
     return 0
+
+
+def _audit_activation(args: argparse.Namespace, name: str, version: str) -> None:
+    """Into the audit trail of the node whose registry this is, where one is configured."""
+    if getattr(args, "registry", None) is not None or not args.config.is_file():
+        return
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from node.config import load_config
+    from pipeline.state.audit import cli_origin, record_activation
+    from pipeline.state.db import open_database
+
+    database = load_config(args.config).node.database
+    try:
+        record_activation(open_database(database), name, version, cli_origin())
+    except SQLAlchemyError as error:
+        print(f"(not in the node's audit trail: {type(error).__name__})", file=sys.stderr)
 
 
 # Which figures a card's metrics are, in words: only held-out patients say how a model does

@@ -68,6 +68,7 @@ class InstanceFacts:
     instance_number: int | None
     series_number: int | None
     description: str | None
+    accession_number: str | None
     # Kept to extract the routing header from, which only a series' first instance needs:
     # extracting it costs more than every other check of an instance together.
     dataset: Dataset = field(repr=False, compare=False)
@@ -140,6 +141,7 @@ def inspect_instance(
         instance_number=int_or_none(ds.get("InstanceNumber")),
         series_number=int_or_none(ds.get("SeriesNumber")),
         description=str(ds.get("SeriesDescription", "") or "")[:64] or None,
+        accession_number=str(ds.get("AccessionNumber", "") or "").strip() or None,
         dataset=ds,
         header_keywords=tuple(extra_keywords),
     )
@@ -281,6 +283,7 @@ def _new_series(facts: InstanceFacts, calling_ae: str, now: datetime) -> Series:
         sop_class_uid=facts.sop_class_uid,
         calling_ae=calling_ae,
         description=facts.description,
+        accession_number=facts.accession_number,
         series_number=facts.series_number,
         rows=facts.rows,
         columns=facts.columns,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -26,12 +27,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class DestinationTLS(_Strict):
+    """``tls = { ca = ..., certificate = ..., key = ... }`` of a destination: send over TLS
+    (1.2 or newer), trusting the peer's certificate only if ``ca`` signed it and it names
+    the destination's host; ``certificate`` and ``key`` are this node's, for a peer that
+    requires client certificates. Relative paths are resolved against config.toml's folder."""
+
+    ca: Path
+    certificate: Path | None = None
+    key: Path | None = None
+
+    @model_validator(mode="after")
+    def _certificate_with_key(self) -> DestinationTLS:
+        if (self.certificate is None) != (self.key is None):
+            raise ValueError("certificate and key go together: give both or neither")
+        return self
+
+
 class Destination(_Strict):
     """A DICOM peer the node sends synthetic series to (``[destinations.NAME]``)."""
 
     ae_title: Annotated[str, Field(pattern=AE_TITLE_PATTERN)]
     host: Annotated[str, Field(min_length=1)]
-    port: Annotated[int, Field(ge=1, le=65535)]
+    # Strict: a port written as text ("4242") is a mistake config check names.
+    port: Annotated[int, Field(strict=True, ge=1, le=65535)]
+    tls: DestinationTLS | None = None
 
 
 class HeaderCondition(_Strict):

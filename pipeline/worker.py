@@ -69,7 +69,10 @@ class Worker:
         self._software_version = software_version
         device = pick_device() if settings.device == "auto" else torch.device(settings.device)
         self._synthesizers = Synthesizers(device)
+        self.device = str(device)
         self.owner = worker_identity()
+        # The job in hand, for the heartbeat (pipeline.state.heartbeats).
+        self.current_job: int | None = None
         # Set when a job is queued, so the loop starts it at once instead of at its next poll.
         self.wake = threading.Event()
         # Called after each finished job (the node wakes its dispatcher with it).
@@ -81,7 +84,11 @@ class Worker:
         while (
             job := claim_job(self._sessions, self.owner, self._settings.lease_seconds)
         ) is not None:
-            self._run(job)
+            self.current_job = job.id
+            try:
+                self._run(job)
+            finally:
+                self.current_job = None
             count += 1
         return count
 

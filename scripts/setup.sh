@@ -7,11 +7,18 @@ cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == "--test" ]]; then
   # Real peers for the tests: DCMTK (storescu/storescp/echoscu, dcmcjpeg...), dicom3tools
-  # (dciodvfy judges what the node writes), Orthanc (the PACS).
+  # (dciodvfy judges what the node writes), Orthanc (the PACS), PostgreSQL (the tests start
+  # their own server with initdb/pg_ctl; the packaged cluster is not used), chromium and its
+  # driver (the console's pages in a real browser), systemd-analyze (deploy/'s units).
   missing=()
   command -v /usr/bin/storescu >/dev/null || missing+=(dcmtk)
   command -v dciodvfy >/dev/null || missing+=(dicom3tools)
   command -v Orthanc >/dev/null || missing+=(orthanc)
+  command -v initdb >/dev/null || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null \
+    || missing+=(postgresql)
+  command -v /usr/bin/chromium >/dev/null || missing+=(chromium)
+  command -v /usr/bin/chromedriver >/dev/null || missing+=(chromium-driver)
+  command -v systemd-analyze >/dev/null || missing+=(systemd)
   if (( ${#missing[@]} )); then
     sudo=""; [[ $(id -u) == 0 ]] || sudo="sudo"
     $sudo apt-get update -qq

@@ -25,3 +25,27 @@ def node(tmp_path):
     process = NodeProcess(write_config(tmp_path / "node", port), port).start()
     yield process
     process.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server for the session (initdb + pg_ctl in a temporary folder)."""
+    from tests.support.postgres import PostgresServer, server_binaries
+
+    binaries = server_binaries()
+    if binaries is None:
+        pytest.skip(
+            "PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or under "
+            "/usr/lib/postgresql/*/bin: install Debian's postgresql (scripts/setup.sh --test)"
+        )
+    server = PostgresServer(binaries).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """The SQLAlchemy URL of a new, empty database on the session's PostgreSQL server."""
+    import uuid
+
+    return postgres_server.create_database(f"test_{uuid.uuid4().hex[:12]}")

@@ -1,12 +1,14 @@
 """config.toml: the default file is valid, and every bad value is named with its fix."""
 
+import socket
 from pathlib import Path
 
 import pytest
+import torch
 
 from node.config import ConfigError, load_config
 from tests.support.models import add_model, make_registry
-from tests.support.nodeproc import run_dicomnode
+from tests.support.nodeproc import free_port, run_dicomnode
 from tests.support.paths import REPO
 
 VALID = """
@@ -90,10 +92,15 @@ def test_not_toml_and_missing_file(tmp_path):
         load_config(tmp_path / "absent.toml")
 
 
+def free_ports(text: str) -> str:
+    """``text`` listening on free ports: `config check` tries to listen where it says."""
+    return text.replace("port = 11112", f"port = {free_port()}") + f"[http]\nport = {free_port()}\n"
+
+
 def test_config_check_command(tmp_path):
     make_registry(tmp_path / "models")
     good = tmp_path / "good.toml"
-    good.write_text(VALID)
+    good.write_text(free_ports(VALID))
     result = run_dicomnode("config", "check", "--config", str(good))
     assert result.returncode == 0, result.stderr
     assert "OK (1 route(s), 1 destination(s))" in result.stdout
@@ -102,6 +109,69 @@ def test_config_check_command(tmp_path):
     result = run_dicomnode("config", "check", "--config", str(bad))
     assert result.returncode == 2
     assert "destinations.pacs.port = 'x'" in result.stderr
+
+
+def test_config_check_names_what_serve_would_die_of(tmp_path):
+    """Each problem of this machine for the file, one line naming its key."""
+    make_registry(tmp_path / "models")
+    (tmp_path / "a-file").write_text("")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    config = tmp_path / "config.toml"
+    config.write_text(
+        VALID.replace(
+            "port = 11112", f'host = "127.0.0.1"\nport = {port}\nstorage = "a-file/spool"'
+        ).replace("[destinations.pacs]", '[destination.pacs]\nae_title = "X"\n[destinations.pacs]')
+    )
+    result = run_dicomnode("config", "check", "--config", str(config))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "[destination.pacs]: unknown section, did you mean [destinations.pacs]?" in result.stderr
+
+    config.write_text(
+        VALID.replace(
+            "port = 11112", f'host = "127.0.0.1"\nport = {port}\nstorage = "a-file/spool"'
+        )
+        + f"[http]\nport = {free_port()}\n"
+    )
+    result = run_dicomnode("config", "check", "--config", str(config))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"node.storage = '{tmp_path}/a-file/spool': {tmp_path}/a-file is a file" in result.stderr
+    assert f"node.port = {port}: 127.0.0.1:{port} is in use" in result.stderr
+    busy.close()
+
+    # sysfs takes no files, not even root's: the check is by writing, as serve would.
+    text = free_ports(VALID).replace("[node]\n", '[node]\nstorage = "/sys/dicomnode/spool"\n')
+    config.write_text(text)
+    result = run_dicomnode("config", "check", "--config", str(config))
+    assert "node.storage = '/sys/dicomnode/spool': cannot be created in /sys" in result.stderr
+
+    text = free_ports(VALID).replace(
+        "[node]\n", '[node]\ndatabase = "postgresql+nosuchdriver://u@h/db"\n'
+    )
+    config.write_text(text)
+    result = run_dicomnode("config", "check", "--config", str(config))
+    assert "node.database = 'postgresql+nosuchdriver://u@h/db'" in result.stderr
+
+    text = free_ports(VALID).replace("port = 4242", 'port = "4242"')
+    config.write_text(text)
+    result = run_dicomnode("config", "check", "--config", str(config))
+    assert "destinations.pacs.port = '4242': a number, written without quotes (port = 4242)" in (
+        result.stderr
+    )
+
+    config.write_text(free_ports(VALID) + '[worker]\ndevice = "cuda"\n')
+    result = run_dicomnode("config", "check", "--config", str(config))
+    named = 'worker.device = "cuda": torch ' in result.stderr
+    assert named == (not torch.cuda.is_available())  # named only where torch has no CUDA
+
+    text = free_ports(VALID)
+    config.write_text(text[: text.index("[[routes]]")] + text[text.index("[http]") :])
+    result = run_dicomnode("config", "check", "--config", str(config))
+    assert "warning: routes: none defined, so every series received would be ignored" in (
+        result.stdout
+    )
 
 
 def test_serve_refuses_to_start_on_a_bad_config(tmp_path):

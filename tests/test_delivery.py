@@ -230,7 +230,7 @@ def test_retry_of_a_failed_delivery(sessions):
     claimed = claim_delivery(sessions, "a", once)
     assert record_attempt(sessions, claimed.id, "a", {}, "refused", once) == "failed"
 
-    message = retry_delivery(sessions, claimed.id)
+    message = retry_delivery(sessions, claimed.id, origin="test")
     assert message == f"delivery {claimed.id} to pacs queued again"
     row = delivery(sessions, claimed.id)
     assert (row.state, row.attempts) == ("pending", 0)
@@ -238,12 +238,12 @@ def test_retry_of_a_failed_delivery(sessions):
     assert again.id == claimed.id and again.attempt == 1
 
     with pytest.raises(ValueError, match="being sent now by b"):
-        retry_delivery(sessions, claimed.id)
+        retry_delivery(sessions, claimed.id, origin="test")
     record_attempt(sessions, claimed.id, "b", {"1.1": SENT, "1.2": SENT}, None, once)
     with pytest.raises(ValueError, match="already sent"):
-        retry_delivery(sessions, claimed.id)
+        retry_delivery(sessions, claimed.id, origin="test")
     with pytest.raises(ValueError, match="there is no delivery 99"):
-        retry_delivery(sessions, 99)
+        retry_delivery(sessions, 99, origin="test")
 
 
 def test_settings_reject_inconsistent_values():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from node.train_commands import add_commands
+from node.cli import main
 from pipeline.model.card import LoadedModel, ModelCard, save_model
 from pipeline.model.scores import minmax_slices, slice_metrics, ssim_map
 from pipeline.model.unet import UNet
@@ -22,7 +21,9 @@ from train.metrics import collapse_check, floors
 from train.pairs import find_pairs, load_pair
 
 
-def tiny_model(path: Path, direction: str = "t1-to-t2") -> LoadedModel:
+def tiny_model(
+    path: Path, direction: str = "t1-to-t2", training: dict | None = None
+) -> LoadedModel:
     torch.manual_seed(0)
     arguments = {"in_channels": 3, "base_width": 4, "depth": 2}
     network = UNet(**arguments).eval()
@@ -33,6 +34,7 @@ def tiny_model(path: Path, direction: str = "t1-to-t2") -> LoadedModel:
         arguments=arguments,
         normalization="minmax-slice",
         gradient_channels=True,
+        training=training or {},
     )
     card = save_model(path, network, card)
     return LoadedModel(network, card, path)
@@ -126,28 +128,32 @@ def test_figure_has_input_synthetic_real_and_difference(tmp_path) -> None:
     assert image.shape[0] == only_two.shape[0]
 
 
-def test_evaluate_command_writes_report_and_figures(mr_brain, tmp_path) -> None:
-    tiny_model(tmp_path / "m.pt")
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers())
+def test_evaluate_command_writes_report_and_figures(mr_brain, tmp_path, capsys) -> None:
+    # The model's card says it learnt from the native study's patient.
+    trained_on = {"data": [{"study": "tcga-fg-6692", "patient": "patient-f8fdf7ca"}]}
+    tiny_model(tmp_path / "m.pt", training=trained_on)
     # The native study (paired) and the T1-only volunteer (figure and collapse check only).
     data = [mr_brain / "tcga-fg-6692-native", mr_brain / "healthy-t1-only"]
-    args = parser.parse_args(
+    config = tmp_path / "config.toml"  # no such file: the report goes under var/ beside it
+    code = main(
         [
             "evaluate",
             str(tmp_path / "m.pt"),
             *map(str, data),
-            "--report",
-            str(tmp_path / "r"),
             "--no-register",
+            "--config",
+            str(config),
         ]
     )
-    code = args.run(args)
-    report = json.loads((tmp_path / "r" / "t1-to-t2-v1.json").read_text())
+    assert (
+        "warning: tcga-fg-6692-native (patient-f8fdf7ca): this patient is in t1-to-t2-v1's "
+        "training data" in capsys.readouterr().out
+    )
+    report = json.loads((tmp_path / "var" / "evaluation" / "t1-to-t2-v1.json").read_text())
     assert code == (
         1 if report["pairs"]["collapsed"] or report["unpaired"][0]["collapse"]["collapsed"] else 0
     )
     assert report["pairs"]["studies"][0]["study"] == "tcga-fg-6692-native"
     assert report["unpaired"][0]["series"].endswith("03_t1")
-    figures = sorted(p.name for p in (tmp_path / "r").glob("*.png"))
+    figures = sorted(p.name for p in (tmp_path / "var" / "evaluation").glob("*.png"))
     assert len(figures) == 2 and any("healthy-t1-only" in name for name in figures)

@@ -196,6 +196,7 @@ def test_stalled_sockets_do_not_lock_senders_out_and_are_dropped(tmp_path):
         tmp_path / "node",
         port,
         max_associations=4,
+        receivers=1,  # the limit counts per receiver process
         pdu_timeout_seconds=1.5,
         association_request_timeout_seconds=1.5,
     )

@@ -5,8 +5,9 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 
-from pipeline.state.db import Job, open_database
+from pipeline.state.db import Job, create_database_engine, open_database
 from pipeline.state.leases import Holder, ProcessIdentity, holder_state, this_process
+from pipeline.state.schema import upgrade_schema
 
 
 def test_a_holder_is_alive_gone_or_on_another_host():
@@ -34,6 +35,8 @@ def test_a_database_made_before_the_lease_columns_opens_and_gains_them(tmp_path)
         for table in ("job", "delivery"):
             for column in ("lease_host", "lease_pid", "lease_process_start"):
                 db.execute(f"alter table {table} drop column {column}")
+        db.execute("drop table alembic_version")  # as 0.1.0 made it, before revisions
+    upgrade_schema(create_database_engine(url))  # `dicomnode db upgrade`
     sessions = open_database(url)
     with sessions() as session:
         assert session.query(Job).count() == 0

@@ -3,14 +3,13 @@ grid, painted lesions, and `dicomnode evaluate` printing fidelity for a real MS 
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from node.train_commands import add_commands
+from node.cli import _parser
 from pipeline.model.scores import correlation
 from tests.test_evaluate import tiny_model
 from train.flairmasks import write_masks
@@ -186,9 +185,7 @@ def test_fluid_levels_are_csf(ms_pairs) -> None:
 
 def test_evaluate_prints_lesion_fidelity_where_a_mask_exists(mr_brain, tmp_path, capsys) -> None:
     tiny_model(tmp_path / "m.pt")
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers())
-    args = parser.parse_args(
+    args = _parser(training=True).parse_args(
         [
             "evaluate",
             str(tmp_path / "m.pt"),
@@ -197,6 +194,8 @@ def test_evaluate_prints_lesion_fidelity_where_a_mask_exists(mr_brain, tmp_path,
             str(mr_brain.parent / "lesions"),
             "--report",
             str(tmp_path / "r"),
+            "--config",
+            str(tmp_path / "config.toml"),
         ]
     )
     args.run(args)

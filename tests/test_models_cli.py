@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
-from node.train_commands import add_commands, network_arguments, registry_root
+from node.cli import _parser, main
+from node.train_commands import network_arguments, registry_root
 from pipeline.model.card import ModelCard, save_model
 from pipeline.model.registry import ModelRegistry
-from pipeline.model.unet import UNet, default_arguments
+from pipeline.model.unet import UNet
+from train.trainer import shipped_arguments
 
 
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dicomnode")
-    add_commands(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    return args.run(args)
+    return main(argv)
 
 
 def add_version(registry: ModelRegistry, name: str, seed: int) -> ModelCard:
@@ -48,8 +46,7 @@ def add_version(registry: ModelRegistry, name: str, seed: int) -> ModelCard:
 
 
 def test_every_subcommand_has_config_and_run() -> None:
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers())
+    parser = _parser(training=True)
     for argv in (
         ["train", "DATA", "--direction", "t1-to-t2"],
         ["evaluate", "MODEL", "DATA"],
@@ -57,31 +54,32 @@ def test_every_subcommand_has_config_and_run() -> None:
         ["models", "list"],
         ["models", "activate", "t1-to-t2", "v1"],
     ):
-        args = parser.parse_args(argv)
-        assert args.config == Path("config.toml") and callable(args.run)
+        args = parser.parse_args([*argv, "--config", "node.toml"])
+        assert args.config == Path("node.toml") and callable(args.run)
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "DATA", "--direction", "t1-to-flair"])
 
 
 def test_train_options_reach_the_network_and_the_rest_stay_the_shipped_models() -> None:
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers())
+    parser = _parser(training=True)
 
     def arguments(*options: str) -> dict[str, object]:
         argv = ["train", "DATA", "--direction", "t1-to-t2", *options]
         return network_arguments(parser.parse_args(argv))
 
-    assert arguments() == default_arguments()
+    assert arguments() == shipped_arguments()
     changed = arguments("--base-width", "4", "--upsampling", "bilinear", "--no-skip-connections")
     assert changed == {
-        **default_arguments(),
+        **shipped_arguments(),
         "base_width": 4,
         "upsampling": "bilinear",
         "skip_connections": False,
     }
     assert arguments("--input-shortcut")["input_shortcut"] is True
     assert arguments("--no-input-shortcut")["input_shortcut"] is False
-    assert arguments("--no-gradient-channels")["in_channels"] == 1
+    # The slice, its two neighbours, and the Sobel channels unless turned off.
+    assert arguments("--no-gradient-channels")["in_channels"] == 3
+    assert arguments("--neighbours", "0", "--no-gradient-channels")["in_channels"] == 1
 
 
 def test_registry_comes_from_the_option_the_config_or_beside_the_config(tmp_path) -> None:

@@ -9,6 +9,7 @@ import pytest
 from pipeline.completion import CompletionSettings, complete_due_series
 from pipeline.intake import inspect_instance, record_instance
 from pipeline.routing import Route
+from pipeline.state.audit import AuditFilter, read_audit
 from pipeline.state.db import Job, QualityScore, QualityState, open_database, utcnow
 from pipeline.state.quality import (
     MonitorPause,
@@ -74,10 +75,14 @@ def test_the_window_the_minimum_the_resume_and_a_new_version(sessions):
     assert current.count == 3 and current.total == 5 and current.correlation == pytest.approx(0.9)
     assert current.paused is None  # only the last 3 count
 
-    assert resume(sessions, KEY.scanner, KEY.protocol, KEY.model) == 5
+    assert resume(sessions, KEY.scanner, KEY.protocol, KEY.model, origin="cli test") == 5
+    trail = read_audit(sessions, AuditFilter())
+    assert [row["origin"] for row in trail] == ["cli test"]
+    assert "quality resume: protocol" in trail[0]["detail"] and trail[0]["model"] == KEY.model
     with sessions() as session:
         assert rolling(session, KEY, SETTINGS) is None  # every score predates the resume
-    assert resume(sessions, "other", KEY.protocol, KEY.model) == 0
+    assert resume(sessions, "other", KEY.protocol, KEY.model, origin="cli test") == 0
+    assert len(read_audit(sessions, AuditFilter())) == 1  # nothing resumed, nothing recorded
     # A new version is a new key: the old one's scores do not pause it.
     check_not_paused(sessions, QualityKey(*[*vars(KEY).values()][:3], "v2"), SETTINGS)
     check_not_paused(sessions, KEY, MonitorSettings(enabled=False, floor=1.0, min_scores=1))

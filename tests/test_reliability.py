@@ -25,3 +25,11 @@ def test_three_sigkills_lose_nothing_and_leave_nothing_stuck(tmp_path):
     assert zeros == dict.fromkeys(zeros, 0), "\n".join(report.lines())
     assert report.trials == 3 and sum(report.kills_by_phase[p] for p in Phase) == 3
     assert report.synthetic_series_found == 3
+
+
+@pytest.mark.slow
+def test_three_sigkills_on_postgresql_lose_nothing_and_leave_nothing_stuck(tmp_path, postgres_url):
+    report = kill_trials(tmp_path, 3, seed=13, database=postgres_url)
+    zeros = report.zeros_due()
+    assert zeros == dict.fromkeys(zeros, 0), "\n".join(report.lines())
+    assert report.trials == 3 and report.synthetic_series_found == 3

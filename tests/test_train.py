@@ -29,8 +29,18 @@ TINY = {
     "skip_connections": True,
     "norm": "batch",
 }
+# 2-D and without the lesion and slab augmentations unless a test asks for them.
 SETTINGS = TrainSettings(
-    direction="t1-to-t2", arguments=TINY, epochs=2, steps_per_epoch=2, batch_size=2, crop=32
+    direction="t1-to-t2",
+    arguments=TINY,
+    neighbour_distance_mm=None,
+    lesion_painting=0.0,
+    thick_slices=0.0,
+    lesion_oversampling=0.0,
+    epochs=2,
+    steps_per_epoch=2,
+    batch_size=2,
+    crop=32,
 )
 
 

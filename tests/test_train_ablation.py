@@ -26,7 +26,7 @@ def test_configurations_change_one_thing_each() -> None:
     assert (paper.normalization, paper.loss, paper.arguments) == (
         "minmax-slice",
         "mse",
-        base.arguments,
+        {**base.arguments, "in_channels": 3},  # the paper's model is 2-D
     )
     plain = settings_for("plain-unet", base)
     assert plain.arguments["in_channels"] == 1 and not plain.gradient_channels
@@ -39,7 +39,12 @@ def test_configurations_change_one_thing_each() -> None:
         everything.lesion_painting and everything.thick_slices and everything.neighbour_distance_mm
     )
     assert settings_for("all-b16", base).arguments["base_width"] == 16
-    assert base.arguments["in_channels"] == 3  # the base is not changed in place
+    # v4 turns off every lever the shipped (v5) defaults have.
+    assert (v4.neighbour_distance_mm, v4.arguments["in_channels"], v4.epochs) == (None, 3, 12)
+    assert v4.lesion_painting == v4.thick_slices == v4.lesion_oversampling == 0.0
+    v5 = settings_for("v5", base)
+    assert v5 == base  # the defaults are the shipped recipe
+    assert base.arguments["in_channels"] == 5  # the base is not changed in place
     assert set(CONFIGURATIONS) >= {"paper", "plain-unet", "encoder-decoder", "v4"}
 
 

@@ -4,6 +4,8 @@ marked synthetic and described as the uncertainty."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pydicom
 
@@ -12,6 +14,7 @@ from tests.support.nodeproc import NodeProcess, free_port, run_dicomnode, write_
 from tests.support.peers import StoreSCP
 from tests.support.senders import storescu
 from tests.support.validators import assert_dciodvfy_finds_no_error
+from tests.test_console import get
 from tests.test_label import find_label
 from train.uncertainty import auroc
 
@@ -58,10 +61,17 @@ def test_an_uncertain_series_is_held_then_released_with_its_uncertainty_map(tmp_
         assert "held" in table and f"{job['uncertainty']:.4f}" in table
         spread = config.parent / "spool" / "out" / f"job-{job['id']}" / "uncertainty.npy"
         assert spread.is_file()
+        check_console(node.http_url, job)
 
         released = run_dicomnode("retry", str(job["id"]), "--config", str(config))
         assert released.returncode == 0 and "released" in released.stdout
         node.wait_for(lambda s: [d["state"] for d in s["deliveries"]] == ["sent"], 120)
+        trail = json.loads(run_dicomnode("audit", "--json", "--config", str(config)).stdout)
+        (release,) = [row for row in trail if row["event"] == "admin action"]
+        assert release["detail"].startswith(f"retry: job {job['id']} released")
+        assert release["origin"].startswith("cli ") and release["job_id"] == job["id"]
+        (made,) = [row for row in trail if row["event"] == "synthesized"]
+        assert "; not sent, held: uncertainty" in made["detail"]
     finally:
         node.stop()
         receiver.stop()
@@ -85,6 +95,16 @@ def test_an_uncertain_series_is_held_then_released_with_its_uncertainty_map(tmp_
     top = int(float(first.WindowCenter) + float(first.WindowWidth) / 2)
     assert len(find_label(first.pixel_array, "UNCERTAINTY", top)) == 1
     assert_dciodvfy_finds_no_error(sorted((tmp_path / "pacs").iterdir())[:2])
+
+
+def check_console(url: str, job: dict) -> None:
+    """The held job on the console: counted, listed with its uncertainty and thumbnails."""
+    metrics = get(f"{url}/metrics")[1].decode()
+    assert 'dicomnode_jobs{state="held"} 1.0' in metrics
+    status, html = get(f"{url}/jobs?state=held")
+    assert status == 200 and f"{job['uncertainty']:.4f}".encode() in html
+    status, png = get(f"{url}/jobs/{job['id']}/synthetic.png")
+    assert status == 200 and png.startswith(b"\x89PNG")
 
 
 def test_auroc_by_ranks():

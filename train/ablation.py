@@ -41,15 +41,30 @@ from train.figures import save_comparison
 from train.folds import DEFAULT_FOLDS, Fold, patient_folds
 from train.lesions import LesionMasks
 from train.pairs import PairedVolume, find_pairs, load_pair
-from train.trainer import TrainSettings, train_network
+from train.trainer import TrainSettings, shipped_arguments, train_network
 from train.workflow import load_reference_metrics
 
 # name -> (what it is, its settings beyond the run's size). Every entry names its
 # normalisation and loss, so that no configuration depends on TrainSettings' defaults.
 # target_normalization None: the targets are normalised like the input.
-_PAPER = {"normalization": "minmax-slice", "target_normalization": None, "loss": "mse"}
+# Every lever off and v4's length: what the configurations below add to.
+_PLAIN = {
+    "neighbour_distance_mm": None,
+    "lesion_painting": 0.0,
+    "lesion_weight": 0.0,
+    "thick_slices": 0.0,
+    "lesion_oversampling": 0.0,
+    "epochs": 12,
+}
+_PAPER = {
+    **_PLAIN,
+    "normalization": "minmax-slice",
+    "target_normalization": None,
+    "loss": "mse",
+}
 # The recipe of the v4 models: the input median-scaled, percentile targets, MSE + SSIM.
 _V4 = {
+    **_PLAIN,
     "normalization": "median-volume",
     "target_normalization": "percentile-volume",
     "loss": "mse+ssim",
@@ -93,6 +108,10 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         {**_ALL, "epochs": 24, "input_shortcut": True},
     ),
     "v5-b16": ("v5 at base width 16", {**_ALL, "epochs": 24, "base_width": 16}),
+    "v5-subtle": (
+        "v5 with painted lesions fainter on T1 (a T1 share of 0.1-0.5 of the fluid fraction)",
+        {**_ALL, "epochs": 24, "painted_t1_share": (0.1, 0.5)},
+    ),
     "v5": (
         "the v5 recipe: v4 + neighbours 3 mm, painted lesions, thick slabs, lesion "
         "oversampling, 24 x 150 steps",
@@ -501,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         base = TrainSettings(
             direction=directions[0],
-            arguments={**default_arguments(), "base_width": args.base_width},
+            arguments={**shipped_arguments(), "base_width": args.base_width},
             epochs=args.epochs,
             steps_per_epoch=args.steps_per_epoch,
         )

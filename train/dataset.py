@@ -17,7 +17,7 @@ from scipy import ndimage
 from pipeline.dicom.contrast import Contrast
 from pipeline.model.preprocess import model_input, neighbour_slices, normalize_volume
 from train.augment import AugmentSettings, augment_intensity, crop_pair
-from train.lesionpaint import FluidLevels, fluid_levels, paint_lesions
+from train.lesionpaint import FluidLevels, PaintSettings, fluid_levels, paint_lesions
 from train.pairs import PairedVolume
 
 if TYPE_CHECKING:
@@ -160,6 +160,7 @@ def sample_batch(
                     depths,
                     settings.pixel_spacing_mm,
                     rng,
+                    PaintSettings(t1_share=settings.painted_t1_share),
                 )
                 weight = weight * (1 + settings.lesion_weight * (painted > 0))
             source = augment_intensity(source, augment, rng)

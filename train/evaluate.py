@@ -28,7 +28,7 @@ from pipeline.model.card import LoadedModel, describe
 from pipeline.model.inference import Synthesizer
 from pipeline.model.preprocess import head_mask, normalize_volume, to_stored_pixels
 from pipeline.model.scores import mean_metrics, minmax_slices, slice_metrics
-from train.figures import save_comparison
+from train.figures import FIGURE_SLICES, save_comparison
 from train.lesions import LesionMaskError, LesionMasks
 from train.metrics import LesionFidelity, collapse_check, floors, lesion_fidelity
 from train.pairs import PairedVolume, StudyGroup, find_pairs, load_pair
@@ -252,6 +252,15 @@ def evaluate_folders(
         say(paired[-1].summary())
     paired = [item for item in paired if len(item.slices)]
     stem = f"{model.card.name}-{model.card.version}"
+    # Scores on what the model learnt from say nothing of new patients: the card names them.
+    data = model.card.training.get("data")
+    trained_on = {entry["patient"] for entry in data} if isinstance(data, list) else set()
+    for item in paired:
+        if item.pair.patient in trained_on:
+            say(
+                f"warning: {item.pair.label} ({item.pair.patient}): this patient is in "
+                f"{stem}'s training data, so its scores overstate the model"
+            )
     report: dict[str, Any] = {"model": stem, "pairs": None, "unpaired": []}
     collapsed = False
     if paired:
@@ -302,13 +311,17 @@ def evaluate_folders(
     return FolderEvaluation(report, path, collapsed)
 
 
-def _lesion_slices(item: PairedVolume, count: int = 4) -> list[int] | None:
+def _lesion_slices(item: PairedVolume, count: int = FIGURE_SLICES) -> list[int] | None:
+    """Slices spread over the lesion's extent (those with at least half the largest
+    lesion area), so a figure shows the lesion at several levels, not four neighbours."""
     if item.lesions is None:
         return None
     area = item.lesions[item.slices].sum(axis=(1, 2))
     if not area.any():
         return None
-    return sorted(int(i) for i in np.argsort(area)[::-1][:count] if area[i] > 0)
+    candidates = np.flatnonzero(area >= area.max() / 2)
+    spread = np.linspace(0, len(candidates) - 1, min(count, len(candidates)))
+    return sorted({int(candidates[round(i)]) for i in spread})
 
 
 def _lesions(item: PairedVolume, sent: np.ndarray) -> dict[str, LesionFidelity] | None:

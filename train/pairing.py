@@ -17,19 +17,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display on a server
-
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.axes import Axes
 from scipy import ndimage
 
 from pipeline.dicom.contrast import Direction
 from pipeline.dicom.volume import SeriesError
 from pipeline.model.preprocess import foreground_threshold
 from pipeline.model.scores import minmax_slices
-from train.figures import pick_slices
+from train.figures import Overlay, pick_slices, save_grid
 from train.pairs import find_pairs, load_pair
 
 
@@ -42,34 +38,24 @@ def save_overlay(
     follow the head, the ventricles and the sulci whatever the two contrasts are."""
     picks = pick_slices(source.shape[0])
     images = minmax_slices(source[picks])
-    columns = len(placements)
-    figure, axes = plt.subplots(
-        len(picks), columns, figsize=(3.0 * columns, 3.0 * len(picks) + 0.4), squeeze=False
-    )
-    for column, (name, target) in enumerate(placements.items()):
-        inside = target[target > 0]  # 0: outside the target's volume
-        outline = foreground_threshold(inside) if inside.size else 0.0
-        head = inside[inside > outline]
-        tissue = float(np.median(head)) if head.size else outline
-        for row, index in enumerate(picks):
-            axis = axes[row][column]
-            axis.imshow(images[row], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            # A little smoothing keeps the contours from tracing noise.
-            smooth = ndimage.gaussian_filter(target[index], 1.5)
-            axis.contour(smooth, levels=[outline], colors="yellow", linewidths=0.6)
-            axis.contour(smooth, levels=[tissue], colors="cyan", linewidths=0.5)
-            axis.set_xticks([])
-            axis.set_yticks([])
-            if row == 0:
-                axis.set_title(name, fontsize=9)
-            if column == 0:
-                axis.set_ylabel(f"slice {index}", fontsize=8)
-    figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
-    return path
+    overlays = {name: _contours(target) for name, target in placements.items()}
+    panels = dict.fromkeys(placements, images)
+    return save_grid(path, title, picks, panels, overlays, size=3.0)
+
+
+def _contours(target: np.ndarray) -> Overlay:
+    inside = target[target > 0]  # 0: outside the target's volume
+    outline = foreground_threshold(inside) if inside.size else 0.0
+    head = inside[inside > outline]
+    tissue = float(np.median(head)) if head.size else outline
+
+    def draw(axis: Axes, index: int) -> None:
+        # A little smoothing keeps the contours from tracing noise.
+        smooth = ndimage.gaussian_filter(target[index], 1.5)
+        axis.contour(smooth, levels=[outline], colors="yellow", linewidths=0.6)
+        axis.contour(smooth, levels=[tissue], colors="cyan", linewidths=0.5)
+
+    return draw
 
 
 def main(argv: list[str] | None = None) -> int:

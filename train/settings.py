@@ -26,7 +26,7 @@ class RefreshSettings(BaseModel):
     time: str = "02:00"  # daily, local time, HH:MM
     directions: list[Direction] = list(Direction)
     # The shipped recipe's length (train.trainer.TrainSettings; this module stays torch-free).
-    epochs: Annotated[int, Field(ge=1)] = 12
+    epochs: Annotated[int, Field(ge=1)] = 24
     steps_per_epoch: Annotated[int, Field(ge=1)] = 150
     # Held-out patients are what the activation rule compares on: without any, a refreshed
     # model never replaces an active one.

@@ -44,6 +44,13 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def why_no_cuda() -> str | None:
+    """Why a worker configured for CUDA could not use it here, or None when it can."""
+    if torch.cuda.is_available():
+        return None
+    return f"torch {torch.__version__} sees no CUDA device"
+
+
 def use_threads(count: int) -> None:
     """Let torch use ``count`` CPU threads, e.g. one each for two trainings on two cores."""
     torch.set_num_threads(count)

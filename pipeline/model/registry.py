@@ -61,6 +61,16 @@ class ModelRegistry:
             )
         return version
 
+    def active_versions(self) -> dict[str, str]:
+        """Each model's active version, for the models that have one."""
+        versions = {}
+        for name in self.names():
+            try:
+                versions[name] = self.active_version(name)
+            except RegistryError:
+                continue
+        return versions
+
     def active_path(self, name: str) -> Path:
         return self.path(name, self.active_version(name))
 
@@ -78,6 +88,9 @@ class ModelRegistry:
 
     def activate(self, name: str, version: str) -> None:
         """Make ``version`` the one jobs use, after checking its file loads."""
+        if name not in self.names():
+            known = ", ".join(self.names()) or "none"
+            raise RegistryError(f"no model named {name!r} in {self.root} (models: {known})")
         path = self.path(name, version)
         if not path.is_file():
             known = ", ".join(self.versions(name)) or "none"

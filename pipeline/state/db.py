@@ -12,23 +12,19 @@ import enum
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import (
-    JSON,
-    Float,
-    ForeignKey,
-    Index,
-    String,
-    create_engine,
-    event,
-    inspect,
-)
-from sqlalchemy.engine import Engine
+from sqlalchemy import JSON, Float, ForeignKey, Index, String, create_engine, event
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 
 def utcnow() -> datetime:
     """Now, as a naive UTC datetime (SQLite keeps no time zone; everything here is UTC)."""
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def iso(moment: datetime | None) -> str | None:
+    """A stored (naive UTC) time for people and JSON: ISO 8601 with a Z."""
+    return moment.isoformat(timespec="seconds") + "Z" if moment else None
 
 
 class SeriesState(enum.StrEnum):
@@ -72,9 +68,11 @@ class Series(Base):
     # Geometry every instance must agree with (first instance's values).
     rows: Mapped[int]
     columns: Mapped[int]
-    orientation: Mapped[str | None] = mapped_column(String(128))
-    pixel_spacing: Mapped[str | None] = mapped_column(String(64))
-    frame_of_reference_uid: Mapped[str | None] = mapped_column(String(64))
+    # Unbounded: as received, a malformed value can be any length, and PostgreSQL (unlike
+    # SQLite) refuses a longer one than its column's (migration 0002).
+    orientation: Mapped[str | None]
+    pixel_spacing: Mapped[str | None]
+    frame_of_reference_uid: Mapped[str | None]
     # The count the header announces, None when absent or inconsistent across instances.
     expected_count: Mapped[int | None]
     count_consistent: Mapped[bool] = mapped_column(default=True)
@@ -93,6 +91,9 @@ class Series(Base):
     completed_at: Mapped[datetime | None]
     # When the clean stage removed its files (pipeline.retention); the rows stay as history.
     purged_at: Mapped[datetime | None]
+    # The admin searches the console and the audit trail by it; it never goes into logs.
+    # Unbounded as received: PostgreSQL would refuse a malformed longer one (migration 0003).
+    accession_number: Mapped[str | None] = mapped_column(index=True)
 
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
     jobs: Mapped[list[Job]] = relationship(back_populates="series")
@@ -211,7 +212,8 @@ class QualityScore(Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("job.id"), unique=True)
     real_series_uid: Mapped[str] = mapped_column(String(64))
     study_uid: Mapped[str] = mapped_column(String(64))
-    accession: Mapped[str | None] = mapped_column(String(16))
+    # Unbounded as received, like Series.accession_number.
+    accession: Mapped[str | None]
     # What the rolling scores are kept per (pipeline.state.quality.QualityKey).
     scanner: Mapped[str]
     protocol: Mapped[str]
@@ -264,38 +266,113 @@ class HarvestedPair(Base):
     released_at: Mapped[datetime | None]  # its files removed to stay within the cap
 
 
-def open_database(url: str) -> sessionmaker:
-    """Connect to ``url``, create the tables if needed, and return a session factory."""
-    is_sqlite = url.startswith("sqlite")
-    engine = create_engine(
-        url,
-        connect_args={"timeout": 60, "check_same_thread": False} if is_sqlite else {},
-        pool_pre_ping=not is_sqlite,
-    )
-    if is_sqlite:
+class Role(enum.StrEnum):
+    """What a process that beats runs."""
+
+    SERVE = "serve"  # `dicomnode serve`: receives, completes, dispatches (and may synthesize)
+    WORKER = "worker"  # `dicomnode worker`: synthesizes only
+
+
+class Heartbeat(Base):
+    """A process of the node that says it is alive (pipeline.state.heartbeats): one row per
+    process, named as a lease names its holder, so a lease's holder is found here."""
+
+    __tablename__ = "heartbeat"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str]
+    pid: Mapped[int]
+    process_start: Mapped[str | None]  # see pipeline.state.leases.ProcessIdentity
+    version: Mapped[str]
+    # Where it synthesizes (cpu, cuda:0); None for a node that runs no worker.
+    device: Mapped[str | None] = mapped_column(String(32))
+    started_at: Mapped[datetime]
+    beat_at: Mapped[datetime]
+    current_job_id: Mapped[int | None]
+    # serve only: the last completion tick that ran through, and where its console listens.
+    ticked_at: Mapped[datetime | None]
+    console_url: Mapped[str | None]
+    stopped_at: Mapped[datetime | None]  # set by a clean stop
+
+    __table_args__ = (Index("ix_heartbeat_process", "host", "pid"),)
+
+
+class AuditEvent(enum.StrEnum):
+    """What the audit trail records (pipeline.state.audit)."""
+
+    RECEIVED = "received"  # a series (or part of it) arrived on one association
+    SYNTHESIZED = "synthesized"  # a job made its synthetic series
+    SYNTHESIS_FAILED = "synthesis failed"  # a job failed for good
+    SENT = "sent"  # a destination acknowledged every instance of a delivery
+    SEND_FAILED = "send failed"  # a delivery gave up
+    MODEL_ACTIVATED = "model activated"
+    ADMIN_ACTION = "admin action"  # retry, resend, reprocess by an admin
+
+
+class Audit(Base):
+    """One line of the audit trail: what happened, when, on whose behalf. Rows are only
+    ever added."""
+
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(index=True)
+    event: Mapped[str] = mapped_column(String(32))
+    # Who: the calling AE and its address, a worker or sender, "cli user@host", "http ADDRESS".
+    origin: Mapped[str]
+    study_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    series_uid: Mapped[str | None] = mapped_column(String(64))
+    accession_number: Mapped[str | None] = mapped_column(index=True)  # as the series'
+    job_id: Mapped[int | None]
+    delivery_id: Mapped[int | None]
+    destination: Mapped[str | None] = mapped_column(index=True)
+    model: Mapped[str | None]
+    model_version: Mapped[str | None]
+    detail: Mapped[str]
+
+
+# PostgreSQL connections each process keeps open: the SCP holds one per association while
+# it records an instance (16 by default), the stages one each; more wait for a free one.
+POOL_SIZE = 8
+POOL_OVERFLOW = 24
+
+
+def database_url(url: str) -> URL:
+    """``url`` with the driver this node uses: psycopg 3 for a bare ``postgresql://``
+    (SQLAlchemy's default there is psycopg2, which the ``postgresql`` extra does not
+    install)."""
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def create_database_engine(url: str) -> Engine:
+    """An engine for ``url``: SQLite in WAL mode, or a pool of PostgreSQL connections
+    checked before use (a database restart must not fail the next C-STORE)."""
+    parsed = database_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_engine(parsed, connect_args={"timeout": 60, "check_same_thread": False})
         _configure_sqlite(engine)
-    Base.metadata.create_all(engine)
-    _add_new_columns(engine)
+        return engine
+    return create_engine(
+        parsed,
+        pool_size=POOL_SIZE,
+        max_overflow=POOL_OVERFLOW,
+        pool_pre_ping=True,
+        pool_recycle=3600,
+    )
+
+
+def open_database(url: str) -> sessionmaker:
+    """Connect to ``url`` and return a session factory. A new database gets its tables; one
+    at another schema revision is refused (pipeline.state.schema)."""
+    from pipeline.state.schema import check_schema  # it reads this module's tables
+
+    engine = create_database_engine(url)
+    check_schema(engine)
     return sessionmaker(engine, expire_on_commit=False)
-
-
-def _add_new_columns(engine: Engine) -> None:
-    """Add the columns a model gained since the database was made (create_all makes only
-    missing tables), so a node upgraded in place opens its existing database. Only nullable
-    columns are ever added this way; anything else needs a real migration."""
-    with engine.begin() as connection:
-        inspector = inspect(connection)
-        for table in Base.metadata.sorted_tables:
-            present = {column["name"] for column in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name in present:
-                    continue
-                if not column.nullable:
-                    raise RuntimeError(f"{table.name}.{column.name} is missing and not nullable")
-                kind = column.type.compile(dialect=engine.dialect)
-                connection.exec_driver_sql(
-                    f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"
-                )
 
 
 def _configure_sqlite(engine: Engine) -> None:

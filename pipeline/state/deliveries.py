@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Any
@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.state.db import Delivery, DeliveryState, Job, utcnow
+from pipeline.state import audit
+from pipeline.state.db import AuditEvent, Delivery, DeliveryState, Job, JobState, utcnow
 from pipeline.state.leases import claim_oldest, take_back
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,11 @@ class ClaimedDelivery:
     attempt: int  # this attempt's number, from 1
 
 
-def create_deliveries(session: Session, job: Job) -> list[Delivery]:
-    """One pending delivery per destination of ``job``; the caller commits."""
+def create_deliveries(
+    session: Session, job: Job, destinations: Sequence[str] | None = None
+) -> list[Delivery]:
+    """One pending delivery per destination of ``job`` (or of ``destinations``); the
+    caller commits."""
     now = utcnow()
     deliveries = [
         Delivery(
@@ -120,7 +124,7 @@ def create_deliveries(session: Session, job: Job) -> list[Delivery]:
             updated_at=now,
         )
         # A route naming a destination twice must not send the series twice.
-        for name in dict.fromkeys(job.destinations)
+        for name in dict.fromkeys(job.destinations if destinations is None else destinations)
     ]
     session.add_all(deliveries)
     session.flush()
@@ -289,6 +293,14 @@ def record_attempt(
             delivery.state = DeliveryState.SENT
             delivery.reason = None
             delivery.next_attempt_at = None
+            audit.record(
+                session,
+                AuditEvent.SENT,
+                owner,
+                f"series {uid}: {sent} instance(s) stored by {delivery.destination} "
+                f"(attempt {delivery.attempts})",
+                delivery=delivery,
+            )
             log.info(
                 "delivery %d: sent, series %s to %s (%d instances, attempt %d)",
                 delivery.id,
@@ -317,6 +329,13 @@ def record_attempt(
             )
         else:
             _give_up(delivery, error)
+            audit.record(
+                session,
+                AuditEvent.SEND_FAILED,
+                owner,
+                f"series {uid}: {sent}/{delivery.instances_total} sent; {delivery.reason}",
+                delivery=delivery,
+            )
             log.error(
                 "delivery %d: failed, series %s to %s (%d/%d sent): %s",
                 delivery.id,
@@ -329,44 +348,106 @@ def record_attempt(
         return delivery.state
 
 
-def retry_delivery(sessions: sessionmaker, delivery_id: int) -> str:
+def retry_delivery(sessions: sessionmaker, delivery_id: int, *, origin: str) -> str:
     """`dicomnode retry`: send a failed or pending delivery again now, with fresh attempts.
+
+    Returns what was done; ValueError with a readable message if nothing can be. ``origin``
+    (who asked) goes into the audit trail.
+    """
+    with sessions.begin() as session:
+        delivery = session.scalars(
+            select(Delivery).where(Delivery.id == delivery_id).with_for_update()
+        ).one_or_none()
+        if delivery is None:
+            raise ValueError(f"there is no delivery {delivery_id}")
+        if delivery.state == DeliveryState.SENT:
+            raise ValueError(
+                f"delivery {delivery_id} to {delivery.destination} was already sent; "
+                f"to send it again: dicomnode resend {delivery.job_id}"
+            )
+        _refuse_if_sending(delivery)
+        previous = delivery.state
+        _send_again(
+            delivery, "retry requested" + (f" after: {delivery.reason}" if delivery.reason else "")
+        )
+        log.info(
+            "delivery %d: pending again by request (was %s), series %s to %s",
+            delivery.id,
+            previous,
+            delivery.job.output_series_uid,
+            delivery.destination,
+        )
+        message = f"delivery {delivery_id} to {delivery.destination} queued again"
+        audit.record(
+            session, AuditEvent.ADMIN_ACTION, origin, f"retry: {message}", delivery=delivery
+        )
+        return message
+
+
+def resend_job(
+    sessions: sessionmaker,
+    job_id: int,
+    destination: str | None,
+    defined: Collection[str],
+    *,
+    origin: str,
+) -> str:
+    """`dicomnode resend`: send a done job's series again, to every destination of its
+    route or to ``destination`` (any of the ``defined`` ones), every instance anew.
 
     Returns what was done; ValueError with a readable message if nothing can be.
     """
     with sessions.begin() as session:
-        return retry_delivery_in(session, delivery_id)
-
-
-def retry_delivery_in(session: Session, delivery_id: int) -> str:
-    """`retry_delivery` inside the caller's transaction."""
-    delivery = session.scalars(
-        select(Delivery).where(Delivery.id == delivery_id).with_for_update()
-    ).one_or_none()
-    if delivery is None:
-        raise ValueError(f"there is no delivery {delivery_id}")
-    if delivery.state == DeliveryState.SENT:
-        raise ValueError(
-            f"delivery {delivery_id} to {delivery.destination} was already sent; "
-            "to send it again, retry its job"
+        job = session.get(Job, job_id)
+        if job is None:
+            raise ValueError(f"there is no job {job_id}")
+        if job.state != JobState.DONE:
+            raise ValueError(f"job {job_id} is {job.state}: only a done job's series can be sent")
+        if job.series.purged_at is not None:
+            raise ValueError(
+                f"job {job_id}: its files were removed at {job.series.purged_at:%Y-%m-%d %H:%M} "
+                "UTC ([retention] keep_days): there is nothing left to send"
+            )
+        newer = session.scalar(
+            select(Job.id).where(
+                Job.series_id == job.series_id, Job.id > job.id, Job.state == JobState.DONE
+            )
         )
+        if newer is not None:
+            raise ValueError(
+                f"job {job_id} was replaced by job {newer} of the same series: resend {newer}"
+            )
+        targets = [d for d in job.deliveries if destination in (None, d.destination)]
+        if destination is not None and not targets:
+            if destination not in defined:
+                known = ", ".join(sorted(defined)) or "none defined"
+                raise ValueError(f"no destination named {destination!r} (defined: {known})")
+            targets = create_deliveries(session, job, [destination])
+        for delivery in targets:
+            _refuse_if_sending(delivery)
+        for delivery in targets:
+            _send_again(delivery, "sent again by request")
+            delivery.instance_results = None  # every instance goes again
+            delivery.instances_sent = 0
+        names = ", ".join(d.destination for d in targets)
+        message = f"job {job_id}: series {job.output_series_uid} queued to be sent again to {names}"
+        audit.record(session, AuditEvent.ADMIN_ACTION, origin, f"resend: {message}", job=job)
+        log.info("%s (by %s)", message, origin)
+        return message
+
+
+def _refuse_if_sending(delivery: Delivery) -> None:
     if delivery.state == DeliveryState.SENDING:
         raise ValueError(
-            f"delivery {delivery_id} to {delivery.destination} is being sent now by "
+            f"delivery {delivery.id} to {delivery.destination} is being sent now by "
             f"{delivery.lease_owner}; retry it if this attempt fails"
         )
+
+
+def _send_again(delivery: Delivery, reason: str) -> None:
     now = utcnow()
-    previous = delivery.state
     delivery.state = DeliveryState.PENDING
     delivery.attempts = 0
     delivery.next_attempt_at = now
-    delivery.reason = "retry requested" + (f" after: {delivery.reason}" if delivery.reason else "")
+    delivery.reason = reason
     delivery.updated_at = now
-    log.info(
-        "delivery %d: pending again by request (was %s), series %s to %s",
-        delivery.id,
-        previous,
-        delivery.job.output_series_uid,
-        delivery.destination,
-    )
-    return f"delivery {delivery_id} to {delivery.destination} queued again"

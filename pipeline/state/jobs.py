@@ -11,11 +11,22 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.dicom.contrast import Direction
-from pipeline.state.db import Delivery, DeliveryState, Instance, Job, JobState, Series, utcnow
+from pipeline.state import audit
+from pipeline.state.db import (
+    AuditEvent,
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Series,
+    SeriesState,
+    utcnow,
+)
 from pipeline.state.deliveries import create_deliveries, retry_delivery
 from pipeline.state.leases import claim_oldest, take_back
 from pipeline.state.quality import protocol_of, scanner_of
@@ -26,21 +37,61 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Queue:
+    """The jobs waiting for a worker: how many, and since when the oldest waits."""
+
+    depth: int
+    oldest: datetime | None
+
+
+def read_queue(session: Session) -> Queue:
+    depth, oldest = session.execute(
+        select(func.count(), func.min(Job.created_at)).where(Job.state == JobState.QUEUED)
+    ).one()
+    return Queue(depth, oldest)
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """What a job runs and where its output goes: a route's, or an earlier job's when a
+    series is reprocessed."""
+
+    route: str
+    direction: str
+    model: str
+    destinations: list[str]
+    hold_uncertainty_above: float | None
+    send_uncertainty: bool | None
+
+
 def create_job(
     session: Session, series: Series, route: Route, *, refused: str | None = None
 ) -> Job:
     """Queue a job for ``series`` as ``route`` says; the caller commits. A job ``refused``
     (the reason) is recorded failed at once, so status lists it with the others."""
+    plan = JobPlan(
+        route.name,
+        route.direction.value,
+        route.model_name,
+        list(route.destinations),
+        route.hold_uncertainty_above,
+        route.send_uncertainty,
+    )
+    return _queue(session, series, plan, refused=refused)
+
+
+def _queue(session: Session, series: Series, plan: JobPlan, *, refused: str | None = None) -> Job:
     now = utcnow()
     job = Job(
         series_id=series.id,
         generation=series.generation,
-        route=route.name,
-        direction=route.direction.value,
-        model=route.model_name,
-        destinations=list(route.destinations),
-        hold_uncertainty_above=route.hold_uncertainty_above,
-        send_uncertainty=route.send_uncertainty,
+        route=plan.route,
+        direction=plan.direction,
+        model=plan.model,
+        destinations=list(plan.destinations),
+        hold_uncertainty_above=plan.hold_uncertainty_above,
+        send_uncertainty=plan.send_uncertainty,
         state=JobState.QUEUED if refused is None else JobState.FAILED,
         reason=refused,
         attempts=0,
@@ -50,7 +101,9 @@ def create_job(
     session.add(job)
     session.flush()
     if refused is None:
-        log.info("job %d: queued for series %s (route %s)", job.id, series.series_uid, route.name)
+        log.info("job %d: queued for series %s (route %s)", job.id, series.series_uid, plan.route)
+    else:
+        audit.record(session, AuditEvent.SYNTHESIS_FAILED, "completion check", refused, job=job)
     return job
 
 
@@ -148,6 +201,15 @@ def finish_job(sessions: sessionmaker, job_id: int, owner: str, output: JobOutpu
         job.confidence = output.confidence
         job.release_lease()
         job.updated_at = utcnow()
+        held = f"; not sent, {output.held}" if output.held is not None else ""
+        audit.record(
+            session,
+            AuditEvent.SYNTHESIZED,
+            owner,
+            f"series {job.output_series_uid}: {job.output_count} instance(s) on {job.device}, "
+            f"model checksum {(job.model_checksum or '')[:12]}{held}",
+            job=job,
+        )
         if output.held is not None:
             job.state = JobState.HELD
             job.reason = output.held
@@ -208,6 +270,7 @@ def fail_job(
         else:
             job.state = JobState.FAILED
             job.reason = reason if not retryable else f"failed {job.attempts} time(s): {reason}"
+            audit.record(session, AuditEvent.SYNTHESIS_FAILED, owner, job.reason, job=job)
         log.warning("job %d: %s: %s", job.id, job.state, job.reason)
         return job.state
 
@@ -231,9 +294,10 @@ def take_back_jobs_of_gone_workers(sessions: sessionmaker, max_attempts: int) ->
     return take_back(sessions, Job, JobState.RUNNING, put_back)
 
 
-def retry_job(sessions: sessionmaker, job_id: int) -> str:
+def retry_job(sessions: sessionmaker, job_id: int, *, origin: str) -> str:
     """Replay a job for `dicomnode retry`: a failed job runs again; a done job's failed
-    deliveries are sent again. Returns what was done; ValueError if nothing can be."""
+    deliveries are sent again. Returns what was done; ValueError if nothing can be.
+    ``origin`` (who asked) goes into the audit trail."""
     with sessions.begin() as session:
         job = session.get(Job, job_id)
         if job is None:
@@ -245,17 +309,68 @@ def retry_job(sessions: sessionmaker, job_id: int) -> str:
             job.reason = "replayed by an admin"
             job.updated_at = utcnow()
             log.info("job %d: queued again by an admin", job.id)
-            return f"job {job_id} queued again"
+            message = f"job {job_id} queued again"
+            audit.record(session, AuditEvent.ADMIN_ACTION, origin, f"retry: {message}", job=job)
+            return message
         if job.state == JobState.HELD:
             job.state = JobState.DONE
             job.reason = f"released by an admin (was held: {job.reason})"
             job.updated_at = utcnow()
             deliveries = create_deliveries(session, job)
             log.info("job %d: released by an admin, %d delivery(ies)", job.id, len(deliveries))
-            return f"job {job_id} released: {len(deliveries)} delivery(ies) queued"
-        state = job.state
+            message = f"job {job_id} released: {len(deliveries)} delivery(ies) queued"
+            audit.record(session, AuditEvent.ADMIN_ACTION, origin, f"retry: {message}", job=job)
+            return message
+        state, series_uid = job.state, job.series.series_uid
         failed = [d.id for d in job.deliveries if d.state == DeliveryState.FAILED]
     if state == JobState.DONE and failed:
-        return "; ".join(retry_delivery(sessions, delivery_id) for delivery_id in failed)
-    detail = " and none of its deliveries failed" if state == JobState.DONE else ""
-    raise ValueError(f"job {job_id} is {state}{detail}: nothing to retry")
+        return "; ".join(retry_delivery(sessions, d, origin=origin) for d in failed)
+    if state == JobState.DONE:
+        raise ValueError(
+            f"job {job_id} is done and none of its deliveries failed: nothing to retry (to "
+            f"send it again: dicomnode resend {job_id}; to synthesize it again with the "
+            f"active model: dicomnode reprocess {series_uid})"
+        )
+    raise ValueError(f"job {job_id} is {state}: nothing to retry")
+
+
+def reprocess_series(sessions: sessionmaker, series_uid: str, *, origin: str) -> str:
+    """`dicomnode reprocess`: synthesize a series again with the active model, as its last
+    job's route said. The new output replaces the old one where the model is the same
+    (the same output UIDs); older output not yet sent is not sent (``finish_job``).
+    Returns what was done; ValueError with a readable message if nothing can be."""
+    with sessions.begin() as session:
+        series = session.scalar(select(Series).where(Series.series_uid == series_uid))
+        if series is None:
+            raise ValueError(f"there is no series {series_uid}")
+        if series.purged_at is not None:
+            raise ValueError(
+                f"series {series_uid}: its files were removed at "
+                f"{series.purged_at:%Y-%m-%d %H:%M} UTC ([retention] keep_days)"
+            )
+        if series.state == SeriesState.RECEIVING:
+            raise ValueError(f"series {series_uid} is still receiving: it runs when complete")
+        jobs = sorted(series.jobs, key=lambda job: job.id)
+        busy = [job for job in jobs if job.state in (JobState.QUEUED, JobState.RUNNING)]
+        if busy:
+            raise ValueError(f"series {series_uid}: job {busy[-1].id} is {busy[-1].state} already")
+        if not jobs:
+            raise ValueError(
+                f"series {series_uid} was {series.state} ({series.state_reason}): no route "
+                "took it, so there is nothing to run again (`dicomnode route` explains)"
+            )
+        last = jobs[-1]
+        plan = JobPlan(
+            last.route,
+            last.direction,
+            last.model,
+            last.destinations,
+            last.hold_uncertainty_above,
+            last.send_uncertainty,
+        )
+        job = _queue(session, series, plan)
+        message = (
+            f"series {series_uid}: job {job.id} queued (route {last.route}, model {last.model})"
+        )
+        audit.record(session, AuditEvent.ADMIN_ACTION, origin, f"reprocess: {message}", job=job)
+        return message

@@ -96,7 +96,9 @@ def claim_oldest(
 
     The conditional UPDATE (the row still in the state it was read in, and still
     claimable) makes the claim exclusive on any database: of several holders that pick the
-    same row, exactly one changes it.
+    same row, exactly one changes it. On PostgreSQL the candidates are read ``FOR UPDATE
+    SKIP LOCKED``: workers on several machines each get other rows at once instead of
+    queueing behind the one that locked the oldest (SQLite has one writer at a time anyway).
     """
     claimable = or_(
         and_(table.state == waiting, or_(due_at.is_(None), due_at <= now)),
@@ -104,6 +106,8 @@ def claim_oldest(
     )
     lease = _lease_values(owner, now + timedelta(seconds=lease_seconds))
     candidates = select(table).where(claimable).order_by(table.id).limit(CANDIDATES)
+    if session.get_bind().dialect.name == "postgresql":
+        candidates = candidates.with_for_update(skip_locked=True)
     for row in session.scalars(candidates).all():
         taken = session.execute(
             update(table)

@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.state.db import MonitorResume, QualityScore, QualityState, utcnow
+from pipeline.state import audit
+from pipeline.state.db import AuditEvent, MonitorResume, QualityScore, QualityState, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +152,9 @@ def check_not_paused(sessions: sessionmaker, key: QualityKey, settings: MonitorS
         raise MonitorPause(score.paused)
 
 
-def resume(sessions: sessionmaker, scanner: str, protocol: str, model: str) -> int:
-    """Record an admin's resume; return how many scores it sets aside (0: none known)."""
+def resume(sessions: sessionmaker, scanner: str, protocol: str, model: str, *, origin: str) -> int:
+    """Record an admin's resume, in the audit trail too (``origin``: who asked); return how
+    many scores it sets aside (0: none known, nothing recorded)."""
     with sessions.begin() as session:
         known = session.scalar(
             select(func.count())
@@ -166,6 +168,14 @@ def resume(sessions: sessionmaker, scanner: str, protocol: str, model: str) -> i
         if known:
             session.add(
                 MonitorResume(scanner=scanner, protocol=protocol, model=model, resumed_at=utcnow())
+            )
+            audit.record(
+                session,
+                AuditEvent.ADMIN_ACTION,
+                origin,
+                f"quality resume: protocol {protocol!r} on {scanner} with model {model} "
+                f"({known} earlier score(s) no longer pause it)",
+                model=model,
             )
             log.info(
                 "quality monitor: %r on %s with %s resumed by an admin", protocol, scanner, model

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +26,21 @@ def free_port() -> int:
 
 
 def write_config(
-    folder: Path, port: int, extra: str = "", models: Path | None = None, **node: Any
+    folder: Path,
+    port: int,
+    extra: str = "",
+    models: Path | None = None,
+    database: str = "sqlite:///node.sqlite",
+    **node: Any,
 ) -> Path:
     """A config.toml for a node under ``folder``, listening on loopback ``port``.
 
-    Without ``models`` (a registry folder) the node runs no worker: intake only.
+    Without ``models`` (a registry folder) the node runs no worker: intake only. One
+    receiving process unless ``receivers`` says more: a process per core would start two
+    interpreters per node on CI's two cores, for tests that do not test receiving in several.
     """
     folder.mkdir(parents=True, exist_ok=True)
+    node.setdefault("receivers", 1)
     node_lines = "\n".join(f"{key} = {json.dumps(value)}" for key, value in node.items())
     text = f"""
 [node]
@@ -38,7 +48,7 @@ ae_title = "SYNTH"
 host = "127.0.0.1"
 port = {port}
 storage = "spool"
-database = "sqlite:///node.sqlite"
+database = "{database}"
 {node_lines}
 
 [completion]
@@ -50,6 +60,8 @@ check_interval_seconds = 0.2
     else:
         text += f'\n[models]\nregistry = "{models}"\n'
     text += extra
+    if "[http]" not in extra:  # the console on a port of its own: nodes run side by side
+        text += f"\n[http]\nport = {free_port()}\n"
     if "[destinations." not in extra:
         text += routes_toml()
     path = folder / "config.toml"
@@ -60,9 +72,10 @@ check_interval_seconds = 0.2
 class NodeProcess:
     """`dicomnode serve` in a subprocess; its log goes to ``folder/node.log``."""
 
-    def __init__(self, config: Path, port: int) -> None:
+    def __init__(self, config: Path, port: int, *options: str) -> None:
         self.config = config
         self.port = port
+        self.options = options  # more of `serve`'s options (--log-format json)
         self.log_path = config.parent / "node.log"
         self.process: subprocess.Popen | None = None
 
@@ -70,7 +83,7 @@ class NodeProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.process = subprocess.Popen(
-                [*DICOMNODE, "serve", "--config", str(self.config)],
+                [*DICOMNODE, "serve", "--config", str(self.config), *self.options],
                 cwd=REPO,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -86,6 +99,21 @@ class NodeProcess:
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError(f"dicomnode did not listen on {self.port}:\n{self.log()}")
+
+    def wait_until_receiving(self, receivers: int, timeout: float = 60) -> None:
+        """Until the other ``receivers - 1`` receiver processes listen too (`serve` itself
+        listens once ``start`` returns)."""
+        deadline = time.monotonic() + timeout
+        while len(re.findall(r" receiver-\d+ node\.scp: listening", self.log())) < receivers - 1:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"receivers did not all listen:\n{self.log()}")
+            time.sleep(0.1)
+
+    @property
+    def http_url(self) -> str:
+        """Where its console listens (``[http]`` of its config)."""
+        http = tomllib.loads(self.config.read_text())["http"]
+        return f"http://{http.get('host', '127.0.0.1')}:{http['port']}"
 
     def kill(self) -> None:
         """SIGKILL: a crash, with no chance to clean up."""

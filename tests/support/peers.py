@@ -33,8 +33,12 @@ class Orthanc:
 
     AE_TITLE = "ORTHANC"
 
-    def __init__(self, folder: Path, dicom_port: int | None = None) -> None:
+    def __init__(
+        self, folder: Path, dicom_port: int | None = None, settings: dict[str, Any] | None = None
+    ) -> None:
         self.folder = folder
+        # More of Orthanc's configuration (DICOM TLS: DicomTlsEnabled, DicomTlsCertificate...).
+        self.settings = settings or {}
         self.dicom_port = dicom_port or free_port()
         self.http_port = free_port()
         self.process: subprocess.Popen | None = None
@@ -59,6 +63,7 @@ class Orthanc:
             # A re-run of a job re-sends the same UIDs: the PACS must take the new copy.
             "OverwriteInstances": True,
             "SaveJobs": False,
+            **self.settings,
         }
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config))
@@ -82,9 +87,13 @@ class Orthanc:
 class StoreSCP:
     """DCMTK's storescp writing every received instance to ``folder``."""
 
-    def __init__(self, folder: Path, ae_title: str = "STORESCP") -> None:
+    def __init__(
+        self, folder: Path, ae_title: str = "STORESCP", *, unique_filenames: bool = False
+    ) -> None:
         self.folder = folder
         self.ae_title = ae_title
+        # One file per received instance, so an instance received twice shows as two files.
+        self.options = ["+uf"] if unique_filenames else []
         self.port = free_port()
         self.process: subprocess.Popen | None = None
 
@@ -97,6 +106,7 @@ class StoreSCP:
                 self.ae_title,
                 "--output-directory",
                 str(self.folder),
+                *self.options,
                 str(self.port),
             ],
             stdout=subprocess.DEVNULL,

@@ -23,7 +23,6 @@ import hashlib
 import os
 import random
 import socket
-import sqlite3
 import struct
 import threading
 import time
@@ -32,6 +31,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
@@ -52,6 +52,10 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import NullPool
 
 from tests.support import rawdicom
 from tests.support.dicomgen import mr_series
@@ -83,20 +87,28 @@ class ProcessStats:
 
     @classmethod
     def of(cls, pid: int) -> ProcessStats:
-        fields = dict(
-            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-        )
+        """What ``pid`` and its children (the node's other receivers) hold together."""
+        memory_kib = threads = 0
         targets = []
-        for descriptor in os.listdir(f"/proc/{pid}/fd"):
+        for member in (pid, *_children(pid)):
             try:
-                targets.append(os.readlink(f"/proc/{pid}/fd/{descriptor}"))
-            except FileNotFoundError:  # closed meanwhile
+                status = Path(f"/proc/{member}/status").read_text().splitlines()
+                descriptors = os.listdir(f"/proc/{member}/fd")
+            except FileNotFoundError:  # a child that ended meanwhile
                 continue
+            fields = dict(line.split(":", 1) for line in status)
+            memory_kib += int(fields.get("VmRSS", "0 kB").split()[0])
+            threads += int(fields["Threads"])
+            for descriptor in descriptors:
+                try:
+                    targets.append(os.readlink(f"/proc/{member}/fd/{descriptor}"))
+                except FileNotFoundError:  # closed meanwhile
+                    continue
         database = [t for t in targets if ".sqlite" in t]
         sockets = [t for t in targets if t.startswith("socket:")]
         return cls(
-            memory_mib=int(fields["VmRSS"].split()[0]) / 1024,
-            threads=int(fields["Threads"]),
+            memory_mib=memory_kib / 1024,
+            threads=threads,
             sockets=len(sockets),
             files=len(targets) - len(sockets) - len(database),
             database_files=len(database),
@@ -105,6 +117,20 @@ class ProcessStats:
     def counts(self) -> tuple[int, int, int]:
         """What must come back to where it was once the connections are gone."""
         return self.threads, self.sockets, self.files
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4: the parent's pid
+            children.append(int(entry))
+    return children
 
 
 def settled_stats(
@@ -780,8 +806,7 @@ def _check_spool(
     from pipeline.spool import stored_data_set
 
     spool = node.config.parent / "spool"
-    with sqlite3.connect(node.config.parent / "node.sqlite") as db:
-        rows = dict(db.execute("select sop_instance_uid, path from instance"))
+    rows = dict(_rows(node, "select sop_instance_uid, path from instance"))
     files = {str(p.relative_to(spool)) for p in spool.rglob("*.dcm")}
     report.rows_without_files += len(set(rows.values()) - files)
     report.files_without_rows += len(files - set(rows.values()))
@@ -861,10 +886,15 @@ SLICES, MATRIX = 24, 96
 
 
 def kill_trials(
-    workdir: Path, count: int, seed: int = 0, progress: Callable[[str], None] = lambda _: None
+    workdir: Path,
+    count: int,
+    seed: int = 0,
+    progress: Callable[[str], None] = lambda _: None,
+    database: str = "sqlite:///node.sqlite",
 ) -> KillReport:
     """``count`` trials: a T1 series sent to a node delivering to Orthanc, the node killed in
-    one of the three phases (in turn) at a random moment, restarted, the series sent again."""
+    one of the three phases (in turn) at a random moment, restarted, the series sent again.
+    ``database``: the node's, SQLite beside its config or a PostgreSQL URL."""
     rng = random.Random(seed)
     report = KillReport()
     started = time.monotonic()
@@ -875,7 +905,9 @@ def kill_trials(
         "\n[delivery]\nbackoff_seconds = 0.2\nbackoff_max_seconds = 1\ntimeout_seconds = 10\n"
         "lease_seconds = 600\n"
     ) + routes_toml(Orthanc.AE_TITLE, orthanc.dicom_port)
-    config = write_config(workdir / "node", port, extra=extra, models=registry.root)
+    config = write_config(
+        workdir / "node", port, extra=extra, models=registry.root, database=database
+    )
     node = NodeProcess(config, port).start()
     sent: dict[str, list[Dataset]] = {}  # study UID -> its series
     acknowledged: dict[str, str] = {}  # SOP Instance UID -> digest of what was acknowledged
@@ -900,11 +932,15 @@ def kill_trials(
     return report
 
 
-_OF_SERIES = "job join series on job.series_id = series.id where series.series_uid = ?"
+# Standard SQL, each join with its condition: PostgreSQL refuses what SQLite lets pass.
+_OF_SERIES = "job join series on job.series_id = series.id where series.series_uid = :uid"
+_DELIVERIES_OF_SERIES = (
+    "delivery join job on delivery.job_id = job.id join series on job.series_id = series.id "
+    "where series.series_uid = :uid"
+)
 _IN_PHASE = {
     Phase.SYNTHESIZING: f"select 1 from {_OF_SERIES} and job.state = 'running'",
-    Phase.DELIVERING: "select 1 from delivery join "
-    f"{_OF_SERIES} and delivery.job_id = job.id and delivery.state = 'sending'",
+    Phase.DELIVERING: f"select 1 from {_DELIVERIES_OF_SERIES} and delivery.state = 'sending'",
 }
 
 
@@ -923,7 +959,7 @@ def _kill_in(
         target = rng.randrange(1, SLICES)
         _poll(lambda: sum(ds.SOPInstanceUID in acknowledged for ds in series) >= target, 60)
     else:
-        _poll(lambda: _row(node, _IN_PHASE[phase], series_uid), 60, interval=0.005)
+        _poll(lambda: _row(node, _IN_PHASE[phase], uid=series_uid), 60, interval=0.005)
         time.sleep(rng.uniform(0, 0.05))
     observed = _phase_now(node, series_uid)
     node.kill()
@@ -932,11 +968,9 @@ def _kill_in(
 
 
 def _phase_now(node: NodeProcess, series_uid: str) -> Phase:
-    if _row(
-        node, f"select 1 from delivery join {_OF_SERIES} and delivery.job_id = job.id", series_uid
-    ):
+    if _row(node, f"select 1 from {_DELIVERIES_OF_SERIES}", uid=series_uid):
         return Phase.DELIVERING
-    if _row(node, f"select 1 from {_OF_SERIES}", series_uid):
+    if _row(node, f"select 1 from {_OF_SERIES}", uid=series_uid):
         return Phase.SYNTHESIZING
     return Phase.RECEIVING
 
@@ -958,12 +992,33 @@ def _send_series(port: int, series: list[Dataset], acknowledged: dict[str, str])
     assoc.release()
 
 
-def _row(node: NodeProcess, query: str, *args: object) -> tuple | None:
+def _row(node: NodeProcess, query: str, **params: object) -> tuple | None:
+    """The first row of ``query``, None if none or if the database cannot say yet."""
     try:
-        with sqlite3.connect(node.config.parent / "node.sqlite", timeout=5) as db:
-            return db.execute(query, args).fetchone()
-    except sqlite3.OperationalError:  # not made yet, or busy
+        rows = _rows(node, query, **params)
+    except OperationalError:  # SQLite busy
         return None
+    return rows[0] if rows else None
+
+
+def _rows(node: NodeProcess, query: str, **params: object) -> list[tuple]:
+    """``query`` on the node's database, whichever its config names (SQLite, PostgreSQL)."""
+    with _reader(node.config).connect() as connection:
+        return [tuple(row) for row in connection.execute(text(query), params)]
+
+
+@cache
+def _reader(config: Path) -> Engine:
+    from node.config import load_config
+    from pipeline.state.db import database_url
+
+    url = database_url(load_config(config).node.database)
+    # Plain reads: never the node's own engine, whose SQLite transactions begin IMMEDIATE
+    # (a write lock). PostgreSQL keeps its connection: a new one per poll is too slow to
+    # catch a delivery in the act.
+    if url.get_backend_name() == "sqlite":
+        return create_engine(url, poolclass=NullPool, connect_args={"timeout": 5})
+    return create_engine(url, pool_size=1)
 
 
 def _poll(predicate: Callable[[], object], timeout: float, interval: float = 0.02) -> bool:
@@ -994,21 +1049,20 @@ def _check_kill_outcome(
     from pipeline.spool import stored_data_set
 
     spool = node.config.parent / "spool"
-    with sqlite3.connect(node.config.parent / "node.sqlite") as db:
-        rows = dict(db.execute("select sop_instance_uid, path from instance"))
-        report.stuck_jobs = db.execute(
-            "select count(*) from job where state in ('queued', 'running')"
-        ).fetchone()[0]
-        report.stuck_deliveries = db.execute(
-            "select count(*) from delivery where state in ('pending', 'sending')"
-        ).fetchone()[0]
-        report.failed = [
-            f"job {i}: {reason}"
-            for i, reason in db.execute("select id, reason from job where state = 'failed'")
-        ] + [
-            f"delivery {i}: {reason}"
-            for i, reason in db.execute("select id, reason from delivery where state = 'failed'")
-        ]
+    rows = dict(_rows(node, "select sop_instance_uid, path from instance"))
+    ((report.stuck_jobs,),) = _rows(
+        node, "select count(*) from job where state in ('queued', 'running')"
+    )
+    ((report.stuck_deliveries,),) = _rows(
+        node, "select count(*) from delivery where state in ('pending', 'sending')"
+    )
+    report.failed = [
+        f"job {i}: {reason}"
+        for i, reason in _rows(node, "select id, reason from job where state = 'failed'")
+    ] + [
+        f"delivery {i}: {reason}"
+        for i, reason in _rows(node, "select id, reason from delivery where state = 'failed'")
+    ]
     files = {str(p.relative_to(spool)) for p in (spool / "incoming").rglob("*.dcm")}
     report.rows_without_files = len(set(rows.values()) - files)
     report.files_without_rows = len(files - set(rows.values()))
