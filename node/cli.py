@@ -102,6 +102,27 @@ def _parser(training: bool) -> argparse.ArgumentParser:
         "--calling-ae", default="", help="assume the series came from this AE (calling_ae rules)"
     )
 
+    quality = command(
+        "quality", _quality, "the quality monitor: rolling scores, worst studies, pauses"
+    )
+    quality.add_argument("--json", action="store_true", help="one JSON object for scripts")
+    quality_actions = quality.add_subparsers(metavar="ACTION")
+    resume = quality_actions.add_parser(
+        "resume", help="resume a protocol the monitor paused (its earlier scores set aside)"
+    )
+    resume.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    for name in ("scanner", "protocol", "model"):
+        resume.add_argument(f"--{name}", required=True, help="as `dicomnode quality` shows it")
+    resume.set_defaults(run=_quality_resume)
+
+    harvest = command("harvest", _harvest_list, "training pairs kept from received studies")
+    harvest_actions = harvest.add_subparsers(metavar="ACTION")
+    listing = harvest_actions.add_parser("list", help="kept and released pairs (pseudonyms)")
+    listing.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    for sub in (harvest, listing):
+        sub.add_argument("--json", action="store_true", help="one JSON object for scripts")
+    listing.set_defaults(run=_harvest_list)
+
     command("worker", _worker, "run a synthesis worker only (for [worker] in_process = false)")
     command("check", _check, "C-ECHO each destination and say whether it answers")
     retry = command("retry", _retry, "replay a failed job, or a done job's failed deliveries")
@@ -404,11 +425,75 @@ def _status(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     sessions = open_database(config.node.database)
     verdict = check_health(config, sessions)
-    status = collect_status(sessions, limit=args.limit)
+    status = collect_status(sessions, limit=args.limit, monitor=config.monitor)
     if args.json:
         print(json.dumps({"health": asdict(verdict), **status}, indent=1))
     else:
         print(f"{verdict.line()}\n\n{format_status(status)}")
+    return 0
+
+
+def _quality(args: argparse.Namespace) -> int:
+    from node.quality import format_quality
+    from pipeline.state.db import open_database
+    from pipeline.state.quality import quality_report
+
+    config = load_config(args.config)
+    report = quality_report(open_database(config.node.database), config.monitor)
+    print(json.dumps(report, indent=1) if args.json else format_quality(report))
+    return 0
+
+
+def _quality_resume(args: argparse.Namespace) -> int:
+    from pipeline.state.audit import cli_origin
+    from pipeline.state.db import open_database
+    from pipeline.state.quality import resume
+
+    config = load_config(args.config)
+    sessions = open_database(config.node.database)
+    known = resume(sessions, args.scanner, args.protocol, args.model, origin=cli_origin())
+    if not known:
+        print(
+            f"quality resume: no scores for protocol {args.protocol!r} on {args.scanner} with "
+            f"model {args.model} (see dicomnode quality)",
+            file=sys.stderr,
+        )
+        return 1
+    print(
+        f"resumed protocol {args.protocol!r} on {args.scanner} with model {args.model}: its "
+        f"{known} earlier score(s) no longer pause it"
+    )
+    return 0
+
+
+def _harvest_list(args: argparse.Namespace) -> int:
+    from node.tables import table
+    from pipeline.harvest import list_harvested
+    from pipeline.state.db import open_database
+
+    config = load_config(args.config)
+    listing = list_harvested(open_database(config.node.database))
+    if args.json:
+        print(json.dumps(listing, indent=1))
+        return 0
+    state = "on" if config.harvest.enabled else "off ([harvest] enabled = false)"
+    print(
+        f"HARVEST {state}: {listing['kept']} pair(s) kept, {listing['kept_bytes'] / 2**20:.1f} "
+        f"MiB (caps: {config.harvest.max_pairs} pairs, {config.harvest.max_gib:g} GiB)"
+    )
+    rows = [
+        (
+            p["id"],
+            p["patient"],
+            p["study_uid"],
+            p["files"],
+            p["harvested_at"],
+            p["released_at"] or "",
+        )
+        for p in listing["pairs"]
+    ]
+    headers = ("id", "patient", "study UID", "files", "harvested", "released")
+    print(table(headers, [tuple("" if v is None else v for v in row) for row in rows]))
     return 0
 
 

@@ -30,11 +30,18 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import NoSuchModuleError
 
 from pipeline.completion import CompletionSettings
+from pipeline.harvest import HarvestSettings
 from pipeline.retention import RetentionSettings
 from pipeline.routing import AE_TITLE_PATTERN, Destination, Route
-from pipeline.settings import ModelSettings, WorkerSettings
+from pipeline.settings import (
+    ModelSettings,
+    OutputSettings,
+    UncertaintySettings,
+    WorkerSettings,
+)
 from pipeline.state.deliveries import DeliverySettings
 from pipeline.state.filesystems import network_filesystem_problem
+from pipeline.state.quality import MonitorSettings
 from train.settings import RefreshSettings
 
 DEFAULT_CONFIG = Path("config.toml")
@@ -198,6 +205,10 @@ class Config(BaseModel):
     completion: CompletionSettings = CompletionSettings()
     models: ModelSettings = ModelSettings()
     worker: WorkerSettings = WorkerSettings()
+    output: OutputSettings = OutputSettings()
+    monitor: MonitorSettings = MonitorSettings()
+    uncertainty: UncertaintySettings = UncertaintySettings()
+    harvest: HarvestSettings = HarvestSettings()
     delivery: DeliverySettings = DeliverySettings()
     refresh: RefreshSettings = RefreshSettings()
     retention: RetentionSettings = RetentionSettings()
@@ -229,8 +240,13 @@ def check_refresh(config: Config) -> list[str]:
     """A scheduled refresh needs its data folders."""
     if not config.refresh.enabled:
         return []
-    if not config.refresh.data:
-        return ["refresh.data: empty, but refresh is enabled (give folders of paired studies)"]
+    if config.refresh.harvested and not config.harvest.enabled:
+        return ["refresh.harvested: true, but [harvest] enabled = false harvests nothing"]
+    if not config.refresh.data and not config.refresh.harvested:
+        return [
+            "refresh.data: empty, but refresh is enabled (give folders of paired studies, "
+            "or harvested = true)"
+        ]
     return [
         f"refresh.data: {folder} is not a folder"
         for folder in config.refresh.data
@@ -267,7 +283,7 @@ def check_models(config: Config) -> list[str]:
         if card.direction != route.direction:
             problems.append(
                 f"routes[{index}].model = {route.model_name!r}: {describe(card)} synthesizes "
-                f"{card.direction}, but the route's direction is {route.direction}"
+                f"{card.direction}, but route {route.name!r} has direction {route.direction}"
             )
     return problems
 
@@ -380,6 +396,13 @@ def _cross_section_problems(config: Config) -> list[str]:
         if route.name in seen:
             problems.append(f"routes[{index}].name = {route.name!r}: used by an earlier route")
         seen.add(route.name)
+        problems += [f"routes[{index}].{line} (route {route.name!r})" for line in route.problems()]
+        wants_uncertainty = route.hold_uncertainty_above is not None or route.send_uncertainty
+        if wants_uncertainty and not config.uncertainty.enabled:
+            problems.append(
+                f"routes[{index}]: hold_uncertainty_above and send_uncertainty need "
+                f"[uncertainty] enabled = true (route {route.name!r})"
+            )
         for name in route.destinations:
             if name not in config.destinations:
                 known = ", ".join(sorted(config.destinations)) or "none defined"

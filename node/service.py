@@ -34,8 +34,10 @@ from node.receivers import ReceiverPool, ensure_ports_free, receiver_count
 from node.scp import StorageSCP
 from node.version import software_version
 from pipeline.completion import complete_due_series
+from pipeline.harvest import harvest_due_pairs, harvest_root, node_salt
 from pipeline.intake import recover_unrecorded
 from pipeline.model.registry import ModelRegistry
+from pipeline.monitor import score_due_pairs
 from pipeline.retention import purge_finished
 from pipeline.routing import header_keywords
 from pipeline.spool import Spool
@@ -71,6 +73,9 @@ def build_worker(config: Config, sessions: sessionmaker) -> Worker:
         ModelRegistry(config.models.registry),
         config.worker,
         software_version(),
+        config.output,
+        config.monitor,
+        config.uncertainty,
     )
 
 
@@ -186,6 +191,24 @@ class NodeService:
         self.scheduler.add_job(
             self._clean, "interval", hours=1, id="clean", max_instances=1, coalesce=True
         )
+        if self.config.harvest.enabled:
+            self.scheduler.add_job(
+                self._harvest,
+                "interval",
+                seconds=self.config.harvest.check_interval_seconds,
+                id="harvest",
+                max_instances=1,
+                coalesce=True,
+            )
+        if self.config.monitor.enabled:
+            self.scheduler.add_job(
+                self._monitor,
+                "interval",
+                seconds=self.config.monitor.check_interval_seconds,
+                id="monitor",
+                max_instances=1,
+                coalesce=True,
+            )
         if self.config.refresh.enabled:
             refresh = self.config.refresh
             self.scheduler.add_job(
@@ -258,13 +281,28 @@ class NodeService:
         except Exception:
             log.exception("clean stage failed; files are kept and it runs again in an hour")
 
+    def _harvest(self) -> None:
+        try:
+            harvest_due_pairs(self.sessions, self.config.node.storage, self.config.harvest)
+        except Exception:
+            log.exception("harvest failed; it tries again at its next tick")
+
+    def _monitor(self) -> None:
+        try:
+            score_due_pairs(self.sessions, self.config.node.storage, self.config.monitor)
+        except Exception:
+            log.exception("quality monitor failed; it tries again at its next tick")
+
     def _refresh(self) -> None:
         from train.refresh import refresh_models  # torch and the training stack: only now
 
         registry = ModelRegistry(self.config.models.registry)
         before = registry.active_versions()
         try:
-            for line in refresh_models(self.config.refresh, registry):
+            storage = self.config.node.storage
+            harvested = [harvest_root(storage)] if self.config.refresh.harvested else []
+            salt = node_salt(storage) if harvested else ""
+            for line in refresh_models(self.config.refresh, registry, harvested, salt):
                 log.info("model refresh: %s", line)
         except Exception:
             log.exception("model refresh failed; the active models are unchanged")

@@ -7,15 +7,21 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
+from node.quality import format_quality
+from node.tables import table
 from pipeline.state.db import Delivery, Job, Leased, Series, iso
 from pipeline.state.heartbeats import Liveness, lease_liveness, read_heartbeats
 from pipeline.state.leases import Holder
+from pipeline.state.quality import MonitorSettings, quality_report
 
 
-def collect_status(sessions: sessionmaker, limit: int = 200) -> dict[str, Any]:
+def collect_status(
+    sessions: sessionmaker, limit: int = 200, monitor: MonitorSettings | None = None
+) -> dict[str, Any]:
     """The node's processes, then series, jobs and deliveries, newest first, as plain data
-    (no patient names)."""
+    (no patient names); with ``monitor``, the quality monitor's report too."""
     beats = read_heartbeats(sessions)
+    quality = quality_report(sessions, monitor) if monitor is not None else None
     with sessions() as session:
         series = session.scalars(
             select(Series).order_by(Series.last_arrival.desc(), Series.id.desc()).limit(limit)
@@ -48,7 +54,7 @@ def collect_status(sessions: sessionmaker, limit: int = 200) -> dict[str, Any]:
             ],
             "jobs": [describe_job(j, beats) for j in jobs],
             "deliveries": [describe_delivery(d, beats) for d in deliveries],
-        }
+        } | ({"quality": quality} if quality is not None else {})
 
 
 def describe_job(j: Job, beats: list[dict[str, Any]]) -> dict[str, Any]:
@@ -68,6 +74,8 @@ def describe_job(j: Job, beats: list[dict[str, Any]]) -> dict[str, Any]:
         "timings": j.timings,
         "started_at": iso(j.started_at),
         "output_series_uid": j.output_series_uid,
+        "uncertainty": j.uncertainty,
+        "confidence": j.confidence,
         "destinations": j.destinations,
         **_lease(j, beats),
         "created_at": iso(j.created_at),
@@ -96,7 +104,9 @@ def format_status(status: dict[str, Any]) -> str:
     series_rows = []
     for s in status["series"]:
         count = f"{s['instances']}/{s['expected']}" if s["expected"] else str(s["instances"])
-        reason = s["reason"] if s["state"] == "ignored" else ""
+        reason = s["reason"] if s["state"] in ("ignored", "incomplete") else ""
+        if s["state"] == "receiving" and s["expected"] and s["instances"] < s["expected"]:
+            reason = f"so far {s['instances']} of {s['expected']} announced instances"
         series_rows.append(
             (
                 s["series_uid"],
@@ -116,6 +126,7 @@ def format_status(status: dict[str, Any]) -> str:
             j["route"],
             j["state"],
             j["model_version"] or "",
+            "" if j["uncertainty"] is None else f"{j['uncertainty']:.4f}",
             _why(j),
         )
         for j in status["jobs"]
@@ -145,24 +156,36 @@ def format_status(status: dict[str, Any]) -> str:
         )
         for w in status["workers"]
     ]
+    quality = [format_quality(status["quality"])] if "quality" in status else []
     return "\n\n".join(
         [
             "PROCESSES (heartbeats of the last day)\n"
-            + _table(
+            + table(
                 ("role", "host", "pid", "device", "started", "last beat", "job", "state"),
                 worker_rows,
             ),
+            *quality,
             "SERIES (newest first)\n"
-            + _table(
+            + table(
                 ("series UID", "description", "contrast", "state", "inst", "last arrival", "why"),
                 series_rows,
             ),
             "JOBS (newest first)\n"
-            + _table(
-                ("id", "series UID", "direction", "route", "state", "model", "reason"), job_rows
+            + table(
+                (
+                    "id",
+                    "series UID",
+                    "direction",
+                    "route",
+                    "state",
+                    "model",
+                    "uncertainty",
+                    "reason",
+                ),
+                job_rows,
             ),
             "DELIVERIES (newest first)\n"
-            + _table(
+            + table(
                 ("id", "job", "destination", "state", "sent", "tries", "reason"), delivery_rows
             ),
         ]
@@ -202,20 +225,9 @@ def _why(entry: dict[str, Any]) -> str:
     return f"{held}; {reason}" if reason else held
 
 
-def _table(headers: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
-    if not rows:
-        return "  (none)"
-    cells = [tuple(map(str, headers))] + [tuple(map(str, row)) for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return "\n".join(
-        "  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-        for row in cells
-    )
-
-
 def format_audit(rows: list[dict[str, Any]]) -> str:
     """The audit trail as a table, oldest first."""
-    return "AUDIT TRAIL\n" + _table(
+    return "AUDIT TRAIL\n" + table(
         ("time", "event", "origin", "accession", "study UID", "job", "destination", "detail"),
         [
             (

@@ -38,7 +38,12 @@ def add_commands(subparsers: Any, add_global_options: Callable[..., None]) -> No
         return sub
 
     train = command("train", _train, "train a model on paired T1/T2 studies and register it")
-    train.add_argument("data", type=Path, nargs="+", metavar="DATA", help="folders of studies")
+    train.add_argument("data", type=Path, nargs="*", metavar="DATA", help="folders of studies")
+    train.add_argument(
+        "--harvested",
+        action="store_true",
+        help="also the pairs the node harvested ([harvest]), patients by salted pseudonym",
+    )
     train.add_argument("--direction", choices=[d.value for d in Direction], required=True)
     train.add_argument("--out", type=Path, help="also write the model file here")
     train.add_argument("--name", help="registry name (default: the direction)")
@@ -284,6 +289,16 @@ def _train(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as error:
         print(f"train: {error}", file=sys.stderr)
         return 2
+    data, salt = list(args.data), ""
+    if args.harvested:
+        from pipeline.harvest import harvest_root, node_salt
+
+        storage = load_config_or_defaults(args.config).node.storage
+        data.append(harvest_root(storage))
+        salt = node_salt(storage)
+    if not data:
+        print("train: give folders of studies, or --harvested", file=sys.stderr)
+        return 2
     registry = (
         None if args.no_registry else ModelRegistry(registry_root(args.config, args.registry))
     )
@@ -294,7 +309,8 @@ def _train(args: argparse.Namespace) -> int:
     # var/ is where the node keeps its working state, and it is never committed.
     checkpoint = args.checkpoint or args.config.resolve().parent / "var" / "train" / f"{name}.ckpt"
     request = TrainRequest(
-        data=args.data,
+        data=data,
+        salt=salt,
         settings=settings,
         name=name,
         holdout=args.holdout,
@@ -376,8 +392,10 @@ def _list(args: argparse.Namespace) -> int:
                 f"{marker} {name} {version}  {card.get('direction', '?')}  "
                 f"created {card.get('created', '?')}  sha256:{card.get('checksum', '')[:12]}"
             )
-            print(f"      {_metrics_line(card.get('metrics', {}))}")
+            for line in _metrics_lines(card.get("metrics", {})):
+                print(f"      {line}")
     print("(* = active)")
+    print(f"All models: {RESEARCH_USE}.")
     return 0
 
 
@@ -413,15 +431,34 @@ def _audit_activation(args: argparse.Namespace, name: str, version: str) -> None
         print(f"(not in the node's audit trail: {type(error).__name__})", file=sys.stderr)
 
 
-def _metrics_line(metrics: dict[str, Any]) -> str:
-    for key in ("reference", "held_out", "training_data_only"):
+# Which figures a card's metrics are, in words: only held-out patients say how a model does
+# on people it never saw.
+_FIGURES = {
+    "held_out": "held out",
+    "reference": "held out (k-fold, its recipe)",
+    "training_data_only": "on its own training data, NOT held out",
+}
+RESEARCH_USE = (
+    "research use, not for diagnosis (until this site's own monitor says otherwise: "
+    "dicomnode quality)"
+)
+
+
+def _metrics_lines(metrics: dict[str, Any]) -> list[str]:
+    lines = []
+    for key, label in _FIGURES.items():
         overall = (metrics.get(key) or {}).get("overall") or {}
         if "model" in overall:
             model, floor = overall["model"], overall.get("inverted", {})
             nan = float("nan")
-            return (
-                f"{key}: PSNR head {model['psnr_head']:.2f} dB, SSIM head "
+            lines.append(
+                f"{label}: PSNR head {model['psnr_head']:.2f} dB, SSIM head "
                 f"{model['ssim_head']:.3f} (inverted input: {floor.get('psnr_head', nan):.2f} dB, "
                 f"{floor.get('ssim_head', nan):.3f})"
             )
-    return "no metrics on the card"
+    if not any(key in metrics for key in ("held_out", "reference")):
+        lines.append(
+            "held out: no figures on the card (docs/ablation.md has its recipe's; "
+            "python -m train.ablation --attach puts them there)"
+        )
+    return lines

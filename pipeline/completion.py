@@ -5,6 +5,11 @@ agreed on it), or when no instance has arrived for the quiet time of the route t
 would take it (``[completion] quiet_seconds`` unless the route overrides it). The quiet
 time counts only while the node listens: nobody can send to a node that is down, so a
 restart does not complete series whose senders were cut off by it.
+
+A series that announced a count it did not reach is incomplete: a synthetic series with
+gaps must not reach a radiologist as if whole. It waits ``incomplete_wait_seconds`` more
+(a sender may resume), then its job fails with "incomplete: N of M announced instances",
+unless its route says ``allow_incomplete = true``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ class CompletionSettings(BaseModel):
 
     quiet_seconds: Annotated[float, Field(gt=0)] = 10.0
     check_interval_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
+    # After its quiet time, how long a series short of its announced count waits for the
+    # rest before its job fails as incomplete.
+    incomplete_wait_seconds: Annotated[float, Field(ge=0)] = 600.0
 
 
 @dataclass(frozen=True)
@@ -84,9 +92,25 @@ def _is_due(
     quiet = settings.quiet_seconds
     if decision.route is not None and decision.route.quiet_seconds is not None:
         quiet = decision.route.quiet_seconds
+    if _refused_as_incomplete(series, decision.route):
+        quiet += settings.incomplete_wait_seconds
     # Silence from before the node listened is not the sender's.
     silent_since = max(series.last_arrival, listening_since or series.last_arrival)
     return now - silent_since >= timedelta(seconds=quiet)
+
+
+def missing_instances(series: Series) -> str | None:
+    """ "incomplete: N of M announced instances" for a series short of the count its
+    header announced, else None."""
+    if series.expected_count is None or series.instance_count >= series.expected_count:
+        return None
+    return f"incomplete: {series.instance_count} of {series.expected_count} announced instances"
+
+
+def _refused_as_incomplete(series: Series, route: Route | None) -> bool:
+    return (
+        route is not None and not route.allow_incomplete and missing_instances(series) is not None
+    )
 
 
 def _complete(session: Session, series: Series, routes: Sequence[Route], now) -> Completed:
@@ -105,6 +129,15 @@ def _complete(session: Session, series: Series, routes: Sequence[Route], now) ->
             decision.reason,
         )
         return Completed(series.series_uid, SeriesState.IGNORED, decision.reason, None)
+    if _refused_as_incomplete(series, decision.route):
+        reason = (
+            f"{missing_instances(series)} (route {decision.route.name!r} does not allow_incomplete)"
+        )
+        job = create_job(session, series, decision.route, refused=reason)
+        series.state = SeriesState.INCOMPLETE
+        series.state_reason = f"{reason}; job {job.id} failed"
+        log.warning("series %s: %s, job %d failed", series.series_uid, reason, job.id)
+        return Completed(series.series_uid, SeriesState.INCOMPLETE, reason, job.id)
     job = create_job(session, series, decision.route)
     series.state = SeriesState.ROUTED
     series.state_reason = f"{decision.reason}; job {job.id}"

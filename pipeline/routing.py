@@ -118,6 +118,13 @@ class Route(_Strict):
     model: str | None = None
     destinations: Annotated[list[str], Field(min_length=1)]
     quiet_seconds: Annotated[float, Field(gt=0)] | None = None
+    # Synthesize a series short of the count its header announced (else its job fails
+    # as incomplete, pipeline.completion).
+    allow_incomplete: bool = False
+    # A synthesis whose series uncertainty ([uncertainty]) exceeds this is held, not sent.
+    hold_uncertainty_above: Annotated[float, Field(gt=0)] | None = None
+    # Send the per-voxel uncertainty map too, as its own derived series.
+    send_uncertainty: bool = False
 
     @field_validator("match", mode="before")
     @classmethod
@@ -139,6 +146,24 @@ class Route(_Strict):
                 "e.g. SeriesDescription, MagneticFieldStrength)"
             )
         return conditions
+
+    def problems(self) -> list[str]:
+        """Why this route cannot make sense, one line per key (empty: it can), for
+        ``node.config``: each line names the key, the route follows."""
+        problems = []
+        for contrast in self.accepted_contrasts:
+            if contrast is Contrast.OTHER:
+                problems.append(
+                    f"contrast: OTHER takes what the node cannot classify, its own synthetic "
+                    f"output included (derived images are OTHER); name the contrasts "
+                    f"({self.direction.source} for {self.direction})"
+                )
+            elif contrast in self.direction.target_family:
+                problems.append(
+                    f"contrast: {contrast} contradicts direction {self.direction}, which "
+                    f"synthesizes {self.direction.target} from {self.direction.source}"
+                )
+        return problems
 
     @property
     def accepted_contrasts(self) -> list[Contrast]:

@@ -1,8 +1,9 @@
 """The spool: where pixel data lives on disk, in one layout that only this module spells out.
 
 Received instances lie under ``incoming/<study>/<series>/<instance>.dcm``, each as received
-(a Part 10 file whose meta names the calling AE), and each job's synthetic series under
-``out/job-<id>/``. The database keeps paths relative to the root, so the spool can move with
+(a Part 10 file whose meta names the calling AE), each job's synthetic series under
+``out/job-<id>/``, and harvested training pairs under ``harvest/pair-<id>/{t1,t2}/``.
+The database keeps paths relative to the root, so the spool can move with
 its database. Files get here through ``pipeline.files``: whole, or not at all.
 """
 
@@ -15,6 +16,9 @@ from pipeline.files import make_folders, remove_partial_files
 
 INCOMING = "incoming"
 OUT = "out"
+HARVEST = "harvest"
+# The salt of harvested patients' pseudonyms: the node's own, made once (pipeline.harvest).
+HARVEST_SALT = "harvest.salt"
 
 
 class Spool:
@@ -33,6 +37,12 @@ class Spool:
     def job_folder(job_id: int) -> Path:
         """Where a job writes its synthetic series, relative to the root."""
         return Path(OUT, f"job-{job_id}")
+
+    @staticmethod
+    def harvest_folder(pair_id: int) -> Path:
+        """Where a harvested pair's files are kept (hard links to the received files, so
+        retention's deletions leave them), relative to the root."""
+        return Path(HARVEST, f"pair-{pair_id}")
 
     def path(self, relative: str | Path) -> Path:
         """The file or folder at ``relative`` (as the database keeps it) under the root."""

@@ -9,40 +9,61 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from pydicom import Dataset
 
 from pipeline.dicom.contrast import Classification, Direction, classify
 from pipeline.dicom.derived import (
+    DerivedKind,
     ModelIdentity,
     build_synthetic_series,
     derived_series_uid,
     write_series,
 )
+from pipeline.dicom.label import burn_label, label_fits
 from pipeline.dicom.reformat import axial_view
 from pipeline.dicom.seriesfiles import SeriesFiles
 from pipeline.dicom.volume import SeriesError, load_series
 from pipeline.model.card import ModelFileError, describe
 from pipeline.model.inference import Synthesizer, Synthesizers, pick_device
-from pipeline.model.preprocess import to_stored_pixels
+from pipeline.model.preprocess import head_mask, to_stored_pixels
 from pipeline.model.registry import RegistryError
+from pipeline.model.uncertainty import series_uncertainty
+from pipeline.settings import DEFAULT_OUTPUT, OutputSettings
+
+# What is burnt into each kind of derived image.
+LABELS = {DerivedKind.SYNTHETIC: "SYNTHETIC", DerivedKind.UNCERTAINTY: "UNCERTAINTY"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SynthesisResult:
     datasets: list[Dataset]
     series_uid: str
     timings: dict[str, float]  # load_s, inference_s, build_s
     source_plane: str  # axial, or sagittal/coronal for a 3D series synthesized as axial
+    # With uncertainty passes: the per-series uncertainty (pipeline.model.uncertainty), the
+    # per-voxel spread on the source's grid, and its derived series when asked for.
+    uncertainty: float | None = None
+    spread: np.ndarray | None = None
+    uncertainty_datasets: list[Dataset] = field(default_factory=list)
 
 
 def synthesize_series(
-    paths: Sequence[Path], synthesizer: Synthesizer, direction: Direction, software_version: str
+    paths: Sequence[Path],
+    synthesizer: Synthesizer,
+    direction: Direction,
+    software_version: str,
+    output_settings: OutputSettings = DEFAULT_OUTPUT,
+    uncertainty_passes: int = 0,
+    uncertainty_series: bool = False,
 ) -> SynthesisResult:
     """Synthesize the ``direction.target`` series from the source files at ``paths``.
 
+    With ``uncertainty_passes``, also the Monte-Carlo dropout uncertainty (that many extra
+    passes), and with ``uncertainty_series`` its map as a derived series of its own.
     Raises SeriesError (the series cannot be synthesized) or ModelFileError (the model does
     not synthesize ``direction``), each with a reason an admin can read.
     """
@@ -58,20 +79,43 @@ def synthesize_series(
     # reach a radiologist, so a 3D series is shown to them as axial, and a 2D one refused.
     view = axial_view(volume)
     loaded = time.perf_counter()
-    output = synthesizer.synthesize(view.pixels, view.pixel_spacing, view.slice_offsets)
-    stored = to_stored_pixels(view.to_source(output))
+    output, spread = synthesizer.synthesize_with_spread(
+        view.pixels, view.pixel_spacing, view.slice_offsets, uncertainty_passes
+    )
+    output = view.to_source(output)
+    head = head_mask(volume.pixels)
     inferred = time.perf_counter()
     identity = ModelIdentity(card.name, card.version, card.checksum)
-    datasets = build_synthetic_series(
-        volume,
-        stored.pixels,
-        bits_stored=stored.bits_stored,
-        window_center=stored.window_center,
-        window_width=stored.window_width,
-        target_contrast=direction.target,
-        model=identity,
-        software_version=software_version,
-    )
+
+    def derived(values: np.ndarray, kind: DerivedKind) -> list[Dataset]:
+        stored = to_stored_pixels(values)
+        pixels = stored.pixels
+        label = LABELS[kind]
+        labelled = output_settings.burn_in_label and label_fits(pixels.shape[1:], label)
+        if labelled:
+            # As bright as the top of the window: white in the viewer's opening view.
+            top = int(stored.window_center + stored.window_width / 2)
+            pixels = burn_label(pixels, head, label, min(top, 2**stored.bits_stored - 1))
+        return build_synthetic_series(
+            volume,
+            pixels,
+            bits_stored=stored.bits_stored,
+            window_center=stored.window_center,
+            window_width=stored.window_width,
+            target_contrast=direction.target,
+            model=identity,
+            software_version=software_version,
+            burned_in=labelled,
+            kind=kind,
+        )
+
+    datasets = derived(output, DerivedKind.SYNTHETIC)
+    uncertainty, map_datasets = None, []
+    if spread is not None:
+        spread = view.to_source(spread)
+        uncertainty = series_uncertainty(output, spread, head)
+        if uncertainty_series:
+            map_datasets = derived(spread, DerivedKind.UNCERTAINTY)
     built = time.perf_counter()
     return SynthesisResult(
         datasets,
@@ -80,8 +124,12 @@ def synthesize_series(
             "load_s": round(loaded - started, 3),
             "inference_s": round(inferred - loaded, 3),
             "build_s": round(built - inferred, 3),
+            "uncertainty_passes": uncertainty_passes,
         },
         view.plane,
+        uncertainty,
+        spread,
+        map_datasets,
     )
 
 

@@ -22,10 +22,24 @@ from pipeline.dicom.volume import SeriesError
 from pipeline.model.card import ModelFileError, describe
 from pipeline.model.inference import Synthesizer, Synthesizers, pick_device
 from pipeline.model.registry import ModelRegistry, RegistryError
-from pipeline.settings import WorkerSettings
+from pipeline.model.uncertainty import SPREAD_FILE, confidence, save_spread
+from pipeline.settings import (
+    DEFAULT_OUTPUT,
+    DEFAULT_UNCERTAINTY,
+    OutputSettings,
+    UncertaintySettings,
+    WorkerSettings,
+)
 from pipeline.spool import Spool
 from pipeline.state.jobs import ClaimedJob, JobOutput, claim_job, fail_job, finish_job
 from pipeline.state.leases import worker_identity
+from pipeline.state.quality import (
+    DEFAULT_MONITOR,
+    MonitorPause,
+    MonitorSettings,
+    QualityKey,
+    check_not_paused,
+)
 from pipeline.synthesis import synthesize_series
 
 log = logging.getLogger(__name__)
@@ -41,8 +55,14 @@ class Worker:
         registry: ModelRegistry,
         settings: WorkerSettings,
         software_version: str,
+        output_settings: OutputSettings = DEFAULT_OUTPUT,
+        monitor_settings: MonitorSettings = DEFAULT_MONITOR,
+        uncertainty_settings: UncertaintySettings = DEFAULT_UNCERTAINTY,
     ) -> None:
         self._sessions = sessions
+        self._uncertainty_settings = uncertainty_settings
+        self._monitor_settings = monitor_settings
+        self._output_settings = output_settings
         self._spool = Spool(storage)
         self._registry = registry
         self._settings = settings
@@ -86,7 +106,7 @@ class Worker:
     def _run(self, job: ClaimedJob) -> None:
         try:
             output = self._synthesize(job)
-        except (SeriesError, ModelFileError, RegistryError) as error:
+        except (SeriesError, ModelFileError, RegistryError, MonitorPause) as error:
             # The same input or model would fail again: no point in retrying by itself.
             self._fail(job, str(error), retryable=False)
         except Exception as error:
@@ -111,19 +131,37 @@ class Worker:
         if not job.instance_paths:
             raise SeriesError("the series has no stored instances")
         synthesizer = self.synthesizer(job.model)
+        # The active version's rolling score on this scanner and protocol, checked now:
+        # an activation or a resume takes effect from the next job on.
+        key = QualityKey(job.scanner, job.protocol, job.model, synthesizer.card.version)
+        check_not_paused(self._sessions, key, self._monitor_settings)
         result = synthesize_series(
             [self._spool.path(p) for p in job.instance_paths],
             synthesizer,
             job.direction,
             self._software_version,
+            self._output_settings,
+            uncertainty_passes=self._uncertainty_settings.passes_to_run,
+            uncertainty_series=job.send_uncertainty,
         )
         output_folder = Spool.job_folder(job.id)
         started = time.perf_counter()
-        write_series(result.datasets, self._spool.path(output_folder))
+        folder = self._spool.path(output_folder)
+        # Every file in the folder is sent: the map only where the route asks for it.
+        write_series(result.datasets + result.uncertainty_datasets, folder)
+        if result.spread is not None:
+            save_spread(folder / SPREAD_FILE, result.spread)
         timings = result.timings | {
             "write_s": round(time.perf_counter() - started, 3),
             "slices": len(result.datasets),
         }
+        held = None
+        limit = job.hold_uncertainty_above
+        if limit is not None and result.uncertainty is not None and result.uncertainty > limit:
+            held = (
+                f"held: uncertainty {result.uncertainty:.4f} is above the route's "
+                f"hold_uncertainty_above {limit:g}; dicomnode retry {job.id} sends it anyway"
+            )
         card = synthesizer.card
         log.info(
             "job %d: %d %s slice(s) synthesized with %s on %s (load %.2fs, inference %.2fs, "
@@ -144,7 +182,10 @@ class Worker:
             timings=timings,
             series_uid=result.series_uid,
             path=str(output_folder),
-            count=len(result.datasets),
+            count=len(result.datasets) + len(result.uncertainty_datasets),
+            uncertainty=result.uncertainty,
+            confidence=None if result.uncertainty is None else confidence(result.uncertainty),
+            held=held,
         )
 
     def synthesizer(self, model_name: str) -> Synthesizer:

@@ -85,5 +85,5 @@ def test_retry_requeues_a_failed_job_and_refuses_the_rest(tmp_path):
     status = run_dicomnode("status", "--config", str(path))
     assert "JOBS (newest first)" in status.stdout and "replayed by an admin" in status.stdout
     data = json.loads(run_dicomnode("status", "--json", "--config", str(path)).stdout)
-    assert set(data) == {"health", "workers", "series", "jobs", "deliveries"}
-    assert data["jobs"][0]["state"] == "queued"
+    assert set(data) == {"health", "workers", "series", "jobs", "deliveries", "quality"}
+    assert data["jobs"][0]["state"] == "queued" and data["quality"]["rolling"] == []

@@ -147,3 +147,40 @@ def test_the_quiet_time_counts_only_while_the_node_listens(sessions):
         sessions, ROUTES, SETTINGS, now=later + timedelta(seconds=1), listening_since=restarted
     )
     assert [d.state for d in done] == ["routed"]
+
+
+def test_a_series_short_of_its_announced_count_waits_then_fails_as_incomplete(sessions):
+    settings = CompletionSettings(quiet_seconds=10, incomplete_wait_seconds=60)
+    t0 = utcnow()
+    receive(sessions, mr_series(5)[:3], t0)  # announced 5, sent 3
+    assert complete_due_series(sessions, ROUTES, settings, now=t0 + timedelta(seconds=69)) == []
+    assert series_row(sessions).state == "receiving"
+    (done,) = complete_due_series(sessions, ROUTES, settings, now=t0 + timedelta(seconds=70))
+    assert done.state == "incomplete"
+    assert (
+        done.reason
+        == "incomplete: 3 of 5 announced instances (route 't1' does not allow_incomplete)"
+    )
+    (job,) = jobs(sessions)
+    assert (job.state, job.reason) == (JobState.FAILED, done.reason)
+    assert series_row(sessions).state == "incomplete"
+
+
+def test_a_route_may_allow_an_incomplete_series(sessions):
+    settings = CompletionSettings(quiet_seconds=10, incomplete_wait_seconds=60)
+    lenient = [Route(name="t1", direction="t1-to-t2", destinations=["p"], allow_incomplete=True)]
+    t0 = utcnow()
+    receive(sessions, mr_series(5)[:3], t0)
+    (done,) = complete_due_series(sessions, lenient, settings, now=t0 + timedelta(seconds=10))
+    assert done.state == "routed" and jobs(sessions)[0].state == JobState.QUEUED
+
+
+def test_the_rest_arriving_during_the_wait_completes_the_series(sessions):
+    settings = CompletionSettings(quiet_seconds=10, incomplete_wait_seconds=60)
+    t0 = utcnow()
+    series = mr_series(5)
+    receive(sessions, series[:3], t0)
+    assert complete_due_series(sessions, ROUTES, settings, now=t0 + timedelta(seconds=30)) == []
+    receive(sessions, series[3:], t0 + timedelta(seconds=40))
+    (done,) = complete_due_series(sessions, ROUTES, settings, now=t0 + timedelta(seconds=40))
+    assert done.state == "routed"

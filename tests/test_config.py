@@ -197,7 +197,49 @@ def test_a_missing_or_wrong_model_stops_serve_at_start(tmp_path):
     (registry.root / "t1-to-t2" / "ACTIVE").write_text("v2")
     result = run_dicomnode("config", "check", "--config", str(config))
     assert result.returncode == 2
-    assert "synthesizes t2-to-t1, but the route's direction is t1-to-t2" in result.stderr
+    assert "synthesizes t2-to-t1, but route 't1' has direction t1-to-t2" in result.stderr
+
+
+def test_routes_that_cannot_make_sense_are_refused_by_config_check_and_serve(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text(
+        VALID
+        + """
+[[routes]]
+name = "t2-into-t1-to-t2"
+direction = "t1-to-t2"
+contrast = ["T1", "T2"]
+destinations = ["pacs"]
+
+[[routes]]
+name = "takes-other"
+direction = "t2-to-t1"
+contrast = ["T2", "OTHER"]
+destinations = ["pacs"]
+
+[[routes]]
+name = "t1c-into-t2-to-t1"
+direction = "t2-to-t1"
+contrast = ["T1C"]
+destinations = ["pacs"]
+"""
+    )
+    expected = [
+        "routes[1].contrast: T2 contradicts direction t1-to-t2, which synthesizes T2 from T1 "
+        "(route 't2-into-t1-to-t2')",
+        "routes[2].contrast: OTHER takes what the node cannot classify, its own synthetic "
+        "output included",
+        "(route 'takes-other')",
+        "routes[3].contrast: T1C contradicts direction t2-to-t1, which synthesizes T1 from T2 "
+        "(route 't1c-into-t2-to-t1')",
+    ]
+    for command in ("config check", "serve"):
+        result = run_dicomnode(*command.split(), "--config", str(config))
+        assert result.returncode == 2, command
+        assert "4 problem(s)" not in result.stderr and "3 problem(s)" in result.stderr
+        for line in expected:
+            assert line in result.stderr, (command, result.stderr)
+        assert "Traceback" not in result.stderr
 
 
 def test_refresh_settings_are_checked_and_resolved(tmp_path):
@@ -209,3 +251,29 @@ def test_refresh_settings_are_checked_and_resolved(tmp_path):
     path = tmp_path / "config.toml"
     config = load_config(path)
     assert config.refresh.data == [tmp_path / "studies"] and config.refresh.time == "02:00"
+
+
+def test_uncertainty_cost_is_bounded_and_routes_that_need_it_name_it(tmp_path):
+    costly = "[uncertainty]\npasses = 3\n" + VALID
+    assert problems(tmp_path, costly) == [
+        "uncertainty = {'passes': 3}: passes = 3 costs 4 plain syntheses, more than max_cost = 3"
+    ]
+    allowed = "[uncertainty]\npasses = 3\nmax_cost = 4\n" + VALID
+    path = tmp_path / "allowed.toml"
+    path.write_text(allowed)
+    assert load_config(path).uncertainty.passes == 3
+    without = "[uncertainty]\nenabled = false\n" + VALID + "hold_uncertainty_above = 0.1\n"
+    assert problems(tmp_path, without) == [
+        "routes[0]: hold_uncertainty_above and send_uncertainty need [uncertainty] "
+        "enabled = true (route 't1')"
+    ]
+
+
+def test_a_refresh_may_train_on_the_harvest_alone_if_there_is_one(tmp_path):
+    refresh = "\n[refresh]\nenabled = true\nharvested = true\n"
+    assert problems(tmp_path, VALID + refresh) == [
+        "refresh.harvested: true, but [harvest] enabled = false harvests nothing"
+    ]
+    path = tmp_path / "harvesting.toml"
+    path.write_text(VALID + refresh + "\n[harvest]\nenabled = true\n")
+    assert load_config(path).refresh.harvested

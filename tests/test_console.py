@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from datetime import timedelta
 from pathlib import Path
 
 from pydicom import dcmread
@@ -14,9 +15,12 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
+from node.config import load_config
+from node.console import ConsoleServer, build_app
 from node.pages import Query, series_page
+from pipeline.completion import CompletionSettings, complete_due_series
 from pipeline.spool import Spool
-from pipeline.state.db import open_database
+from pipeline.state.db import open_database, utcnow
 from tests.support.browser import headless_chromium
 from tests.support.dicomgen import mr_series
 from tests.support.models import make_registry
@@ -184,3 +188,28 @@ def test_health_is_503_with_the_reason_and_a_killed_node_is_seen_gone(tmp_path):
         assert " gone" in text
     finally:
         node.stop()
+
+
+def test_an_incomplete_series_is_shown_with_its_reason_and_counted(tmp_path):
+    """The states the safety features added (a series short of its announced count) on the
+    console's pages and in /metrics."""
+    config = load_config(write_config(tmp_path, free_port()))
+    sessions = open_database(config.node.database)
+    receive((sessions, config.node.storage, None), mr_series(5)[:3])  # announced 5, sent 3
+    waited = CompletionSettings(quiet_seconds=10, incomplete_wait_seconds=60)
+    (done,) = complete_due_series(
+        sessions, config.routes, waited, now=utcnow() + timedelta(seconds=3600)
+    )
+    assert done.state == "incomplete"
+    server = ConsoleServer(config, build_app(config, sessions))
+    server.start()
+    try:
+        metrics = get(f"{server.url}/metrics")[1].decode()
+        assert 'dicomnode_series{state="incomplete"} 1.0' in metrics
+        assert 'dicomnode_jobs{state="failed"} 1.0' in metrics
+        status, html = get(f"{server.url}/series?state=incomplete")
+        assert status == 200 and b"3 of 5 announced instances" in html
+        status, html = get(f"{server.url}/jobs?state=held")
+        assert status == 200 and b"none" in html
+    finally:
+        server.stop()

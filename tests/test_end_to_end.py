@@ -15,6 +15,7 @@ from tests.support.nodeproc import NodeProcess, free_port, routes_toml, write_co
 from tests.support.peers import Orthanc
 from tests.support.senders import storescu
 from tests.support.validators import assert_dciodvfy_finds_no_error
+from tests.test_label import find_label
 
 NATIVE_T1 = "tcga-fg-6692-native/03_t1"  # 26 oblique slices, with the skull
 
@@ -87,6 +88,9 @@ def test_t1_series_comes_back_as_marked_synthetic_t2(tmp_path, mr_brain, registr
         downloaded.write_bytes(orthanc.get(f"/instances/{instance}/file"))
         assert_dciodvfy_finds_no_error([downloaded])
         ds = dcmread(downloaded)
+        assert (ds.SyntheticData, ds.BurnedInAnnotation) == ("YES", "YES")
+        top_of_window = int(float(ds.WindowCenter) + float(ds.WindowWidth) / 2)
+        assert len(find_label(ds.pixel_array, "SYNTHETIC", top_of_window)) == 1
         assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID in {
             dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in source
         }

@@ -13,16 +13,11 @@ import torch
 
 from node.cli import main
 from pipeline.model.card import LoadedModel, ModelCard, save_model
+from pipeline.model.scores import minmax_slices, slice_metrics, ssim_map
 from pipeline.model.unet import UNet
 from train.evaluate import evaluate
 from train.figures import save_comparison
-from train.metrics import (
-    collapse_check,
-    floors,
-    minmax_slices,
-    slice_metrics,
-    ssim_map,
-)
+from train.metrics import collapse_check, floors
 from train.pairs import find_pairs, load_pair
 
 

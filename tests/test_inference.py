@@ -21,6 +21,7 @@ from pipeline.model.preprocess import (
     normalize_volume,
     to_stored_pixels,
 )
+from pipeline.model.uncertainty import confidence, series_uncertainty
 from pipeline.model.unet import UNet
 
 
@@ -230,6 +231,27 @@ def test_synthesize_leaves_the_air_around_the_head_black(native_t1: np.ndarray) 
     assert 0.05 < head.mean() < 0.95
     assert np.all(output[~head] == 0.0)
     assert np.count_nonzero(output[head]) > 0.9 * head.sum()
+
+
+def test_monte_carlo_dropout_spread_is_seeded_inside_the_head_and_leaves_the_output(
+    native_t1: np.ndarray,
+) -> None:
+    synthesizer = Synthesizer(make_model(dropout=0.2))
+    plain = synthesizer.synthesize(native_t1, NATIVE_SPACING)
+    output, spread = synthesizer.synthesize_with_spread(native_t1, NATIVE_SPACING, None, passes=2)
+    head = head_mask(native_t1)
+    assert np.array_equal(output, plain)  # what is sent is the plain synthesis
+    assert np.all(spread[~head] == 0.0) and spread[head].mean() > 0
+    again = synthesizer.synthesize_with_spread(native_t1, NATIVE_SPACING, None, passes=2)[1]
+    assert np.array_equal(spread, again)
+    assert np.array_equal(synthesizer.synthesize(native_t1, NATIVE_SPACING), plain)  # eval again
+    assert synthesizer.synthesize_with_spread(native_t1, NATIVE_SPACING, None, passes=0)[1] is None
+    uncertainty = series_uncertainty(output, spread, head)
+    assert uncertainty > 0 and confidence(uncertainty) == pytest.approx(max(0.0, 1 - uncertainty))
+    # Without dropout the passes agree: nothing to be unsure about.
+    steady = Synthesizer(make_model(dropout=0.0))
+    out, none = steady.synthesize_with_spread(native_t1, NATIVE_SPACING, None, passes=2)
+    assert series_uncertainty(out, none, head) < 1e-6  # float rounding only
 
 
 @pytest.mark.parametrize("size", [(240, 240), (255, 129)])

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from node.cli import _parser
+from pipeline.model.scores import correlation
 from tests.test_evaluate import tiny_model
 from train.flairmasks import write_masks
 from train.folds import patient_folds
 from train.lesionpaint import FluidLevels, fluid_levels, paint_lesions
 from train.lesions import LesionMaskError, LesionMasks
-from train.metrics import brighter_probability, correlation, lesion_fidelity
+from train.metrics import brighter_probability, lesion_fidelity
 from train.pairs import StudyGroup, find_pairs, load_pair
 
 SPACING = (1.0, 1.0, 1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -101,7 +102,9 @@ def test_list_and_activate_roll_back(tmp_path, capsys) -> None:
     lines = listing.splitlines()
     assert lines[0].startswith("  t1-to-t2 v1") and f"sha256:{first.checksum[:12]}" in lines[0]
     assert lines[2].startswith("* t1-to-t2 v2") and f"sha256:{second.checksum[:12]}" in lines[2]
-    assert "PSNR head 22.00 dB" in lines[3] and "inverted input: 15.00 dB" in lines[3]
+    assert lines[3].strip().startswith("held out: PSNR head 22.00 dB")
+    assert "inverted input: 15.00 dB" in lines[3]
+    assert lines[-1].startswith("All models: research use, not for diagnosis")
 
     assert run(["models", "activate", "t1-to-t2", "v1", *where]) == 0
     assert capsys.readouterr().out == "t1-to-t2 v1 is now active\n"
@@ -146,3 +149,14 @@ def test_train_refuses_bad_settings_before_reading_data(tmp_path, capsys) -> Non
             assert run([*argv, "--registry", str(tmp_path)]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "t1-to-t2").exists()
+
+
+def test_a_card_without_held_out_figures_says_so(tmp_path, capsys) -> None:
+    registry = ModelRegistry(tmp_path / "models")
+    card = add_version(registry, "t1-to-t2", seed=1)
+    metrics = {"training_data_only": card.metrics["held_out"]}
+    registry.write_card("t1-to-t2", dataclasses.replace(card, metrics=metrics))
+    assert run(["models", "--registry", str(registry.root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "on its own training data, NOT held out: PSNR head 21.00 dB" in lines[1]
+    assert lines[2].strip().startswith("held out: no figures on the card")

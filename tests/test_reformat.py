@@ -22,8 +22,11 @@ from pipeline.model.card import load_model
 from pipeline.model.inference import Synthesizer
 from pipeline.model.preprocess import head_mask
 from pipeline.model.registry import ModelRegistry
+from pipeline.settings import OutputSettings
 from pipeline.synthesis import synthesize_series
 from tests.support.dicomgen import as_sagittal_files
+
+UNLABELLED = OutputSettings(burn_in_label=False)  # a label's place differs with the plane
 
 SHIPPED_MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -115,8 +118,10 @@ def test_a_sagittal_export_of_a_3d_t1_gets_the_synthetic_t2_of_its_axial_origina
     sagittal_files = as_sagittal_files(axial, tmp_path / "sagittal")
     synthesizer = Synthesizer(load_model(ModelRegistry(SHIPPED_MODELS).active_path("t1-to-t2")))
 
-    from_axial = synthesize_series(axial_files, synthesizer, Direction.T1_TO_T2, "test")
-    from_sagittal = synthesize_series(sagittal_files, synthesizer, Direction.T1_TO_T2, "test")
+    from_axial = synthesize_series(axial_files, synthesizer, Direction.T1_TO_T2, "test", UNLABELLED)
+    from_sagittal = synthesize_series(
+        sagittal_files, synthesizer, Direction.T1_TO_T2, "test", UNLABELLED
+    )
 
     assert len(from_sagittal.datasets) == axial.pixels.shape[2]  # one per sagittal slice
     # Back to the axial grid by each synthetic image's own geometry: the same pixels.

@@ -27,17 +27,10 @@ from pipeline.dicom.volume import SeriesError, load_series
 from pipeline.model.card import LoadedModel, describe
 from pipeline.model.inference import Synthesizer
 from pipeline.model.preprocess import head_mask, normalize_volume, to_stored_pixels
+from pipeline.model.scores import mean_metrics, minmax_slices, slice_metrics
 from train.figures import FIGURE_SLICES, save_comparison
 from train.lesions import LesionMaskError, LesionMasks
-from train.metrics import (
-    LesionFidelity,
-    collapse_check,
-    floors,
-    lesion_fidelity,
-    mean_metrics,
-    minmax_slices,
-    slice_metrics,
-)
+from train.metrics import LesionFidelity, collapse_check, floors, lesion_fidelity
 from train.pairs import PairedVolume, StudyGroup, find_pairs, load_pair
 
 PREDICTORS = ("model", "input", "inverted")

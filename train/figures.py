@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
 
-from train.metrics import minmax_slices
+from pipeline.model.scores import minmax_slices
 
 FIGURE_SLICES = 4
 

@@ -1,36 +1,22 @@
-"""Image-quality metrics of the paper, SSIM, the trivial floors and the collapse check.
+"""The trivial floors, the collapse check and lesion fidelity, beside the image scores.
 
-The paper (Anklesaria et al., section 4) min-max normalises every slice and reports MSE,
-MAE and PSNR with MAX_I = 1 (its equations 1-3). Here each of them, and SSIM (Wang et al.
-2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, data range 1), is computed per
-slice over two regions, the whole slice and the head, then averaged over slices. Floors are
-what a model must beat to be worth anything: the input itself, and the input with its
-intensities inverted inside the head (T1 and T2 roughly invert each other's tissue order).
+The paper's scores, SSIM and the correlation, per slice and region, are
+``pipeline.model.scores`` (the node's quality monitor computes them too). Floors are what a
+model must beat to be worth anything: the input itself, and the input with its intensities
+inverted inside the head (T1 and T2 roughly invert each other's tissue order).
 
-Two scores stand beside the paper's. The correlation inside the head is scale-free, so the
-different grey levels of sites and of normalisations do not move it. Lesion visibility is
-the probability that a lesion voxel is brighter than a voxel of the tissue around it (the
-area under the ROC curve of intensity as a lesion detector); a lesion's fidelity compares
-that probability in the synthetic image with the real one's, so a synthetic image that
-paints normal tissue over a lesion scores 0 however good its PSNR.
+Lesion visibility is the probability that a lesion voxel is brighter than a voxel of the
+tissue around it (the area under the ROC curve of intensity as a lesion detector); a
+lesion's fidelity compares that probability in the synthetic image with the real one's, so
+a synthetic image that paints normal tissue over a lesion scores 0 however good its PSNR.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage, stats
-
-METRICS = ("mse", "mae", "psnr", "ssim", "corr")
-REGIONS = ("slice", "head")
-SSIM_SIGMA = 1.5
-SSIM_TRUNCATE = 3.5  # 11x11 window at sigma 1.5, as Wang et al.
-SSIM_C1 = 0.01**2
-SSIM_C2 = 0.03**2
-# A slice reproduced exactly would have infinite PSNR; this caps it (100 dB at MSE 1e-10).
-MSE_FLOOR = 1e-10
 
 # A model is collapsed when its output inside the head varies less than this fraction of
 # the real target's variation (a near-constant image), or less than COLLAPSE_MIN_STD in
@@ -40,60 +26,6 @@ COLLAPSE_MIN_RATIO = 0.25
 COLLAPSE_MIN_STD = 0.02
 
 
-def minmax_slices(volume: np.ndarray) -> np.ndarray:
-    """Each slice of (S, H, W) scaled to [0, 1] by its own min and max (a flat slice -> 0)."""
-    volume = volume.astype(np.float64)
-    low = volume.min(axis=(1, 2), keepdims=True)
-    span = volume.max(axis=(1, 2), keepdims=True) - low
-    return np.divide(volume - low, span, out=np.zeros_like(volume), where=span > 0)
-
-
-def ssim_map(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """Local SSIM of two images in [0, 1], one value per pixel."""
-
-    def blur(image: np.ndarray) -> np.ndarray:
-        return ndimage.gaussian_filter(image, SSIM_SIGMA, truncate=SSIM_TRUNCATE)
-
-    mean_a, mean_b = blur(first), blur(second)
-    var_a = blur(first * first) - mean_a**2
-    var_b = blur(second * second) - mean_b**2
-    covariance = blur(first * second) - mean_a * mean_b
-    numerator = (2 * mean_a * mean_b + SSIM_C1) * (2 * covariance + SSIM_C2)
-    denominator = (mean_a**2 + mean_b**2 + SSIM_C1) * (var_a + var_b + SSIM_C2)
-    return numerator / denominator
-
-
-def slice_metrics(
-    prediction: np.ndarray, real: np.ndarray, valid: np.ndarray, head: np.ndarray
-) -> dict[str, list[float]]:
-    """Per-slice metrics of two (S, H, W) stacks already min-max normalised per slice.
-
-    ``valid`` marks the pixels that count as "the slice" (all, unless the real image was
-    resampled and does not cover every pixel), ``head`` those inside the head. Returns
-    ``{"mse_slice": [...], "psnr_head": [...], ...}``, one value per slice.
-    """
-    values: dict[str, list[float]] = {f"{m}_{r}": [] for m in METRICS for r in REGIONS}
-    for a, b, where_valid, where_head in zip(prediction, real, valid, head, strict=True):
-        similarity = ssim_map(a, b)
-        for region, where in (("slice", where_valid), ("head", where_head & where_valid)):
-            error = a[where] - b[where]
-            mse = float(np.mean(error**2))
-            values[f"mse_{region}"].append(mse)
-            values[f"mae_{region}"].append(float(np.mean(np.abs(error))))
-            values[f"psnr_{region}"].append(10 * math.log10(1.0 / max(mse, MSE_FLOOR)))
-            values[f"ssim_{region}"].append(float(np.mean(similarity[where])))
-            values[f"corr_{region}"].append(correlation(a[where], b[where]))
-    return values
-
-
-def correlation(first: np.ndarray, second: np.ndarray) -> float:
-    """Pearson's correlation of two samples; 0 where either is constant (no information)."""
-    a = first - first.mean()
-    b = second - second.mean()
-    norm = math.sqrt(float(np.sum(a * a)) * float(np.sum(b * b)))
-    return float(np.sum(a * b)) / norm if norm > 0 else 0.0
-
-
 def floors(source: np.ndarray, head: np.ndarray) -> dict[str, np.ndarray]:
     """The trivial predictions for a min-max normalised source stack: itself, and inverted.
 
@@ -101,10 +33,6 @@ def floors(source: np.ndarray, head: np.ndarray) -> dict[str, np.ndarray]:
     background too would make the floor needlessly easy to beat on the whole slice.
     """
     return {"input": source, "inverted": np.where(head, 1.0 - source, 0.0)}
-
-
-def mean_metrics(values: dict[str, list[float]]) -> dict[str, float]:
-    return {key: float(np.mean(items)) for key, items in values.items() if items}
 
 
 def collapse_check(

@@ -24,8 +24,8 @@ from scipy import ndimage
 from pipeline.dicom.contrast import Direction
 from pipeline.dicom.volume import SeriesError
 from pipeline.model.preprocess import foreground_threshold
+from pipeline.model.scores import minmax_slices
 from train.figures import Overlay, pick_slices, save_grid
-from train.metrics import minmax_slices
 from train.pairs import find_pairs, load_pair
 
 

@@ -15,7 +15,6 @@ PatientID identifies a person and must not leave the hospital in a model card.
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -26,20 +25,15 @@ from scipy import ndimage
 
 from pipeline.dicom.contrast import Contrast, Direction, classify
 from pipeline.dicom.reformat import at_pixel_size, axial_volume
-from pipeline.dicom.registration import Rigid, register_rigid, resample_onto
+from pipeline.dicom.registration import Rigid, resample_onto
 from pipeline.dicom.seriesfiles import SeriesFiles, scan_series
 from pipeline.dicom.volume import SeriesError, Volume, load_series
-from pipeline.model.preprocess import foreground_threshold, head_mask
+from pipeline.harvest import salted_pseudonym
+from pipeline.model.scores import place_real
 from train.lesions import LESION_LEVEL, LesionMasks
 
 PAIR_KEYWORDS = ("PatientID", "FrameOfReferenceUID")
 
-# A source slice whose head covers less than this fraction of it is a tip of the skull or
-# empty background: nothing a contrast mapping can learn from or be judged on.
-MIN_HEAD_FRACTION = 0.02
-# Fraction of a source slice's head that the target must cover after resampling; below it
-# the slice lies (partly) outside the target's slab and its pair would be half empty.
-MIN_COVERAGE = 0.95
 # Voxels this far (pixels) from the head are background; skull-stripping leaves them all at
 # one value, a scanner's own images have noise there (or zero-filling of part of it).
 BACKGROUND_MARGIN = 3
@@ -62,10 +56,11 @@ class StudyPair:
     study_uid: str
     t1: SeriesFiles
     t2: SeriesFiles
+    salt: str = ""  # the node's harvest salt, for pairs it harvested
 
     @property
     def patient(self) -> str:
-        return patient_label(self.patient_id)
+        return patient_label(self.patient_id, self.salt)
 
     def source_and_target(self, direction: Direction) -> tuple[SeriesFiles, SeriesFiles]:
         first_is_t1 = Direction.parse(direction, "direction").source is Contrast.T1
@@ -108,12 +103,15 @@ class PairedVolume:
         )
 
 
-def patient_label(patient_id: str) -> str:
-    """A stable pseudonym for a PatientID, for logs, reports and model cards."""
+def patient_label(patient_id: str, salt: str = "") -> str:
+    """A stable pseudonym for a PatientID, for logs, reports and model cards; with the
+    node's ``salt``, the harvest's (``pipeline.harvest.salted_pseudonym``)."""
+    if salt:
+        return salted_pseudonym(patient_id, salt)
     return "patient-" + hashlib.sha256(patient_id.encode()).hexdigest()[:8]
 
 
-def find_pairs(roots: Sequence[Path]) -> PairSearch:
+def find_pairs(roots: Sequence[Path], salt: str = "") -> PairSearch:
     """Every T1/T2 pair under ``roots``, by header classification, never by file names.
 
     Series are grouped by (PatientID, StudyInstanceUID, FrameOfReferenceUID). A group with
@@ -153,7 +151,7 @@ def find_pairs(roots: Sequence[Path]) -> PairSearch:
         for extra in [s for s in t1s + t2s if s is not t1 and s is not t2]:
             notes.append(f"{_label(extra.folder, roots)}: another series of the pair's contrast")
         label = _label(_common_folder(t1.folder, t2.folder), roots)
-        pairs.append(StudyPair(label, patient, study, t1, t2))
+        pairs.append(StudyPair(label, patient, study, t1, t2, salt))
     pairs.sort(key=lambda p: p.label)
     return PairSearch(pairs, notes, unpaired)
 
@@ -171,11 +169,12 @@ def load_pair(
     ``pixel_spacing_mm`` resampled in-plane to that pixel size where its own is far from it
     (``pipeline.dicom.reformat``; None: as it is, which evaluation wants, as the node resamples).
 
-    Series on different grids are placed by their DICOM geometry and then, with
-    ``register``, refined by ``pipeline.dicom.registration.register_rigid``; series on the same
-    grid (co-registered) are taken voxel for voxel. Raises SeriesError when a series cannot
-    be read, when the source has no axial view (a 2D sagittal or coronal series), or when
-    the target's slices are unevenly spaced (its affine would misplace them).
+    The target is placed by ``pipeline.model.scores.place_real``: by its DICOM
+    geometry, refined (with ``register``) by a rigid registration where the two series lie
+    on different grids, voxel for voxel where they share one. Raises SeriesError when a
+    series cannot be read, when the source has no axial view (a 2D sagittal or coronal
+    series), or when the target's slices are unevenly spaced (its affine would misplace
+    them).
 
     With ``lesions``, a mask drawn on either series is placed on the source's grid too.
     Raises LesionMaskError for a mask that does not fit its series.
@@ -190,24 +189,20 @@ def load_pair(
     target = load_series(target_files.files)
     if not target.uniform_spacing:
         raise SeriesError(f"{pair.label}: target series has unevenly spaced slices")
-    head = head_mask(source.pixels)
-    rigid = None
-    if register and not _same_grid(source, target):
-        target, rigid = register_rigid(target, source, head, head_mask(target.pixels))
-    resampled, covered = resample_onto(target, source)
-    slices, dropped = _usable_slices(head, covered, resampled)
+    real = place_real(source, target, register)
+    placed = real.placement
     return PairedVolume(
         pair,
         direction,
         source,
-        resampled,
-        covered,
-        head,
-        slices,
-        dropped,
-        rigid,
-        study_group(source.pixels, head),
-        _lesions_on(source, [(source_files, as_read), (target_files, target)], lesions),
+        placed.resampled,
+        placed.covered,
+        real.head,
+        real.slices,
+        real.dropped,
+        placed.registration,
+        study_group(source.pixels, real.head),
+        _lesions_on(source, [(source_files, as_read), (target_files, placed.volume)], lesions),
     )
 
 
@@ -234,32 +229,6 @@ def _lesions_on(
             resampled, covered = resample_onto(mask.on(volume), grid)
             return (resampled >= LESION_LEVEL) & covered
     return None
-
-
-def _same_grid(first: Volume, second: Volume) -> bool:
-    return first.pixels.shape == second.pixels.shape and np.allclose(
-        first.affine(), second.affine(), atol=1e-3
-    )
-
-
-def _usable_slices(
-    head: np.ndarray, covered: np.ndarray, target: np.ndarray
-) -> tuple[np.ndarray, dict[str, int]]:
-    reasons: Counter[str] = Counter()
-    keep = []
-    pixels_per_slice = head[0].size
-    target_head = target > foreground_threshold(target[covered]) if covered.any() else covered
-    for index in range(head.shape[0]):
-        area = int(head[index].sum())
-        if area < MIN_HEAD_FRACTION * pixels_per_slice:
-            reasons["with (almost) no head in the source"] += 1
-        elif covered[index][head[index]].mean() < MIN_COVERAGE:
-            reasons["outside the target's slab (no overlap)"] += 1
-        elif target_head[index].sum() < MIN_HEAD_FRACTION * pixels_per_slice:
-            reasons["with (almost) no head in the target"] += 1
-        else:
-            keep.append(index)
-    return np.array(keep, dtype=int), dict(reasons)
 
 
 def _common_folder(first: Path, second: Path) -> Path:
@@ -293,10 +262,11 @@ def split_by_patient(
     patient that has no pair.
     """
     patients = sorted({pair.patient_id for pair in pairs})
+    pseudonyms = {pair.patient_id: pair.patient for pair in pairs}
     if holdout:
         chosen = set()
         for wanted in holdout:
-            matches = [p for p in patients if wanted in (p, patient_label(p))]
+            matches = [p for p in patients if wanted in (p, pseudonyms[p])]
             if not matches:
                 raise ValueError(f"--holdout {wanted}: no paired study of that patient")
             chosen.update(matches)

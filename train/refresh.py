@@ -10,6 +10,8 @@ at ``time`` with APScheduler.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from pathlib import Path
 
 from pipeline.model.card import describe
 from pipeline.model.registry import ModelRegistry
@@ -20,8 +22,15 @@ from train.workflow import TrainRequest, run_training
 log = logging.getLogger(__name__)
 
 
-def refresh_models(settings: RefreshSettings, registry: ModelRegistry) -> list[str]:
+def refresh_models(
+    settings: RefreshSettings,
+    registry: ModelRegistry,
+    harvested: Sequence[Path] = (),
+    salt: str = "",
+) -> list[str]:
     """Retrain every configured direction; return one line per direction saying what happened.
+    ``harvested``: the harvest's folder when ``settings.harvested``, its patients named with
+    the node's ``salt``.
 
     A direction that fails (no pairs, unreadable data) is reported and the others still run.
     """
@@ -30,7 +39,8 @@ def refresh_models(settings: RefreshSettings, registry: ModelRegistry) -> list[s
     lines = []
     for direction in settings.directions:
         request = TrainRequest(
-            data=settings.data,
+            data=[*settings.data, *harvested],
+            salt=salt,
             settings=TrainSettings(
                 direction=direction,
                 epochs=settings.epochs,

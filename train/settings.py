@@ -21,6 +21,8 @@ class RefreshSettings(BaseModel):
 
     enabled: bool = False
     data: list[Path] = []  # folders of paired studies (a PACS export, the spool's incoming/)
+    # Also the pairs the node harvested ([harvest]), patients by salted pseudonym.
+    harvested: bool = False
     time: str = "02:00"  # daily, local time, HH:MM
     directions: list[Direction] = list(Direction)
     # The shipped recipe's length (train.trainer.TrainSettings; this module stays torch-free).

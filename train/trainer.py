@@ -25,10 +25,7 @@ from pipeline.dicom.contrast import Direction
 from pipeline.files import write_atomically
 from pipeline.model.inference import pick_device
 from pipeline.model.preprocess import Normalization, input_channels, normalized_ceiling
-from pipeline.model.unet import UNet, default_arguments
-from train.augment import AugmentSettings
-from train.dataset import TrainingStudy, network_input, sample_batch
-from train.metrics import (
+from pipeline.model.scores import (
     SSIM_C1,
     SSIM_C2,
     SSIM_SIGMA,
@@ -36,6 +33,9 @@ from train.metrics import (
     minmax_slices,
     slice_metrics,
 )
+from pipeline.model.unet import UNet, default_arguments
+from train.augment import AugmentSettings
+from train.dataset import TrainingStudy, network_input, sample_batch
 
 
 class Loss(Choice):
@@ -308,7 +308,7 @@ def _loss(
 
 
 def _ssim(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """Mean SSIM with the same window and constants as ``train.metrics.ssim_map``."""
+    """Mean SSIM with the same window and constants as ``pipeline.model.scores.ssim_map``."""
     radius = 5
     x = torch.arange(-radius, radius + 1, dtype=first.dtype, device=first.device)
     kernel = torch.exp(-(x**2) / (2 * SSIM_SIGMA**2))

@@ -49,6 +49,7 @@ class TrainRequest:
     resume: bool = False
     checkpoint: Path | None = None
     command: str = ""
+    salt: str = ""  # the node's harvest salt: harvested patients by salted pseudonym
     register: bool = True  # refine the alignment of pairs on different grids (registration)
     # Expert lesion masks: oversampled in training, scored on held-out patients.
     lesions: LesionMasks | None = None
@@ -79,7 +80,7 @@ def run_training(
     Raises ValueError when the data give no training pairs.
     """
     settings = request.settings
-    search = find_pairs(request.data)
+    search = find_pairs(request.data, request.salt)
     for note in search.notes:
         say(note)
     if not search.pairs:

@@ -69,6 +69,14 @@ class Direction(Choice):
     def target(self) -> Contrast:
         return Contrast.T2 if self is Direction.T1_TO_T2 else Contrast.T1
 
+    @property
+    def target_family(self) -> frozenset[Contrast]:
+        """The target and its variants (FLAIR is a T2, T1C a T1): a series of one of these
+        as the source would ask the model for the contrast the series already has."""
+        if self is Direction.T1_TO_T2:
+            return frozenset({Contrast.T2, Contrast.FLAIR})
+        return frozenset({Contrast.T1, Contrast.T1C})
+
     @classmethod
     def for_source(cls, contrast: Contrast) -> Direction | None:
         """The direction that synthesizes from a series of this contrast, if any."""

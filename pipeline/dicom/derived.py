@@ -15,9 +15,11 @@ builds its objects, one ``_add_*`` step per module of the MR Image IOD. The choi
   ManufacturerModelName, and a Contributing Equipment item coded
   (109100, DCM, "Synthesizing Equipment") carrying the model's name, version and checksum;
   the source's scanner follows as (109101, DCM, "Acquisition Equipment") when it is named.
-  Synthetic Data (0008,001C) YES, the attribute the standard added for exactly this, is left
-  out for now: the dicom3tools and DCMTK installed here (2022) reject it as an unknown
-  standard tag; add it once the validator in CI knows it.
+  Synthetic Data (0008,001C) YES, the attribute the standard added for exactly this. The
+  dicom3tools in Debian (2022) do not know it yet and say so (one error naming the tag,
+  which the tests accept and nothing else).
+- A "SYNTHETIC" label burnt into the air outside the head (``pipeline.dicom.label``, on by
+  default) makes BurnedInAnnotation YES: a screenshot or print still says it.
 - No DerivationCodeSequence: CID 7203 has no code for contrast synthesis, and the near ones
   (multiplanar reformatting, spatial resampling) would describe a different operation.
 - Acquisition parameters are not copied: no acquisition produced these pixels. The MR Image
@@ -44,6 +46,7 @@ builds its objects, one ``_add_*`` step per module of the MR Image IOD. The choi
 from __future__ import annotations
 
 import copy
+import enum
 import io
 import json
 import uuid
@@ -74,6 +77,17 @@ from pipeline.files import write_atomically
 # What the models synthesize: a Direction's target.
 SYNTHESIZED = (Contrast.T1, Contrast.T2)
 SERIES_NUMBER_OFFSET = 1000
+UNCERTAINTY_SERIES_NUMBER_OFFSET = 2000
+
+
+class DerivedKind(enum.StrEnum):
+    """What a derived series shows: the synthetic image, or its per-voxel uncertainty
+    (marked as synthetic the same way, and described as the uncertainty)."""
+
+    SYNTHETIC = "synthetic"
+    UNCERTAINTY = "uncertainty"
+
+
 _IS_MAX = 2**31 - 1
 _LO_MAX, _ST_MAX = 64, 1024
 
@@ -184,20 +198,31 @@ class ModelIdentity:
     checksum: str
 
 
-def derived_series_uid(source_series_uid: str, model: ModelIdentity) -> str:
+def derived_series_uid(
+    source_series_uid: str, model: ModelIdentity, kind: DerivedKind = DerivedKind.SYNTHETIC
+) -> str:
     """The synthetic series' UID: the same for the same source series and model."""
-    return _derived_uid("series", source_series_uid, model.name, model.version, model.checksum)
+    names = ["series", source_series_uid, model.name, model.version, model.checksum]
+    return _derived_uid(*names, *_kind_names(kind))
 
 
 def derived_instance_uid(
-    source_sop_instance_uid: str, model: ModelIdentity, frame: int | None = None
+    source_sop_instance_uid: str,
+    model: ModelIdentity,
+    frame: int | None = None,
+    kind: DerivedKind = DerivedKind.SYNTHETIC,
 ) -> str:
     """The synthetic instance's UID: the same for the same source instance (and frame, in a
     multi-frame source) and model."""
     names = ["instance", source_sop_instance_uid, model.name, model.version, model.checksum]
     if frame is not None:
         names.append(f"frame {frame}")
-    return _derived_uid(*names)
+    return _derived_uid(*names, *_kind_names(kind))
+
+
+def _kind_names(kind: DerivedKind) -> tuple[str, ...]:
+    # The synthetic series keeps the UIDs it always had; the others get their own.
+    return () if kind is DerivedKind.SYNTHETIC else (kind.value,)
 
 
 def _derived_uid(*names: str) -> str:
@@ -217,16 +242,19 @@ def build_synthetic_series(
     target_contrast: Contrast,
     model: ModelIdentity,
     software_version: str,
+    burned_in: bool = False,
+    kind: DerivedKind = DerivedKind.SYNTHETIC,
 ) -> list[Dataset]:
     """Build one MR Image instance per slice of ``source``, holding ``pixels`` (uint16, S,H,W).
 
     ``pixels`` are in the volume's slice order; values must fit in ``bits_stored`` bits.
+    ``burned_in``: the pixels carry a burnt-in label (BurnedInAnnotation YES).
     Raises ValueError when the pixels or arguments do not fit the source.
     """
     _check_arguments(source, pixels, bits_stored, target_contrast)
     first = source.headers[0]
     series = _SyntheticSeries(
-        uid=derived_series_uid(first.SeriesInstanceUID, model),
+        uid=derived_series_uid(first.SeriesInstanceUID, model, kind),
         created=datetime.now(),
         source_description=_describe(first),
         # A source without a frame of reference still needs one shared by all its derived
@@ -236,6 +264,8 @@ def build_synthetic_series(
         contrast=target_contrast,
         model=model,
         software_version=software_version,
+        burned_in=burned_in,
+        kind=kind,
     )
     numbers = _instance_numbers(source.headers)
     frames = source.frames or (None,) * len(source.headers)
@@ -271,6 +301,15 @@ class _SyntheticSeries:
     contrast: Contrast
     model: ModelIdentity
     software_version: str
+    burned_in: bool
+    kind: DerivedKind
+
+    @property
+    def title(self) -> str:
+        """SYNTHETIC T2, or SYNTHETIC T2 UNCERTAINTY: how every text field names it."""
+        if self.kind is DerivedKind.UNCERTAINTY:
+            return f"SYNTHETIC {self.contrast} UNCERTAINTY"
+        return f"SYNTHETIC {self.contrast}"
 
     @property
     def date(self) -> str:
@@ -286,7 +325,9 @@ def _add_sop_common(
 ) -> None:
     _copy(ds, header, ("SpecificCharacterSet", "TimezoneOffsetFromUTC"))
     ds.SOPClassUID = MRImageStorage
-    ds.SOPInstanceUID = derived_instance_uid(header.SOPInstanceUID, series.model, frame)
+    ds.SOPInstanceUID = derived_instance_uid(
+        header.SOPInstanceUID, series.model, frame, series.kind
+    )
     ds.InstanceCreationDate = series.date
     ds.InstanceCreationTime = series.time
     ds.ContributingEquipmentSequence = DicomSequence([_synthesizing_equipment(series)])
@@ -304,12 +345,10 @@ def _add_patient_and_study(ds: Dataset, header: Dataset) -> None:
 def _add_general_series(ds: Dataset, header: Dataset, series: _SyntheticSeries) -> None:
     ds.Modality = "MR"
     ds.SeriesInstanceUID = series.uid
-    ds.SeriesNumber = _series_number(header.get("SeriesNumber"))
+    ds.SeriesNumber = _series_number(header.get("SeriesNumber"), series.kind)
     ds.SeriesDate = series.date
     ds.SeriesTime = series.time
-    ds.SeriesDescription = _truncate(
-        f"SYNTHETIC {series.contrast} from {series.source_description}", _LO_MAX
-    )
+    ds.SeriesDescription = _truncate(f"{series.title} from {series.source_description}", _LO_MAX)
     _copy(ds, header, _SERIES)
     _copy(ds, header, ("PatientPosition",), ("PatientPosition",))
 
@@ -335,17 +374,22 @@ def _add_general_image(
     ds.ContentDate = series.date
     ds.ContentTime = series.time
     ds.ImageType = ["DERIVED", "SECONDARY", "OTHER", "SYNTHETIC"]
+    ds.SyntheticData = "YES"
+    what = f"Synthetic {contrast}-weighted image"
+    if series.kind is DerivedKind.UNCERTAINTY:
+        what = (
+            f"Per-voxel uncertainty (Monte-Carlo dropout standard deviation) of the synthetic "
+            f"{contrast}-weighted image, not an image of anatomy,"
+        )
     ds.DerivationDescription = _truncate(
-        f"Synthetic {contrast}-weighted image computed from {series.source_description} by "
+        f"{what} computed from {series.source_description} by "
         f"model {model.name} version {model.version} (checksum {model.checksum}); "
         "not acquired by a scanner",
         _ST_MAX,
     )
-    ds.ImageComments = (
-        f"SYNTHETIC {contrast}: computed by {model.name} {model.version}, not acquired"
-    )
+    ds.ImageComments = f"{series.title}: computed by {model.name} {model.version}, not acquired"
     ds.SourceImageSequence = DicomSequence([_source_image(header, frame)])
-    ds.BurnedInAnnotation = "NO"
+    ds.BurnedInAnnotation = "YES" if series.burned_in else "NO"
     # A synthetic image is not itself compressed, but lossy loss in its input carries over.
     ds.LossyImageCompression = "01" if series.lossy else "00"
     if series.lossy:
@@ -385,7 +429,7 @@ def _add_voi_lut(
 ) -> None:
     ds.WindowCenter = f"{window_center:.6g}"
     ds.WindowWidth = f"{window_width:.6g}"
-    ds.WindowCenterWidthExplanation = f"SYNTHETIC {series.contrast}"
+    ds.WindowCenterWidthExplanation = series.title
 
 
 def _add_common_instance_reference(ds: Dataset, header: Dataset) -> None:
@@ -454,10 +498,13 @@ def _copy(
             setattr(target, keyword, None)
 
 
-def _series_number(source_number: object) -> int | None:
+def _series_number(source_number: object, kind: DerivedKind) -> int | None:
     if source_number is None or source_number == "":
         return None
-    number = int(source_number) + SERIES_NUMBER_OFFSET
+    offset = SERIES_NUMBER_OFFSET
+    if kind is DerivedKind.UNCERTAINTY:
+        offset = UNCERTAINTY_SERIES_NUMBER_OFFSET
+    number = int(source_number) + offset
     return number if -_IS_MAX <= number <= _IS_MAX else None
 
 

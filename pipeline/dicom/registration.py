@@ -342,3 +342,39 @@ def resample_onto(moving: Volume, grid: Volume) -> tuple[np.ndarray, np.ndarray]
         resampled[index] = np.where(inside, values, 0.0).reshape(rows, columns)
         covered[index] = inside.reshape(rows, columns)
     return resampled, covered
+
+
+@dataclass(frozen=True, eq=False)
+class Placement:
+    """A series placed on another's grid: what training pairs and the monitor score."""
+
+    volume: Volume  # the moving series with its geometry as placed (registered, or header)
+    resampled: np.ndarray  # float32 (S, H, W): its intensities on the grid
+    covered: np.ndarray  # bool (S, H, W): grid voxels that lie inside it
+    # None: same grid, taken voxel for voxel (or no registration asked for); otherwise what
+    # the registration proposed and whether it was applied.
+    registration: Rigid | None
+
+
+def place_onto(
+    moving: Volume,
+    grid: Volume,
+    grid_head: np.ndarray,
+    moving_head: np.ndarray,
+    register: bool = True,
+) -> Placement:
+    """``moving`` resampled onto ``grid``: by the header geometry, refined by
+    ``register_rigid`` (with ``register``) where the two were acquired on different grids;
+    series on the same grid (co-registered) are taken voxel for voxel."""
+    rigid = None
+    if register and not same_grid(grid, moving):
+        moving, rigid = register_rigid(moving, grid, grid_head, moving_head)
+    resampled, covered = resample_onto(moving, grid)
+    return Placement(moving, resampled, covered, rigid)
+
+
+def same_grid(first: Volume, second: Volume) -> bool:
+    """Whether two series have the same voxels in space (shape and affine)."""
+    return first.pixels.shape == second.pixels.shape and np.allclose(
+        first.affine(), second.affine(), atol=1e-3
+    )

@@ -12,7 +12,7 @@ import enum
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, ForeignKey, Index, String, create_engine, event
+from sqlalchemy import JSON, Float, ForeignKey, Index, String, create_engine, event
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
@@ -31,6 +31,7 @@ class SeriesState(enum.StrEnum):
     RECEIVING = "receiving"  # instances may still come
     ROUTED = "routed"  # complete, and a route made a job of it
     IGNORED = "ignored"  # complete, and no route wanted it (state_reason says why)
+    INCOMPLETE = "incomplete"  # short of its announced count after the wait; its job failed
 
 
 class JobState(enum.StrEnum):
@@ -39,6 +40,7 @@ class JobState(enum.StrEnum):
     DONE = "done"
     FAILED = "failed"
     SUPERSEDED = "superseded"  # the series re-opened before this job ran; a newer job replaces it
+    HELD = "held"  # synthesized, but too uncertain to send (reason says how much); kept
 
 
 class DeliveryState(enum.StrEnum):
@@ -156,6 +158,13 @@ class Job(Leased, Base):
     output_series_uid: Mapped[str | None] = mapped_column(String(64))
     output_path: Mapped[str | None]
     output_count: Mapped[int | None]
+    # The synthesis' Monte-Carlo dropout uncertainty (pipeline.model.uncertainty): its
+    # per-series summary and confidence (1 - it, clipped to [0, 1]).
+    uncertainty: Mapped[float | None] = mapped_column(Float)
+    confidence: Mapped[float | None] = mapped_column(Float)
+    # The route's, when the job was made (pipeline.routing.Route).
+    hold_uncertainty_above: Mapped[float | None] = mapped_column(Float)
+    send_uncertainty: Mapped[bool | None]
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 
@@ -185,6 +194,76 @@ class Delivery(Leased, Base):
     job: Mapped[Job] = relationship(back_populates="deliveries")
 
     __table_args__ = (Index("ix_delivery_state", "state"),)
+
+
+class QualityState(enum.StrEnum):
+    SCORING = "scoring"  # claimed by a monitor tick
+    SCORED = "scored"
+    FAILED = "failed"  # could not be scored (reason says why); counts for no rolling score
+
+
+class QualityScore(Base):
+    """A synthetic series scored against the real series of its target contrast that the
+    same study brought (pipeline.monitor): one per job."""
+
+    __tablename__ = "quality_score"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("job.id"), unique=True)
+    real_series_uid: Mapped[str] = mapped_column(String(64))
+    study_uid: Mapped[str] = mapped_column(String(64))
+    # Unbounded as received, like Series.accession_number.
+    accession: Mapped[str | None]
+    # What the rolling scores are kept per (pipeline.state.quality.QualityKey).
+    scanner: Mapped[str]
+    protocol: Mapped[str]
+    model: Mapped[str]
+    model_version: Mapped[str]
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None]
+    # Per series: mean over the scored slices; inside the head, and the paper's PSNR.
+    correlation: Mapped[float | None] = mapped_column(Float)
+    ssim: Mapped[float | None] = mapped_column(Float)
+    psnr: Mapped[float | None] = mapped_column(Float)
+    # Per slice: {"slices": [...], "corr_head": [...], "ssim_head": [...], "psnr_slice": [...]}
+    per_slice: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    placed_by: Mapped[str | None]  # header geometry, or the rigid registration
+    created_at: Mapped[datetime]
+    scored_at: Mapped[datetime | None]
+
+    job: Mapped[Job] = relationship()
+
+    __table_args__ = (Index("ix_quality_key", "scanner", "protocol", "model", "model_version"),)
+
+
+class MonitorResume(Base):
+    """An admin's `dicomnode quality resume`: scores before it no longer pause its
+    scanner/protocol/model."""
+
+    __tablename__ = "monitor_resume"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    scanner: Mapped[str]
+    protocol: Mapped[str]
+    model: Mapped[str]
+    resumed_at: Mapped[datetime]
+
+
+class HarvestedPair(Base):
+    """A study that brought a T1 and a T2: a training pair (pipeline.harvest), its files
+    kept under the spool's harvest folder until the count or size cap pushes it out."""
+
+    __tablename__ = "harvested_pair"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    t1_series_id: Mapped[int] = mapped_column(ForeignKey("series.id"))
+    t2_series_id: Mapped[int] = mapped_column(ForeignKey("series.id"))
+    patient: Mapped[str] = mapped_column(String(32))  # salted pseudonym, never the PatientID
+    files: Mapped[int]
+    size: Mapped[int]  # bytes
+    harvested_at: Mapped[datetime]
+    released_at: Mapped[datetime | None]  # its files removed to stay within the cap
 
 
 class Role(enum.StrEnum):

@@ -29,6 +29,7 @@ from pipeline.state.db import (
 )
 from pipeline.state.deliveries import create_deliveries, retry_delivery
 from pipeline.state.leases import claim_oldest, take_back
+from pipeline.state.quality import protocol_of, scanner_of
 
 if TYPE_CHECKING:
     from pipeline.routing import Route
@@ -51,37 +52,58 @@ def read_queue(session: Session) -> Queue:
     return Queue(depth, oldest)
 
 
-def create_job(session: Session, series: Series, route: Route) -> Job:
-    """Queue a job for ``series`` as ``route`` says; the caller commits."""
-    return _queue(
-        session, series, route.name, route.direction.value, route.model_name, route.destinations
-    )
+@dataclass(frozen=True)
+class JobPlan:
+    """What a job runs and where its output goes: a route's, or an earlier job's when a
+    series is reprocessed."""
+
+    route: str
+    direction: str
+    model: str
+    destinations: list[str]
+    hold_uncertainty_above: float | None
+    send_uncertainty: bool | None
 
 
-def _queue(
-    session: Session,
-    series: Series,
-    route: str,
-    direction: str,
-    model: str,
-    destinations: list[str],
+def create_job(
+    session: Session, series: Series, route: Route, *, refused: str | None = None
 ) -> Job:
+    """Queue a job for ``series`` as ``route`` says; the caller commits. A job ``refused``
+    (the reason) is recorded failed at once, so status lists it with the others."""
+    plan = JobPlan(
+        route.name,
+        route.direction.value,
+        route.model_name,
+        list(route.destinations),
+        route.hold_uncertainty_above,
+        route.send_uncertainty,
+    )
+    return _queue(session, series, plan, refused=refused)
+
+
+def _queue(session: Session, series: Series, plan: JobPlan, *, refused: str | None = None) -> Job:
     now = utcnow()
     job = Job(
         series_id=series.id,
         generation=series.generation,
-        route=route,
-        direction=direction,
-        model=model,
-        destinations=list(destinations),
-        state=JobState.QUEUED,
+        route=plan.route,
+        direction=plan.direction,
+        model=plan.model,
+        destinations=list(plan.destinations),
+        hold_uncertainty_above=plan.hold_uncertainty_above,
+        send_uncertainty=plan.send_uncertainty,
+        state=JobState.QUEUED if refused is None else JobState.FAILED,
+        reason=refused,
         attempts=0,
         created_at=now,
         updated_at=now,
     )
     session.add(job)
     session.flush()
-    log.info("job %d: queued for series %s (route %s)", job.id, series.series_uid, route)
+    if refused is None:
+        log.info("job %d: queued for series %s (route %s)", job.id, series.series_uid, plan.route)
+    else:
+        audit.record(session, AuditEvent.SYNTHESIS_FAILED, "completion check", refused, job=job)
     return job
 
 
@@ -95,6 +117,10 @@ class ClaimedJob:
     model: str
     attempt: int
     instance_paths: list[str]  # relative to the spool root
+    scanner: str  # of the source series (pipeline.state.quality.scanner_of)
+    protocol: str
+    hold_uncertainty_above: float | None  # the route's
+    send_uncertainty: bool
 
 
 def claim_job(
@@ -134,6 +160,10 @@ def claim_job(
             job.model,
             job.attempts,
             list(paths),
+            scanner_of(job.series.header),
+            protocol_of(job.series.header),
+            job.hold_uncertainty_above,
+            bool(job.send_uncertainty),
         )
 
 
@@ -148,6 +178,9 @@ class JobOutput:
     series_uid: str  # of the synthetic series
     path: str  # its folder, relative to the spool root
     count: int  # its instances
+    uncertainty: float | None = None  # pipeline.model.uncertainty; None: not computed
+    confidence: float | None = None
+    held: str | None = None  # why it is held back instead of sent
 
 
 def finish_job(sessions: sessionmaker, job_id: int, owner: str, output: JobOutput) -> bool:
@@ -164,19 +197,27 @@ def finish_job(sessions: sessionmaker, job_id: int, owner: str, output: JobOutpu
         job.output_series_uid = output.series_uid
         job.output_path = output.path
         job.output_count = output.count
-        job.state = JobState.DONE
-        job.reason = None
+        job.uncertainty = output.uncertainty
+        job.confidence = output.confidence
         job.release_lease()
         job.updated_at = utcnow()
-        deliveries = create_deliveries(session, job)
+        held = f"; not sent, {output.held}" if output.held is not None else ""
         audit.record(
             session,
             AuditEvent.SYNTHESIZED,
             owner,
             f"series {job.output_series_uid}: {job.output_count} instance(s) on {job.device}, "
-            f"model checksum {(job.model_checksum or '')[:12]}",
+            f"model checksum {(job.model_checksum or '')[:12]}{held}",
             job=job,
         )
+        if output.held is not None:
+            job.state = JobState.HELD
+            job.reason = output.held
+            log.warning("job %d: held: %s", job.id, output.held)
+            return True
+        job.state = JobState.DONE
+        job.reason = None
+        deliveries = create_deliveries(session, job)
         # Older output of the same series still waiting to be sent would overwrite this
         # job's images on the PACS (same UIDs) if it went out later: it is not sent.
         older = select(Job.id).where(Job.series_id == job.series_id, Job.id < job.id)
@@ -271,6 +312,15 @@ def retry_job(sessions: sessionmaker, job_id: int, *, origin: str) -> str:
             message = f"job {job_id} queued again"
             audit.record(session, AuditEvent.ADMIN_ACTION, origin, f"retry: {message}", job=job)
             return message
+        if job.state == JobState.HELD:
+            job.state = JobState.DONE
+            job.reason = f"released by an admin (was held: {job.reason})"
+            job.updated_at = utcnow()
+            deliveries = create_deliveries(session, job)
+            log.info("job %d: released by an admin, %d delivery(ies)", job.id, len(deliveries))
+            message = f"job {job_id} released: {len(deliveries)} delivery(ies) queued"
+            audit.record(session, AuditEvent.ADMIN_ACTION, origin, f"retry: {message}", job=job)
+            return message
         state, series_uid = job.state, job.series.series_uid
         failed = [d.id for d in job.deliveries if d.state == DeliveryState.FAILED]
     if state == JobState.DONE and failed:
@@ -310,7 +360,15 @@ def reprocess_series(sessions: sessionmaker, series_uid: str, *, origin: str) ->
                 "took it, so there is nothing to run again (`dicomnode route` explains)"
             )
         last = jobs[-1]
-        job = _queue(session, series, last.route, last.direction, last.model, last.destinations)
+        plan = JobPlan(
+            last.route,
+            last.direction,
+            last.model,
+            last.destinations,
+            last.hold_uncertainty_above,
+            last.send_uncertainty,
+        )
+        job = _queue(session, series, plan)
         message = (
             f"series {series_uid}: job {job.id} queued (route {last.route}, model {last.model})"
         )

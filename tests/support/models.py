@@ -17,23 +17,29 @@ from pipeline.model.unet import UNet
 TINY = {"in_channels": 3, "out_channels": 1, "base_width": 4, "depth": 2, "dropout": 0.0}
 
 
-def make_registry(root: Path, version: str = "v1", seed: int = 0) -> ModelRegistry:
+def make_registry(
+    root: Path, version: str = "v1", seed: int = 0, dropout: float = 0.0
+) -> ModelRegistry:
     """A registry with a tiny active model for each direction."""
     registry = ModelRegistry(root)
     for direction in ("t1-to-t2", "t2-to-t1"):
-        add_model(registry, direction, version, seed)
+        add_model(registry, direction, version, seed, dropout)
         registry.activate(direction, version)
     return registry
 
 
-def add_model(registry: ModelRegistry, direction: str, version: str, seed: int = 0) -> Path:
+def add_model(
+    registry: ModelRegistry, direction: str, version: str, seed: int = 0, dropout: float = 0.0
+) -> Path:
+    """A tiny random model; with ``dropout``, one whose Monte-Carlo passes disagree."""
     torch.manual_seed(seed)
-    network = UNet(**TINY)
+    arguments = TINY | {"dropout": dropout}
+    network = UNet(**arguments)
     card = ModelCard(
         name=direction,
         version=version,
         direction=direction,
-        arguments=TINY,
+        arguments=arguments,
         normalization="percentile-volume",
         gradient_channels=True,
         training={"data": "none: random initialisation, for tests"},
