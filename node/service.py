@@ -17,6 +17,7 @@ import threading
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy import func, select
@@ -59,6 +60,8 @@ from pipeline.state.jobs import take_back_jobs_of_gone_workers
 
 log = logging.getLogger(__name__)
 
+BACKGROUND = "background"  # retention, harvest, quality monitor
+REFRESH = "refresh"  # the daily retraining, hours long
 COMPLETION_JOB = "completion"
 
 
@@ -118,7 +121,17 @@ class NodeService:
         self.spool = Spool(storage)
         self.spool.make()
         self.sessions = open_database(config.node.database)
-        self.scheduler = BackgroundScheduler(timezone=UTC)
+        # One thread per kind of work, each started once: completion never waits behind a
+        # monitor's registration or a retraining, and the node's thread count stays put
+        # (bench/reliability counts threads left over).
+        self.scheduler = BackgroundScheduler(
+            timezone=UTC,
+            executors={
+                "default": ThreadPoolExecutor(1),
+                BACKGROUND: ThreadPoolExecutor(1),
+                REFRESH: ThreadPoolExecutor(1),
+            },
+        )
         receivers = receiver_count(config.node)
         self.scp = StorageSCP(
             config.node,
@@ -189,7 +202,14 @@ class NodeService:
             next_run_time=datetime.now(UTC),
         )
         self.scheduler.add_job(
-            self._clean, "interval", hours=1, id="clean", max_instances=1, coalesce=True
+            self._clean,
+            "interval",
+            hours=1,
+            id="clean",
+            max_instances=1,
+            coalesce=True,
+            executor=BACKGROUND,
+            next_run_time=datetime.now(UTC),
         )
         if self.config.harvest.enabled:
             self.scheduler.add_job(
@@ -199,6 +219,7 @@ class NodeService:
                 id="harvest",
                 max_instances=1,
                 coalesce=True,
+                executor=BACKGROUND,
             )
         if self.config.monitor.enabled:
             self.scheduler.add_job(
@@ -208,6 +229,7 @@ class NodeService:
                 id="monitor",
                 max_instances=1,
                 coalesce=True,
+                executor=BACKGROUND,
             )
         if self.config.refresh.enabled:
             refresh = self.config.refresh
@@ -217,6 +239,7 @@ class NodeService:
                 id="refresh",
                 max_instances=1,
                 coalesce=True,
+                executor=REFRESH,
             )
             log.info("model refresh scheduled daily at %s (local time)", refresh.time)
         self.scheduler.start()
