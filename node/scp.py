@@ -167,6 +167,9 @@ class StorageSCP:
         return self._server.server_address[1] if self._server else self._settings.port
 
     def start(self) -> None:
+        # With several receivers the counter lives in a file per process, opened at its
+        # first value: open it now, so a receiver's open files do not grow while it serves.
+        INSTANCES.labels("success")
         handlers = [
             (evt.EVT_CONN_OPEN, set_tcp_nodelay),
             (evt.EVT_REQUESTED, self._on_requested),
