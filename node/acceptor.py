@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 import ssl
 import struct
 import threading
 import time
+from collections.abc import MutableSequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -51,6 +53,10 @@ A_ASSOCIATE_RQ = 0x01
 UNRECOGNIZED_PDU = 0x01
 INVALID_PARAMETER_VALUE = 0x06
 NOT_SPECIFIED = 0x00
+# How long a receiver busier than another waits before it accepts a new connection itself,
+# and how often it looks whether the other took it meanwhile.
+DEFER_SECONDS = 0.2
+DEFER_POLL_SECONDS = 0.002
 
 
 @dataclass(frozen=True)
@@ -228,9 +234,12 @@ class GuardedRequestHandler(RequestHandler):
     server: GuardedServer
 
     def handle(self) -> None:
-        if isinstance(self.request, ssl.SSLSocket) and not self._handshake(self.request):
-            return
-        super().handle()
+        try:
+            if isinstance(self.request, ssl.SSLSocket) and not self._handshake(self.request):
+                return
+            super().handle()
+        finally:
+            self.server.handled()
 
     def _handshake(self, sock: ssl.SSLSocket) -> bool:
         peer = f"{self.client_address[0]}:{self.client_address[1]}"
@@ -257,6 +266,7 @@ class GuardedRequestHandler(RequestHandler):
         # it is both how long the association's thread waits for the request and the
         # ARTIM timer that closes an idle connection.
         assoc.acse_timeout = self.server.limits.request_timeout
+        self.server.hold(assoc)
         return assoc
 
 
@@ -264,21 +274,81 @@ class GuardedServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, with the guarded request handler and its limits."""
 
     def __init__(
-        self, *args: Any, limits: ConnectionLimits, reuse_port: bool, **kwargs: Any
+        self,
+        *args: Any,
+        limits: ConnectionLimits,
+        listening: socket.socket | None,
+        loads: Loads | None,
+        **kwargs: Any,
     ) -> None:
         self.limits = limits
-        self.reuse_port = reuse_port
+        self.listening = listening
+        self.loads = loads
+        # What this process holds: connections accepted and not handled yet, and the
+        # associations of those handled (until their threads end).
+        self._unhandled = 0
+        self._associations: set[Association] = set()
+        self._held_lock = threading.Lock()
         super().__init__(*args, request_handler=GuardedRequestHandler, **kwargs)
 
     def server_bind(self) -> None:
-        if self.reuse_port:
-            # Several receiver processes listen on the port; the kernel spreads the
-            # connections over them (node.receivers).
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        if self.listening is None:
+            super().server_bind()
+            return
+        # Another process's listening socket, shared (node.receivers): adopted, not bound.
+        self.socket.close()
+        self.socket = self.listening
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self.listening is None:
+            super().server_activate()
+
+    def service_actions(self) -> None:
+        # Between connections, at least every half second: the others see this one's load.
+        self._publish_load()
+
+    def hold(self, assoc: Association) -> None:
+        """``assoc`` serves a connection accepted here, until its thread ends."""
+        if self.loads is None:
+            return  # nobody asks
+        with self._held_lock:
+            self._associations.add(assoc)
+
+    def handled(self) -> None:
+        """A connection accepted here has its association, or is gone."""
+        with self._held_lock:
+            self._unhandled -= 1
+        self._publish_load()
+
+    def _leave_to_a_less_busy_receiver(self) -> None:
+        # A busy receiver may take a while to wake: wait for it, for a bounded time (a
+        # receiver that died holding a low count must not hold connections up for long).
+        deadline = time.monotonic() + DEFER_SECONDS
+        while self.loads.busier_than_another() and time.monotonic() < deadline:
+            time.sleep(DEFER_POLL_SECONDS)
+            readable, _, _ = select.select([self.socket], [], [], 0)
+            if not readable:
+                return  # taken meanwhile; accept() says so
+
+    def _publish_load(self) -> None:
+        if self.loads is None:
+            return
+        with self._held_lock:
+            # Not started yet (ident None) counts as held; ended does not.
+            self._associations = {a for a in self._associations if a.ident is None or a.is_alive()}
+            self.loads.publish(self._unhandled + len(self._associations))
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        # On a shared socket every process is woken by a new connection and the first to
+        # accept takes it; the others get BlockingIOError, which socketserver passes over.
+        if self.loads is not None:
+            self._publish_load()
+            self._leave_to_a_less_busy_receiver()
         client, address = cast(socket.socket, self.socket).accept()
+        with self._held_lock:
+            self._unhandled += 1
+        self._publish_load()
         if self.ssl_context:
             # The handshake waits for the connection's own thread (GuardedRequestHandler).
             client = self.ssl_context.wrap_socket(
@@ -293,11 +363,13 @@ def start_server(
     evt_handlers: list[Any],
     limits: ConnectionLimits,
     ssl_context: ssl.SSLContext | None = None,
-    reuse_port: bool = False,
+    listening: socket.socket | None = None,
+    loads: Loads | None = None,
 ) -> GuardedServer:
     """Listen on ``address`` in a thread of its own, as ``AE.start_server(block=False)``
-    does, with connections bounded by ``limits`` (over TLS with ``ssl_context``; sharing
-    the port with other processes with ``reuse_port``)."""
+    does, with connections bounded by ``limits`` (over TLS with ``ssl_context``). With
+    ``listening`` (see `share_listening`), accept on that socket instead of binding one;
+    with ``loads``, leave a new connection to a less busy process where there is one."""
     server = cast(
         GuardedServer,
         ae.make_server(
@@ -306,7 +378,8 @@ def start_server(
             evt_handlers=evt_handlers,
             server_class=GuardedServer,
             limits=limits,
-            reuse_port=reuse_port,
+            listening=listening,
+            loads=loads,
         ),
     )
     timestamp = datetime.now().strftime("%Y%m%d%H%M%S")
@@ -317,3 +390,31 @@ def start_server(
     # AssociationServer.shutdown() removes the server from this list, as start_server adds it.
     ae._servers.append(server)
     return server
+
+
+class Loads:
+    """How many connections each receiver process holds, in memory they all share: a new
+    connection goes to the least busy one rather than to whichever wakes first."""
+
+    def __init__(self, slots: MutableSequence[int], index: int) -> None:
+        self._slots = slots  # one per receiver, e.g. a multiprocessing.Array("i", count)
+        self._index = index
+
+    def publish(self, held: int) -> None:
+        self._slots[self._index] = held
+
+    def busier_than_another(self) -> bool:
+        mine = self._slots[self._index]
+        return any(held < mine for held in self._slots)
+
+
+def share_listening(server: GuardedServer) -> socket.socket:
+    """``server``'s listening socket, made ready to accept in several processes at once.
+
+    Non-blocking, so a process that loses the race for a connection goes back to waiting
+    instead of blocking in accept() (where it could not be stopped). Unlike SO_REUSEPORT,
+    whose hash of the peer's address sent three of four senders to one process
+    (bench/receive), the processes choose among themselves (`Loads`)."""
+    listening = cast(socket.socket, server.socket)
+    listening.setblocking(False)
+    return listening

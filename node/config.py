@@ -107,7 +107,7 @@ class NodeSettings(BaseModel):
     association_request_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0
     log_level: str = "INFO"
     tls: NodeTLS | None = None
-    # Processes receiving on the port (SO_REUSEPORT), each with its own interpreter lock;
+    # Processes receiving on the port (one shared socket), each with its own interpreter lock;
     # unset: one per CPU core (node.receivers).
     receivers: Annotated[int, Field(ge=1, le=64)] | None = None
 

@@ -2,9 +2,10 @@
 
 pynetdicom does its PDU and DIMSE work in Python: in one process, one lock serializes all
 associations, so four senders were barely faster than one. `serve` itself receives, and
-starts ``receivers - 1`` more processes that listen on the same port (SO_REUSEPORT: the
-kernel spreads new connections over them). Each writes the same spool and database the
-same way (durable before acknowledged); only `serve` completes, synthesizes and delivers.
+starts ``receivers - 1`` more processes that accept on its listening sockets: each
+connection goes to the process that accepts it first, the least busy one. Each writes
+the same spool and database the same way (durable before acknowledged); only `serve`
+completes, synthesizes and delivers.
 
 A receiver that dies is started again. One whose `serve` dies is killed by the kernel
 (PR_SET_PDEATHSIG), as a crash of the node would: nothing it acknowledged is lost, and the
@@ -22,11 +23,16 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence
 from multiprocessing.synchronize import Event as ProcessEvent
+from typing import TYPE_CHECKING
 
+from node.acceptor import Loads
 from node.config import Config, NodeSettings
 from node.logs import LogFormat, setup_logging
+
+if TYPE_CHECKING:
+    from node.scp import Listening
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +60,9 @@ def share_counters() -> tempfile.TemporaryDirectory:
 
 
 def ensure_ports_free(settings: NodeSettings) -> None:
-    """Raise OSError naming the port if another process listens on one of the node's ports.
-    Sockets that share a port (SO_REUSEPORT) would let a second node, or a stray receiver of
-    an earlier one, take part of the traffic without a word; a plain bind tells."""
+    """Wait until the node's ports are free, and raise OSError naming the port if another
+    process still listens on one: the receivers of a node killed just before hold its
+    sockets until the kernel has killed them too."""
     ports = [settings.port] + ([settings.tls.port] if settings.tls and settings.tls.port else [])
     for port in ports:
         deadline = time.monotonic() + PORT_WAIT_SECONDS
@@ -94,10 +100,19 @@ class ReceiverPool:
         # Set by a receiver when a series reaches its announced count: `serve` completes it.
         self._count_reached = self._context.Event()
         self._processes: dict[int, multiprocessing.process.BaseProcess] = {}
+        self._listening: Listening | None = None
+        # Connections held by each receiver, `serve`'s first (node.acceptor.Loads).
+        self._loads = self._context.Array("i", count, lock=False)
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
 
-    def start(self) -> None:
+    def loads(self, number: int) -> Loads:
+        """Receiver ``number``'s view of every receiver's load (`serve` is number 1)."""
+        return Loads(self._loads, number - 1)
+
+    def start(self, listening: Listening) -> None:
+        """Start the receivers, accepting on `serve`'s ``listening`` sockets."""
+        self._listening = listening
         for number in range(2, self._count + 1):  # `serve` is receiver 1
             self._start(number)
         self._watcher = threading.Thread(target=self._watch, name="receivers", daemon=True)
@@ -119,7 +134,15 @@ class ReceiverPool:
     def _start(self, number: int) -> None:
         process = self._context.Process(
             target=run_receiver,
-            args=(self._config, number, self._log_format, self._count_reached, os.getpid()),
+            args=(
+                self._config,
+                number,
+                self._listening,
+                self._loads,
+                self._log_format,
+                self._count_reached,
+                os.getpid(),
+            ),
             name=f"receiver-{number}",
             daemon=False,
         )
@@ -145,9 +168,15 @@ class ReceiverPool:
 
 
 def run_receiver(
-    config: Config, number: int, log_format: LogFormat, count_reached: ProcessEvent, parent: int
+    config: Config,
+    number: int,
+    listening: Listening,
+    loads: MutableSequence[int],
+    log_format: LogFormat,
+    count_reached: ProcessEvent,
+    parent: int,
 ) -> None:
-    """A receiver process: the SCP on the shared port until SIGTERM or its `serve` dies."""
+    """A receiver process: the SCP on `serve`'s sockets until SIGTERM or `serve` dies."""
     # Die with `serve`, even when it is killed; and if it died while this one started, now.
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
@@ -166,7 +195,8 @@ def run_receiver(
         config.node.storage,
         header_keywords=header_keywords(config.routes),
         on_count_reached=count_reached.set,
-        reuse_port=True,
+        listening=listening,
+        loads=Loads(loads, number - 1),
     )
     scp.start()
     stop.wait()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
 from pydicom.uid import UID
 from pynetdicom import AE, Association, evt
 from pynetdicom.dsutils import encode_file_meta
@@ -25,7 +26,7 @@ from pynetdicom.sop_class import EnhancedMRImageStorage, MRImageStorage, Verific
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
-from node.acceptor import ConnectionLimits, start_server
+from node.acceptor import ConnectionLimits, Loads, share_listening, start_server
 from node.config import NodeSettings
 from node.metrics import INSTANCES
 from node.tls import certificate_name, server_context
@@ -115,6 +116,14 @@ def set_tcp_nodelay(event: evt.Event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+@dataclass(frozen=True)
+class Listening:
+    """`serve`'s listening sockets, which the other receivers accept on too."""
+
+    plain: socket.socket | None = None
+    tls: socket.socket | None = None  # the TLS port, where it is a port of its own
+
+
 @dataclass
 class _AssociationTally:
     stored: int = 0
@@ -134,10 +143,14 @@ class StorageSCP:
         storage: Path,
         header_keywords: Iterable[str] = (),
         on_count_reached: Callable[[], None] = lambda: None,
-        reuse_port: bool = False,
+        listening: Listening | None = None,
+        loads: Loads | None = None,
     ) -> None:
         self._settings = settings
-        self._reuse_port = reuse_port  # one of several receivers (node.receivers)
+        # One of several receivers (node.receivers): accept on `serve`'s sockets (unless
+        # this is `serve`), leaving new connections to the least busy receiver.
+        self._listening = listening
+        self._loads = loads
         self._sessions = sessions
         self._spool = Spool(storage)
         self._folders = DurableFolders(storage)
@@ -186,15 +199,23 @@ class StorageSCP:
             max_pdu_length=self._ae.maximum_pdu_size,
         )
         host, tls = self._settings.host, self._settings.tls
-        reuse = self._reuse_port
+        shared = self._listening or Listening()
         if tls is None or tls.port is not None:
             address = (host, self._settings.port)
-            self._server = start_server(self._ae, address, handlers, limits, reuse_port=reuse)
+            self._server = start_server(
+                self._ae, address, handlers, limits, listening=shared.plain, loads=self._loads
+            )
             log.info("listening as %s on %s:%d", self._settings.ae_title, host, self.port)
         if tls is not None:
             address = (host, tls.port or self._settings.port)
             server = start_server(
-                self._ae, address, handlers, limits, server_context(tls), reuse_port=reuse
+                self._ae,
+                address,
+                handlers,
+                limits,
+                server_context(tls),
+                listening=shared.tls,
+                loads=self._loads,
             )
             self._tls_server = server
             self._server = self._server or server
@@ -205,6 +226,14 @@ class StorageSCP:
                 server.server_address[1],
                 "required" if tls.require_client_certificate else "optional",
             )
+
+    def share(self) -> Listening:
+        """The listening sockets, for other receiver processes to accept on (after start)."""
+        plain = self._server if self._server is not self._tls_server else None
+        return Listening(
+            plain=share_listening(plain) if plain is not None else None,
+            tls=share_listening(self._tls_server) if self._tls_server is not None else None,
+        )
 
     def stop(self) -> None:
         for server in {self._server, self._tls_server} - {None}:
@@ -350,7 +379,7 @@ class StorageSCP:
             )
 
         received = event.encoded_dataset(include_meta=False)
-        data = encode_received(event, calling, received)
+        data = encode_received(ds.file_meta, calling, received)
         path = self._spool.path(facts.relative_path())
         try:
             self._folders.make(path.parent)
@@ -434,10 +463,10 @@ def _same_data_set(path: Path, received: bytes) -> bool:
     return stored is None or stored == received
 
 
-def encode_received(event: evt.Event, calling_ae: str, data_set: bytes) -> bytes:
+def encode_received(meta: FileMetaDataset, calling_ae: str, data_set: bytes) -> bytes:
     """The instance as received (``data_set``, not decoded and re-encoded), as a Part 10
-    file whose meta names the calling AE, so recovery after a crash knows who sent it."""
-    meta = event.file_meta
+    file whose ``meta`` (changed here) names the calling AE, so recovery after a crash knows
+    who sent it."""
     meta.SourceApplicationEntityTitle = calling_ae
     return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta), data_set))
 

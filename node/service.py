@@ -133,19 +133,19 @@ class NodeService:
             },
         )
         receivers = receiver_count(config.node)
+        # The other receiving processes: this one is the first.
+        self.receivers = (
+            ReceiverPool(config, receivers, self.wake_completion, log_format)
+            if receivers > 1
+            else None
+        )
         self.scp = StorageSCP(
             config.node,
             self.sessions,
             storage,
             header_keywords=header_keywords(config.routes),
             on_count_reached=self.wake_completion,
-            reuse_port=receivers > 1,
-        )
-        # The other receiving processes: this one is the first.
-        self.receivers = (
-            ReceiverPool(config, receivers, self.wake_completion, log_format)
-            if receivers > 1
-            else None
+            loads=self.receivers.loads(1) if self.receivers is not None else None,
         )
         self.worker = build_worker(config, self.sessions) if config.worker.in_process else None
         self.dispatcher = Dispatcher(
@@ -262,7 +262,7 @@ class NodeService:
         self.heart.start()
         self.scp.start()
         if self.receivers is not None:
-            self.receivers.start()
+            self.receivers.start(self.scp.share())
             log.info("receiving in %d processes", receiver_count(self.config.node))
 
     def stop(self) -> None:
