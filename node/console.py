@@ -39,6 +39,7 @@ from pipeline.state.db import DeliveryState, JobState, SeriesState
 from pipeline.state.deliveries import resend_job, retry_delivery
 from pipeline.state.heartbeats import read_heartbeats, worker_alive
 from pipeline.state.jobs import reprocess_series, retry_job
+from pipeline.state.quality import quality_report, resume
 
 log = logging.getLogger(__name__)
 
@@ -147,15 +148,27 @@ def build_app(config: Config, sessions: sessionmaker, serve_id: Any = lambda: No
         )
 
     async def models(request: Request) -> Response:
-        return render(request, "models.html", rows=pages.models(registry))
+        return render(
+            request,
+            "models.html",
+            rows=pages.models(registry),
+            quality=quality_report(sessions, config.monitor)["rolling"],
+            monitor=config.monitor,
+        )
 
     async def audit_page(request: Request) -> Response:
-        search = request.query_params.get("q") or None
+        q = query(request)
         where = AuditFilter(
-            accession_or_study=search, destination=request.query_params.get("destination")
+            accession_or_study=q.search, destination=request.query_params.get("destination")
         )
-        rows = read_audit(sessions, where, limit=pages.PAGE_SIZE * 4, newest_first=True)
-        return render(request, "audit.html", rows=rows, q=Query(search=search))
+        rows = read_audit(
+            sessions,
+            where,
+            limit=pages.PAGE_SIZE,
+            newest_first=True,
+            skip=(q.page - 1) * pages.PAGE_SIZE,
+        )
+        return render(request, "audit.html", rows=rows, q=q, **_pager(request, q, rows))
 
     async def thumbnail(request: Request) -> Response:
         source, output = pages.job_files(sessions, spool, request.path_params["job"])
@@ -217,6 +230,11 @@ def build_app(config: Config, sessions: sessionmaker, serve_id: Any = lambda: No
             return f"{name} {version} is now active"
         if kind == "reprocess":
             return reprocess_series(sessions, target, origin=origin)
+        if kind == "quality-resume":
+            scanner, protocol = str(form.get("scanner", "")), str(form.get("protocol", ""))
+            if not resume(sessions, scanner, protocol, target, origin=origin):
+                raise ValueError(f"no scores for protocol {protocol!r} on {scanner} with {target}")
+            return f"protocol {protocol!r} on {scanner} with {target} resumed"
         if not target.isdigit():
             raise ValueError(f"{target!r} is not an id")
         if kind == "retry-job":

@@ -5,6 +5,7 @@ and delivered a study to a real Orthanc."""
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.request
 from datetime import timedelta
@@ -17,10 +18,11 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from node.config import load_config
 from node.console import ConsoleServer, build_app
-from node.pages import Query, series_page
+from node.pages import PAGE_SIZE, Query, series_page
 from pipeline.completion import CompletionSettings, complete_due_series
 from pipeline.spool import Spool
-from pipeline.state.db import open_database, utcnow
+from pipeline.state import audit
+from pipeline.state.db import AuditEvent, open_database, utcnow
 from tests.support.browser import headless_chromium
 from tests.support.dicomgen import mr_series
 from tests.support.models import make_registry
@@ -211,5 +213,29 @@ def test_an_incomplete_series_is_shown_with_its_reason_and_counted(tmp_path):
         assert status == 200 and b"3 of 5 announced instances" in html
         status, html = get(f"{server.url}/jobs?state=held")
         assert status == 200 and b"none" in html
+    finally:
+        server.stop()
+
+
+def test_the_audit_trail_is_paged_back_to_its_first_entry(tmp_path):
+    """Every audit row stays reachable from the console, newest first, a page at a time."""
+    config = load_config(write_config(tmp_path, free_port()))
+    sessions = open_database(config.node.database)
+    total = PAGE_SIZE * 4 + 3  # the console once showed the newest 4 pages only
+    with sessions.begin() as session:
+        for number in range(total):
+            audit.record(session, AuditEvent.ADMIN_ACTION, "test", f"entry {number:04d}")
+    server = ConsoleServer(config, build_app(config, sessions))
+    server.start()
+    try:
+        shown, url = [], f"{server.url}/audit"
+        while url:
+            status, html = get(url)
+            assert status == 200
+            page = html.decode()
+            shown += re.findall(r"entry (\d{4})", page)
+            older = re.search(r'<a href="([^"]+)">older', page)
+            url = server.url + older.group(1).replace("&amp;", "&") if older else None
+        assert shown == [f"{number:04d}" for number in reversed(range(total))]
     finally:
         server.stop()

@@ -6,6 +6,8 @@ from datetime import timedelta
 
 import pytest
 
+from node.config import load_config
+from node.console import ConsoleServer, build_app
 from pipeline.completion import CompletionSettings, complete_due_series
 from pipeline.intake import inspect_instance, record_instance
 from pipeline.routing import Route
@@ -20,6 +22,8 @@ from pipeline.state.quality import (
     rolling,
 )
 from tests.support.dicomgen import mr_series
+from tests.support.nodeproc import free_port, write_config
+from tests.test_console import TOKEN, get
 
 KEY = QualityKey("SIEMENS Avanto", "AX T1 SE", "t1-to-t2", "v1")
 SETTINGS = MonitorSettings(floor=0.7, window=3, min_scores=2)
@@ -86,3 +90,38 @@ def test_the_window_the_minimum_the_resume_and_a_new_version(sessions):
     # A new version is a new key: the old one's scores do not pause it.
     check_not_paused(sessions, QualityKey(*[*vars(KEY).values()][:3], "v2"), SETTINGS)
     check_not_paused(sessions, KEY, MonitorSettings(enabled=False, floor=1.0, min_scores=1))
+
+
+def test_a_paused_protocol_is_shown_and_resumed_from_the_console(tmp_path, sessions):
+    """The admin sees the pause and its reason on the models page and resumes it there,
+    audited as from the console; without the token the button is not offered."""
+    monitor = "\n[monitor]\nfloor = 0.7\nwindow = 3\nmin_scores = 2\n"
+    http = f'\n[http]\nport = {free_port()}\nadmin_token = "{TOKEN}"\n'
+    config = load_config(
+        write_config(
+            tmp_path,
+            free_port(),
+            extra=monitor + http,
+            database=f"sqlite:///{tmp_path}/node.sqlite",
+        )
+    )
+    score(sessions, 0.5, minutes=1)
+    score(sessions, 0.6, minutes=2)
+    server = ConsoleServer(config, build_app(config, sessions))
+    server.start()
+    try:
+        status, html = get(f"{server.url}/models", token=TOKEN)
+        assert status == 200 and b"rolling correlation 0.550 over its last 2" in html
+        assert b'value="quality-resume"' in html and b'value="AX T1 SE"' in html
+        assert b'value="quality-resume"' not in get(f"{server.url}/models")[1]  # read-only
+        form = {"action": "quality-resume", "target": KEY.model}
+        form |= {"scanner": KEY.scanner, "protocol": KEY.protocol}
+        assert get(f"{server.url}/actions", data=form)[0] == 403
+        status, body = get(f"{server.url}/actions", token=TOKEN, data=form)
+        assert status == 200 and b"resumed" in body
+        check_not_paused(sessions, KEY, SETTINGS)
+        assert b"over its last 2" not in get(f"{server.url}/models", token=TOKEN)[1]
+        (row,) = read_audit(sessions, AuditFilter())
+        assert row["origin"] == "http 127.0.0.1" and "quality resume" in row["detail"]
+    finally:
+        server.stop()

@@ -82,9 +82,14 @@ class AuditFilter:
 
 
 def read_audit(
-    sessions: sessionmaker, where: AuditFilter, limit: int = 1000, newest_first: bool = False
+    sessions: sessionmaker,
+    where: AuditFilter,
+    limit: int = 1000,
+    newest_first: bool = False,
+    skip: int = 0,
 ) -> list[dict[str, Any]]:
-    """The last ``limit`` matching rows as plain data, in time order (or newest first)."""
+    """The last ``limit`` matching rows (before the newest ``skip``) as plain data, in time
+    order (or newest first)."""
     query = select(Audit)
     if where.accession:
         query = query.where(Audit.accession_number == where.accession)
@@ -96,7 +101,7 @@ def read_audit(
         text = where.accession_or_study.strip()
         query = query.where(or_(Audit.accession_number == text, Audit.study_uid == text))
     with sessions() as session:
-        rows = session.scalars(query.order_by(Audit.id.desc()).limit(limit)).all()
+        rows = session.scalars(query.order_by(Audit.id.desc()).offset(skip).limit(limit)).all()
     return [_as_dict(row) for row in (rows if newest_first else reversed(rows))]
 
 
