@@ -14,7 +14,7 @@ import socket
 import threading
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import uvicorn
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -206,6 +206,10 @@ def build_app(config: Config, sessions: sessionmaker, serve_id: Any = lambda: No
         if not _is_admin(request):
             why = "the console is read-only" if http.admin_token is None else "admin token needed"
             return PlainTextResponse(f"forbidden: {why}\n", 403)
+        if not request.headers.get("authorization") and not _from_this_console(request):
+            # The cookie rides along with any page's form (SameSite aside, in older
+            # browsers): a browser's action must come from one of this console's pages.
+            return PlainTextResponse("forbidden: not sent from this console's pages\n", 403)
         origin = f"http {request.client.host if request.client else '?'}"
         kind, target = str(form.get("action", "")), str(form.get("target", "")).strip()
         try:
@@ -277,6 +281,12 @@ def _pager(request: Request, q: Query, rows: list) -> dict[str, Any]:
         "previous": link(q.page - 1) if q.page > 1 else None,
         "next": link(q.page + 1) if len(rows) == pages.PAGE_SIZE else None,
     }
+
+
+def _from_this_console(request: Request) -> bool:
+    """Whether a browser's POST names this console as its origin (Origin, else Referer)."""
+    origin = request.headers.get("origin") or request.headers.get("referer") or ""
+    return urlsplit(origin).netloc == request.headers.get("host")
 
 
 def _redirect(back: str, **params: str) -> RedirectResponse:

@@ -36,11 +36,13 @@ TOKEN = "console-test-token-0123"
 SCREENSHOT = Path(__file__).parent.parent / "docs" / "console.png"
 
 
-def get(url: str, token: str | None = None, data: dict | None = None) -> tuple[int, bytes]:
+def get(
+    url: str, token: str | None = None, data: dict | None = None, headers: dict | None = None
+) -> tuple[int, bytes]:
     request = urllib.request.Request(
         url,
         data=urllib.parse.urlencode(data).encode() if data is not None else None,
-        headers={"Authorization": f"Bearer {token}"} if token else {},
+        headers=({"Authorization": f"Bearer {token}"} if token else {}) | (headers or {}),
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -237,5 +239,25 @@ def test_the_audit_trail_is_paged_back_to_its_first_entry(tmp_path):
             older = re.search(r'<a href="([^"]+)">older', page)
             url = server.url + older.group(1).replace("&amp;", "&") if older else None
         assert shown == [f"{number:04d}" for number in reversed(range(total))]
+    finally:
+        server.stop()
+
+
+def test_a_browsers_action_from_another_sites_page_is_refused(tmp_path):
+    """The admin cookie is sent with any page's form: an action must come from the console."""
+    http = f'\n[http]\nport = {free_port()}\nadmin_token = "{TOKEN}"\n'
+    config = load_config(write_config(tmp_path, free_port(), extra=http))
+    sessions = open_database(config.node.database)
+    server = ConsoleServer(config, build_app(config, sessions))
+    server.start()
+    try:
+        cookie = {"Cookie": f"dicomnode_admin={TOKEN}"}
+        reprocess = {"action": "reprocess", "target": "1.2.3", "back": "/series"}
+        for foreign in ({"Origin": "http://evil.example"}, {"Referer": "http://evil.example/"}, {}):
+            status, body = get(f"{server.url}/actions", data=reprocess, headers=cookie | foreign)
+            assert (status, body) == (403, b"forbidden: not sent from this console's pages\n")
+        own = {"Origin": server.url}
+        status, body = get(f"{server.url}/actions", data=reprocess, headers=cookie | own)
+        assert status == 200 and b"cannot reprocess" in body  # no such series: but it was heard
     finally:
         server.stop()
