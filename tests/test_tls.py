@@ -3,7 +3,9 @@ the PACS, certificates from a CA the test makes with openssl."""
 
 from __future__ import annotations
 
+import re
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -86,14 +88,30 @@ destinations = ["pacs"]
         extra=extra,
         models=registry.root,
         allowed_callers=[f"MRI1#{SCANNER_NAME}", "ECHO"],
+        receivers=2,  # the second accepts on serve's TLS socket too
     )
     node = NodeProcess(config, port).start()
     try:
+        node.wait_until_receiving(2)
         assert run_dicomnode("check", "--config", str(config)).returncode == 0  # C-ECHO over TLS
 
+        # Two associations at once: one for each receiver.
         files = write(mr_series(5), tmp_path / "study")
-        sent = dcmtk(STORESCU, tls_port, *tls_options(ca, scanner), calling_ae="MRI1", files=files)
-        assert sent.returncode == 0, sent.stderr
+        sent: list[subprocess.CompletedProcess] = []
+
+        def send(part: list[Path]) -> None:
+            options = tls_options(ca, scanner)
+            sent.append(dcmtk(STORESCU, tls_port, *options, calling_ae="MRI1", files=part))
+
+        senders = [threading.Thread(target=send, args=(p,)) for p in (files[:3], files[3:])]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(120)
+        assert [s.returncode for s in sent] == [0, 0], [s.stderr for s in sent]
+        takers = re.findall(r"(receiver-2 )?node.scp: association from MRI1 \S+ accepted$",
+                            node.log(), re.MULTILINE)  # fmt: skip
+        assert sorted(takers) == ["", "receiver-2 "]
         status = node.wait_for(
             lambda s: s["deliveries"] and s["deliveries"][0]["state"] == "sent", timeout=120
         )
