@@ -69,6 +69,28 @@ check_interval_seconds = 0.2
     return path
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, and theirs, from /proc."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue  # the thread ended meanwhile
+        for child in children:
+            found += [child, *descendants(child)]
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs: a zombie (killed, not yet reaped) has ended."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 class NodeProcess:
     """`dicomnode serve` in a subprocess; its log goes to ``folder/node.log``."""
 
@@ -116,10 +138,16 @@ class NodeProcess:
         return f"http://{http.get('host', '127.0.0.1')}:{http['port']}"
 
     def kill(self) -> None:
-        """SIGKILL: a crash, with no chance to clean up."""
+        """SIGKILL: a crash, with no chance to clean up. Returns once its receivers have died
+        too (the kernel kills them as `serve` dies): until then they hold its sockets and
+        would take, then drop, a connection meant for the next start."""
         if self.process and self.process.poll() is None:
+            receivers = descendants(self.process.pid)
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(10)
+            deadline = time.monotonic() + 10
+            while any(alive(pid) for pid in receivers) and time.monotonic() < deadline:
+                time.sleep(0.02)
 
     def stop(self) -> None:
         stop_process(self.process)
