@@ -856,10 +856,12 @@ class KillReport:
     stuck_deliveries: int = 0
     failed: list[str] = field(default_factory=list)
     identifiers_in_log: int = 0
+    resends_not_acknowledged: int = 0  # after a restart, by a node that is up
     seconds: float = 0.0
 
     def zeros_due(self) -> dict[str, int]:
         return {
+            "re-sends after a restart not acknowledged": self.resends_not_acknowledged,
             "acknowledged then lost or changed": len(self.lost_or_changed),
             "rows without files": self.rows_without_files,
             "files without rows": self.files_without_rows,
@@ -929,7 +931,8 @@ def kill_trials(
             report.kills_by_phase[_kill_in(node, phase, series, acknowledged, rng)] += 1
             report.trials += 1
             node = NodeProcess(config, port).start()
-            _send_series(port, series, acknowledged)  # the sender tries again, all of it
+            # The sender tries again, all of it: every instance acknowledged this time.
+            report.resends_not_acknowledged += not _send_series(port, series, acknowledged)
             progress(f"trial {trial + 1}: killed while {phase}")
         _wait_until_settled(node, timeout=120 + 10 * count)
         _check_kill_outcome(node, orthanc, sent, acknowledged, report)
@@ -983,21 +986,25 @@ def _phase_now(node: NodeProcess, series_uid: str) -> Phase:
     return Phase.RECEIVING
 
 
-def _send_series(port: int, series: list[Dataset], acknowledged: dict[str, str]) -> None:
-    """Send ``series`` until done or the node goes; note what it acknowledged."""
+def _send_series(port: int, series: list[Dataset], acknowledged: dict[str, str]) -> bool:
+    """Send ``series`` until done or the node goes; note what it acknowledged. Whether
+    every instance was acknowledged."""
     ae = AE(ae_title="MRI1")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", port, ae_title="SYNTH")
     if not assoc.is_established:
-        return
+        return False
+    every = True
     for ds in series:
         status = assoc.send_c_store(ds)
         if not assoc.is_established or "Status" not in status:
-            return
+            return False
         if status.Status == 0:
             acknowledged.setdefault(ds.SOPInstanceUID, hashlib.sha256(encoded(ds)).hexdigest())
+        every &= status.Status == 0
     assoc.release()
+    return every
 
 
 def _row(node: NodeProcess, query: str, **params: object) -> tuple | None:
