@@ -13,6 +13,8 @@ raised while decoding malformed PDUs end its reactor threads. Here:
   it does not count against the node's association limit (node.scp enforces that limit
   on requests, not on sockets);
 - an exception that escapes pynetdicom's reactor aborts its association with one line;
+- several receiver processes (node.receivers) accept on one listening socket, and a new
+  connection goes to the one that holds the fewest (`Loads`);
 - on a TLS port the handshake runs in the connection's own thread within
   ``request_timeout`` (pynetdicom does it in the thread that accepts connections, so one
   silent peer would hold every other caller out), and a failed one is one log line.
