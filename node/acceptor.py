@@ -241,7 +241,8 @@ class GuardedRequestHandler(RequestHandler):
                 return
             super().handle()
         finally:
-            self.server.handled()
+            if self.server.loads is not None:
+                self.server.loads.handled()
 
     def _handshake(self, sock: ssl.SSLSocket) -> bool:
         peer = f"{self.client_address[0]}:{self.client_address[1]}"
@@ -268,7 +269,8 @@ class GuardedRequestHandler(RequestHandler):
         # it is both how long the association's thread waits for the request and the
         # ARTIM timer that closes an idle connection.
         assoc.acse_timeout = self.server.limits.request_timeout
-        self.server.hold(assoc)
+        if self.server.loads is not None:
+            self.server.loads.hold(assoc)
         return assoc
 
 
@@ -286,11 +288,6 @@ class GuardedServer(ThreadedAssociationServer):
         self.limits = limits
         self.listening = listening
         self.loads = loads
-        # What this process holds: connections accepted and not handled yet, and the
-        # associations of those handled (until their threads end).
-        self._unhandled = 0
-        self._associations: set[Association] = set()
-        self._held_lock = threading.Lock()
         super().__init__(*args, request_handler=GuardedRequestHandler, **kwargs)
 
     def server_bind(self) -> None:
@@ -308,49 +305,28 @@ class GuardedServer(ThreadedAssociationServer):
 
     def service_actions(self) -> None:
         # Between connections, at least every half second: the others see this one's load.
-        self._publish_load()
+        if self.loads is not None:
+            self.loads.publish()
 
-    def hold(self, assoc: Association) -> None:
-        """``assoc`` serves a connection accepted here, until its thread ends."""
-        if self.loads is None:
-            return  # nobody asks
-        with self._held_lock:
-            self._associations.add(assoc)
-
-    def handled(self) -> None:
-        """A connection accepted here has its association, or is gone."""
-        with self._held_lock:
-            self._unhandled -= 1
-        self._publish_load()
-
-    def _leave_to_a_less_busy_receiver(self) -> None:
+    def _leave_to_a_less_busy_receiver(self, loads: Loads) -> None:
         # A busy receiver may take a while to wake: wait for it, for a bounded time (a
         # receiver that died holding a low count must not hold connections up for long).
         deadline = time.monotonic() + DEFER_SECONDS
-        while self.loads.busier_than_another() and time.monotonic() < deadline:
+        while loads.busier_than_another() and time.monotonic() < deadline:
             time.sleep(DEFER_POLL_SECONDS)
             readable, _, _ = select.select([self.socket], [], [], 0)
             if not readable:
                 return  # taken meanwhile; accept() says so
 
-    def _publish_load(self) -> None:
-        if self.loads is None:
-            return
-        with self._held_lock:
-            # Not started yet (ident None) counts as held; ended does not.
-            self._associations = {a for a in self._associations if a.ident is None or a.is_alive()}
-            self.loads.publish(self._unhandled + len(self._associations))
-
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         # On a shared socket every process is woken by a new connection and the first to
         # accept takes it; the others get BlockingIOError, which socketserver passes over.
         if self.loads is not None:
-            self._publish_load()
-            self._leave_to_a_less_busy_receiver()
+            self.loads.publish()
+            self._leave_to_a_less_busy_receiver(self.loads)
         client, address = cast(socket.socket, self.socket).accept()
-        with self._held_lock:
-            self._unhandled += 1
-        self._publish_load()
+        if self.loads is not None:
+            self.loads.accepted()
         if self.ssl_context:
             # The handshake waits for the connection's own thread (GuardedRequestHandler).
             client = self.ssl_context.wrap_socket(
@@ -396,14 +372,40 @@ def start_server(
 
 class Loads:
     """How many connections each receiver process holds, in memory they all share: a new
-    connection goes to the least busy one rather than to whichever wakes first."""
+    connection goes to the least busy one rather than to whichever wakes first.
+
+    One per process, shared by its servers (the plain and the TLS port): what it holds is
+    the connections it accepted and has not handed to an association yet, and the
+    associations of those it has, until their threads end."""
 
     def __init__(self, slots: MutableSequence[int], index: int) -> None:
         self._slots = slots  # one per receiver, e.g. a multiprocessing.Array("i", count)
         self._index = index
+        self._unhandled = 0
+        self._associations: set[Association] = set()
+        self._lock = threading.Lock()
 
-    def publish(self, held: int) -> None:
-        self._slots[self._index] = held
+    def accepted(self) -> None:
+        with self._lock:
+            self._unhandled += 1
+        self.publish()
+
+    def hold(self, assoc: Association) -> None:
+        """``assoc`` serves a connection accepted here (then `handled`)."""
+        with self._lock:
+            self._associations.add(assoc)
+
+    def handled(self) -> None:
+        """A connection accepted here has its association, or is gone."""
+        with self._lock:
+            self._unhandled -= 1
+        self.publish()
+
+    def publish(self) -> None:
+        with self._lock:
+            # Not started yet (ident None) counts as held; ended does not.
+            self._associations = {a for a in self._associations if a.ident is None or a.is_alive()}
+            self._slots[self._index] = self._unhandled + len(self._associations)
 
     def busier_than_another(self) -> bool:
         mine = self._slots[self._index]
