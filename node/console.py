@@ -161,13 +161,7 @@ def build_app(config: Config, sessions: sessionmaker, serve_id: Any = lambda: No
         where = AuditFilter(
             accession_or_study=q.search, destination=request.query_params.get("destination")
         )
-        rows = read_audit(
-            sessions,
-            where,
-            limit=pages.PAGE_SIZE,
-            newest_first=True,
-            skip=(q.page - 1) * pages.PAGE_SIZE,
-        )
+        rows = read_audit(sessions, where, limit=pages.PAGE_SIZE, newest_first=True, skip=q.offset)
         return render(request, "audit.html", rows=rows, q=q, **_pager(request, q, rows))
 
     async def thumbnail(request: Request) -> Response:

@@ -239,6 +239,8 @@ def test_the_audit_trail_is_paged_back_to_its_first_entry(tmp_path):
             older = re.search(r'<a href="([^"]+)">older', page)
             url = server.url + older.group(1).replace("&amp;", "&") if older else None
         assert shown == [f"{number:04d}" for number in reversed(range(total))]
+        status, html = get(f"{server.url}/audit?page=0")  # read as the first page
+        assert status == 200 and "entry 0202" in html.decode()
     finally:
         server.stop()
 
