@@ -447,17 +447,14 @@ def _quality(args: argparse.Namespace) -> int:
 def _quality_resume(args: argparse.Namespace) -> int:
     from pipeline.state.audit import cli_origin
     from pipeline.state.db import open_database
-    from pipeline.state.quality import resume
+    from pipeline.state.quality import NoScores, resume
 
     config = load_config(args.config)
     sessions = open_database(config.node.database)
-    known = resume(sessions, args.scanner, args.protocol, args.model, origin=cli_origin())
-    if not known:
-        print(
-            f"quality resume: no scores for protocol {args.protocol!r} on {args.scanner} with "
-            f"model {args.model} (see dicomnode quality)",
-            file=sys.stderr,
-        )
+    try:
+        known = resume(sessions, args.scanner, args.protocol, args.model, origin=cli_origin())
+    except NoScores as error:
+        print(f"quality resume: {error}", file=sys.stderr)
         return 1
     print(
         f"resumed protocol {args.protocol!r} on {args.scanner} with model {args.model}: its "

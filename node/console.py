@@ -209,9 +209,12 @@ def build_app(config: Config, sessions: sessionmaker, serve_id: Any = lambda: No
         try:
             message = _act(kind, target, form, origin)
         except (ValueError, RegistryError) as error:
-            return _redirect(back, error=f"cannot {kind}: {error}")
+            refusal = f"cannot {kind}: {error}"
+            if request.headers.get("authorization"):  # a script: the answer, not a page
+                return PlainTextResponse(refusal + "\n", 400)
+            return _redirect(back, error=refusal)
         log.info("console: %s (by %s)", message, origin)
-        if request.headers.get("authorization"):  # a script: the answer, not a page
+        if request.headers.get("authorization"):
             return PlainTextResponse(message + "\n")
         return _redirect(back, message=message)
 
@@ -230,8 +233,7 @@ def build_app(config: Config, sessions: sessionmaker, serve_id: Any = lambda: No
             return reprocess_series(sessions, target, origin=origin)
         if kind == "quality-resume":
             scanner, protocol = str(form.get("scanner", "")), str(form.get("protocol", ""))
-            if not resume(sessions, scanner, protocol, target, origin=origin):
-                raise ValueError(f"no scores for protocol {protocol!r} on {scanner} with {target}")
+            resume(sessions, scanner, protocol, target, origin=origin)  # NoScores: the message
             return f"protocol {protocol!r} on {scanner} with {target} resumed"
         if not target.isdigit():
             raise ValueError(f"{target!r} is not an id")

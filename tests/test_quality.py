@@ -16,6 +16,7 @@ from pipeline.state.db import Job, QualityScore, QualityState, open_database, ut
 from pipeline.state.quality import (
     MonitorPause,
     MonitorSettings,
+    NoScores,
     QualityKey,
     check_not_paused,
     resume,
@@ -85,7 +86,8 @@ def test_the_window_the_minimum_the_resume_and_a_new_version(sessions):
     assert "quality resume: protocol" in trail[0]["detail"] and trail[0]["model"] == KEY.model
     with sessions() as session:
         assert rolling(session, KEY, SETTINGS) is None  # every score predates the resume
-    assert resume(sessions, "other", KEY.protocol, KEY.model, origin="cli test") == 0
+    with pytest.raises(NoScores, match=r"no scores for protocol .* on other"):
+        resume(sessions, "other", KEY.protocol, KEY.model, origin="cli test")
     assert len(read_audit(sessions, AuditFilter())) == 1  # nothing resumed, nothing recorded
     # A new version is a new key: the old one's scores do not pause it.
     check_not_paused(sessions, QualityKey(*[*vars(KEY).values()][:3], "v2"), SETTINGS)
@@ -117,6 +119,9 @@ def test_a_paused_protocol_is_shown_and_resumed_from_the_console(tmp_path, sessi
         form = {"action": "quality-resume", "target": KEY.model}
         form |= {"scanner": KEY.scanner, "protocol": KEY.protocol}
         assert get(f"{server.url}/actions", data=form)[0] == 403
+        unknown = form | {"protocol": "AX T2 TSE"}
+        status, body = get(f"{server.url}/actions", token=TOKEN, data=unknown)
+        assert status == 400 and b"no scores for protocol 'AX T2 TSE'" in body  # the CLI's words
         status, body = get(f"{server.url}/actions", token=TOKEN, data=form)
         assert status == 200 and b"resumed" in body
         check_not_paused(sessions, KEY, SETTINGS)

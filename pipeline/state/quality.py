@@ -152,9 +152,13 @@ def check_not_paused(sessions: sessionmaker, key: QualityKey, settings: MonitorS
         raise MonitorPause(score.paused)
 
 
+class NoScores(ValueError):
+    """A resume of a scanner, protocol and model that the monitor has never scored."""
+
+
 def resume(sessions: sessionmaker, scanner: str, protocol: str, model: str, *, origin: str) -> int:
     """Record an admin's resume, in the audit trail too (``origin``: who asked); return how
-    many scores it sets aside (0: none known, nothing recorded)."""
+    many scores it sets aside. Raises NoScores, recording nothing, where there are none."""
     with sessions.begin() as session:
         known = session.scalar(
             select(func.count())
@@ -165,21 +169,23 @@ def resume(sessions: sessionmaker, scanner: str, protocol: str, model: str, *, o
                 QualityScore.model == model,
             )
         )
-        if known:
-            session.add(
-                MonitorResume(scanner=scanner, protocol=protocol, model=model, resumed_at=utcnow())
+        if not known:
+            raise NoScores(
+                f"no scores for protocol {protocol!r} on {scanner} with model {model} "
+                f"(see dicomnode quality)"
             )
-            audit.record(
-                session,
-                AuditEvent.ADMIN_ACTION,
-                origin,
-                f"quality resume: protocol {protocol!r} on {scanner} with model {model} "
-                f"({known} earlier score(s) no longer pause it)",
-                model=model,
-            )
-            log.info(
-                "quality monitor: %r on %s with %s resumed by an admin", protocol, scanner, model
-            )
+        session.add(
+            MonitorResume(scanner=scanner, protocol=protocol, model=model, resumed_at=utcnow())
+        )
+        audit.record(
+            session,
+            AuditEvent.ADMIN_ACTION,
+            origin,
+            f"quality resume: protocol {protocol!r} on {scanner} with model {model} "
+            f"({known} earlier score(s) no longer pause it)",
+            model=model,
+        )
+        log.info("quality monitor: %r on %s with %s resumed by an admin", protocol, scanner, model)
         return known
 
 
