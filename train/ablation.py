@@ -107,7 +107,10 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         "v5 plus a learnt affine map of the input added to the output",
         {**_ALL, "epochs": 24, "input_shortcut": True},
     ),
-    "v5-b16": ("v5 at base width 16", {**_ALL, "epochs": 24, "base_width": 16}),
+    "v5-b16": (
+        "v5 at base width 16 (the t1-to-t2 v6 model)",
+        {**_ALL, "epochs": 24, "base_width": 16},
+    ),
     "v5-subtle": (
         "v5 with painted lesions fainter on T1 (a T1 share of 0.1-0.5 of the fluid fraction)",
         {**_ALL, "epochs": 24, "painted_t1_share": (0.1, 0.5)},
