@@ -120,13 +120,13 @@ class UNet(nn.Module):
             that structure without rebuilding it through four levels. It starts at zero, so
             an untrained network is the same with or without it.
 
-    The defaults are the shipped models'. Depth 4 gives a receptive field of about 140
-    pixels, enough to see most of a brain slice, which a contrast mapping needs. Base width 8
-    (a 2 MB file) trains and runs 2.6 times faster than 16 (7.8 MB): on the 2 CPU cores the
-    shipped models are trained on, that buys 2.6 times the training steps, which held-out
-    scores needed more than width (docs/ablation.md). Base 32 at depth 4 would be 31 MB,
-    over the 10 MB budget. A model card records every argument, so a change of default
-    changes no model.
+    The defaults are the shipped t2-to-t1 model's; t1-to-t2 v6 has base width 16. Depth 4
+    gives a receptive field of about 140 pixels, enough to see most of a brain slice, which
+    a contrast mapping needs. Base 16 (7.8 MB) trains 1.6 times slower per step than base 8
+    (2 MB) and synthesizes half as fast on 2 cores; at the same steps its held-out t1-to-t2
+    images are sharper and score higher (docs/ablation.md). Base 32 at depth 4 would be
+    31 MB, over the 10 MB budget. A model card records every argument, so a change of
+    default changes no model.
 
     The output is linear (no sigmoid): with a sigmoid the model collapsed to a constant image
     in this project's trials. Weights use He initialisation, which trained where PyTorch's
