@@ -69,10 +69,11 @@ def shipped_arguments() -> dict[str, Any]:
 class TrainSettings:
     direction: Direction
     # The defaults are the shipped recipe (v5; t1-to-t2 v6 is it at base width 16);
-    # docs/ablation.md has the held-out numbers that chose it. The input is median-scaled, so a brain lands at one level with or
-    # without its skull; the targets stay in percentile-volume's space; the network sees
-    # the slices 3 mm below and above; lesions are painted in, thin-slice studies shown as
-    # slabs, masked lesions oversampled, for 24 x 150 steps.
+    # docs/ablation.md has the held-out numbers that chose it. The input is median-scaled,
+    # so a brain lands at one level with or without its skull; the targets stay in
+    # percentile-volume's space; the network sees the slices 3 mm below and above; lesions
+    # are painted in, thin-slice studies shown as slabs, masked lesions oversampled, for
+    # 24 x 150 steps.
     normalization: Normalization = Normalization.MEDIAN_VOLUME
     # The targets' normalisation, i.e. the output's space; None: the same as the input's.
     target_normalization: Normalization | None = Normalization.PERCENTILE_VOLUME
