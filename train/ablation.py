@@ -108,7 +108,7 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         {**_ALL, "epochs": 24, "input_shortcut": True},
     ),
     "v5-b16": (
-        "v5 at base width 16 (the t1-to-t2 v6 model)",
+        "v5 at base width 16 (the shipped v6 models)",
         {**_ALL, "epochs": 24, "base_width": 16},
     ),
     "v5-subtle": (

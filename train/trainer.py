@@ -68,7 +68,7 @@ def shipped_arguments() -> dict[str, Any]:
 @dataclass(frozen=True)
 class TrainSettings:
     direction: Direction
-    # The defaults are the shipped recipe (v5; the shipped v6 is it at base width 16);
+    # The defaults are the v5 recipe; the shipped v6 models are it with `--base-width 16`;
     # docs/ablation.md has the held-out numbers that chose it. The input is median-scaled,
     # so a brain lands at one level with or without its skull; the targets stay in
     # percentile-volume's space; the network sees the slices 3 mm below and above; lesions
