@@ -153,6 +153,29 @@ def test_loss_ignores_pixels_without_a_target() -> None:
         assert _loss(output, target, weight, kind).item() == 0.0
 
 
+def test_edge_term_scores_sharpness_where_the_target_is_defined() -> None:
+    target = torch.zeros(1, 1, 8, 8)
+    target[..., 4:] = 1.0
+    blurred = target.clone()
+    blurred[..., 3:5] = torch.tensor([1 / 3, 2 / 3])
+    weight = torch.ones(1, 1, 8, 8)
+
+    def edge_term(output: torch.Tensor, weight: torch.Tensor) -> float:
+        return (
+            _loss(output, target, weight, "mse", 1.0) - _loss(output, target, weight, "mse")
+        ).item()
+
+    # A sharp edge at the wrong level costs nothing extra; the blurred one does, though its
+    # squared error is smaller.
+    assert edge_term(target + 0.3, weight) == pytest.approx(0.0, abs=1e-6)
+    assert _loss(blurred, target, weight, "mse") < _loss(target + 0.3, target, weight, "mse")
+    assert edge_term(blurred, weight) > 0.05
+    weight[..., 2:6] = 0
+    assert edge_term(blurred, weight) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="edge_weight"):
+        replace(SETTINGS, edge_weight=-1.0)
+
+
 def test_seeded_runs_repeat_and_resume_matches_an_uninterrupted_run(native, tmp_path) -> None:
     first = train_network([native], [], SETTINGS)
     again = train_network([native], [], SETTINGS)

@@ -52,6 +52,7 @@ _PLAIN = {
     "neighbour_distance_mm": None,
     "lesion_painting": 0.0,
     "lesion_weight": 0.0,
+    "edge_weight": 0.0,
     "thick_slices": 0.0,
     "lesion_oversampling": 0.0,
     "epochs": 12,
@@ -110,6 +111,10 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "v5-b16": (
         "v5 at base width 16 (the shipped v6 models)",
         {**_ALL, "epochs": 24, "base_width": 16},
+    ),
+    "v5-b16-edges": (
+        "v5-b16 with a gradient-difference term (weight 0.5) beside MSE + SSIM",
+        {**_ALL, "epochs": 24, "base_width": 16, "edge_weight": 0.5},
     ),
     "v5-subtle": (
         "v5 with painted lesions fainter on T1 (a T1 share of 0.1-0.5 of the fluid fraction)",

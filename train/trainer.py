@@ -96,6 +96,10 @@ class TrainSettings:
     # (train.lesionpaint), and the extra weight of painted pixels in the loss.
     lesion_painting: float = 0.5
     lesion_weight: float = 0.0
+    # Weight of a gradient-difference term (the mean absolute difference between the
+    # output's and the target's neighbour-to-neighbour steps): a squared error is smallest
+    # for a blurred edge, this term for a sharp one, and a lesion's edge is what shows it.
+    edge_weight: float = 0.0
     # The share of a painted lesion's fluid fraction that shows on T1 (uniform between
     # the two): a lesion is usually far fainter on T1 than on T2.
     painted_t1_share: tuple[float, float] = (0.25, 1.0)
@@ -131,8 +135,9 @@ class TrainSettings:
         low, high = self.painted_t1_share
         if not 0.0 <= low <= high <= 1.0:
             raise ValueError(f"painted_t1_share must be 0 <= low <= high <= 1, not {low, high}")
-        if self.lesion_weight < 0:
-            raise ValueError(f"lesion_weight must not be negative, not {self.lesion_weight}")
+        for name in ("lesion_weight", "edge_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
         given = (default_arguments() | self.arguments)["in_channels"]
         if given != self.input_channels:
             raise ValueError(
@@ -241,7 +246,7 @@ def train_network(
                 torch.from_numpy(array).to(device).contiguous(memory_format=torch.channels_last)
                 for array in sample_batch(studies, settings, augment, rng)
             )
-            loss = _loss(network(inputs), targets, weights, settings.loss)
+            loss = _loss(network(inputs), targets, weights, settings.loss, settings.edge_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -293,19 +298,42 @@ def validate(
 
 
 def _loss(
-    output: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, kind: Loss
+    output: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor,
+    kind: Loss,
+    edge_weight: float = 0.0,
 ) -> torch.Tensor:
     # Weighted means: pixels where a resampled target is undefined do not count.
     total = weight.sum().clamp_min(1.0)
     if kind in (Loss.L1, Loss.L1_SSIM):
-        pixel = ((output - target).abs() * weight).sum() / total
+        loss = ((output - target).abs() * weight).sum() / total
     else:
-        pixel = ((output - target) ** 2 * weight).sum() / total
-    if kind not in (Loss.MSE_SSIM, Loss.L1_SSIM):
-        return pixel
-    # SSIM sees where the target is defined, not the painted weights.
+        loss = ((output - target) ** 2 * weight).sum() / total
+    # SSIM and the edges see where the target is defined, not the painted weights.
     defined = (weight > 0).to(output.dtype)
-    return pixel + SSIM_LOSS_WEIGHT * (1 - _ssim(output * defined, target * defined))
+    if kind in (Loss.MSE_SSIM, Loss.L1_SSIM):
+        loss = loss + SSIM_LOSS_WEIGHT * (1 - _ssim(output * defined, target * defined))
+    if edge_weight > 0:
+        loss = loss + edge_weight * _edge_difference(output, target, defined)
+    return loss
+
+
+def _edge_difference(
+    output: torch.Tensor, target: torch.Tensor, defined: torch.Tensor
+) -> torch.Tensor:
+    """Mean absolute difference of the steps between neighbouring pixels, along both
+    in-plane axes, where both neighbours are defined (Mathieu et al.'s gradient
+    difference loss with exponent 1)."""
+    total, count = output.new_zeros(()), output.new_zeros(())
+    for axis in (-1, -2):
+        both = defined.narrow(axis, 1, defined.shape[axis] - 1) * defined.narrow(
+            axis, 0, defined.shape[axis] - 1
+        )
+        steps = [image.diff(dim=axis).abs() for image in (output, target)]
+        total = total + ((steps[0] - steps[1]).abs() * both).sum()
+        count = count + both.sum()
+    return total / count.clamp_min(1.0)
 
 
 def _ssim(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
