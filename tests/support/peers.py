@@ -15,7 +15,8 @@ from tests.support.nodeproc import free_port, stop_process
 from tests.support.senders import DCMTK_ENV
 
 
-def _wait_listening(port: int, process: subprocess.Popen, what: str, timeout: float = 30) -> None:
+def wait_listening(port: int, process: subprocess.Popen, what: str, timeout: float = 30) -> None:
+    """Wait until ``process`` accepts connections on ``port``; fail if it exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -71,8 +72,8 @@ class Orthanc:
             self.process = subprocess.Popen(
                 ["Orthanc", str(path)], stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV
             )
-        _wait_listening(self.dicom_port, self.process, "Orthanc")
-        _wait_listening(self.http_port, self.process, "Orthanc (HTTP)")
+        wait_listening(self.dicom_port, self.process, "Orthanc")
+        wait_listening(self.http_port, self.process, "Orthanc (HTTP)")
         return self
 
     def stop(self) -> None:
@@ -113,7 +114,7 @@ class StoreSCP:
             stderr=subprocess.DEVNULL,
             env=DCMTK_ENV,
         )
-        _wait_listening(self.port, self.process, "storescp")
+        wait_listening(self.port, self.process, "storescp")
         return self
 
     def stop(self) -> None:
