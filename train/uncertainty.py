@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from pipeline.dicom.contrast import Direction
 from pipeline.model.card import LoadedModel, load_model
 from pipeline.model.inference import Synthesizer, use_threads
 from pipeline.model.preprocess import normalize_volume
@@ -165,12 +166,15 @@ def summarize(results: list[SeriesResult]) -> dict[str, Any]:
     return summary
 
 
-def kfold_runs(kfold: Path, configs: list[str]) -> list[tuple[str, list[Path], set[str]]]:
+def kfold_runs(
+    kfold: Path, configs: list[str], directions: list[str]
+) -> list[tuple[str, list[Path], set[str]]]:
     """(label, model files, held-out patients) per direction, config and fold found: one
     file per seed of the fold (several make an ensemble too)."""
     folds = json.loads((kfold / "folds.json").read_text())
     runs = []
-    for direction_folder in sorted((kfold / "models").glob("*")):
+    for direction in directions:
+        direction_folder = kfold / "models" / direction
         for config in configs:
             by_fold: dict[str, list[Path]] = {}
             for path in sorted((direction_folder / config).glob("seed-*/fold-*.pt")):
@@ -187,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data", type=Path, nargs="+", help="folders of paired studies")
     parser.add_argument("--kfold", type=Path, help="train.ablation's OUT (models, folds.json)")
     parser.add_argument("--configs", nargs="+", default=["v5"], help="with --kfold")
+    directions = [direction.value for direction in Direction]
+    parser.add_argument(
+        "--directions", nargs="+", default=directions, choices=directions, help="with --kfold"
+    )
     parser.add_argument("--model", type=Path, action="append", default=[], help="held-out model")
     parser.add_argument("--lesions", type=Path, nargs="*", default=[], help="lesion mask folders")
     parser.add_argument("--passes", type=int, default=2, help="MC dropout passes (node default)")
@@ -200,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     lesions = LesionMasks.load(*args.lesions) if args.lesions else None
     pairs = find_pairs(args.data).pairs
     if args.kfold:
-        runs = kfold_runs(args.kfold, args.configs)
+        runs = kfold_runs(args.kfold, args.configs, args.directions)
     else:
         runs = [(" + ".join(map(str, args.model)), args.model, {p.patient for p in pairs})]
     if not runs:
