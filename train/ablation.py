@@ -91,6 +91,12 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "v4-paint": ("v4 + lesions painted into half of the crops", {**_V4, **_PAINT}),
     "v4-thick": ("v4 + thin-slice studies shown as 5 mm slabs in 30% of crops", {**_V4, **_THICK}),
     "v4-oversample": ("v4 + 20% of crops centred on masked lesions", {**_V4, **_OVERSAMPLE}),
+    # The two levers that moved lesion fidelity alone, at a higher dose.
+    "v4-oversample-50": (
+        "v4 + 50% of crops centred on masked lesions",
+        {**_V4, "lesion_oversampling": 0.5},
+    ),
+    "v4-paint-all": ("v4 + lesions painted into every crop", {**_V4, "lesion_painting": 1.0}),
     "all": ("v4 + neighbours, painted lesions, thick slabs, lesion oversampling", _ALL),
     "all-no-paint": (
         "all but the painted lesions",
