@@ -122,6 +122,10 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         "v5-b16 with a gradient-difference term (weight 0.5) beside MSE + SSIM",
         {**_ALL, "epochs": 24, "base_width": 16, "edge_weight": 0.5},
     ),
+    "v5-b16-paint-all": (
+        "v5-b16 with lesions painted into every crop (v4-paint-all's gain on the glioma)",
+        {**_ALL, "epochs": 24, "base_width": 16, "lesion_painting": 1.0},
+    ),
     "v5-subtle": (
         "v5 with painted lesions fainter on T1 (a T1 share of 0.1-0.5 of the fluid fraction)",
         {**_ALL, "epochs": 24, "painted_t1_share": (0.1, 0.5)},
