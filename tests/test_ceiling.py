@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from train.ceiling import FEATURE_SETS, lesion_ceiling
+from train.ceiling import FEATURE_SETS, lesion_ceiling, main
 
 SPACING = (1.0, 1.0, 1.0)
 
@@ -39,3 +40,11 @@ def test_a_dark_target_lesion_keeps_its_sign() -> None:
     # t2-to-t1: the source shows the lesion bright, the target dark.
     ceilings = lesion_ceiling(target, source, lesion, region, SPACING)
     assert all(c.separability is not None and c.separability > 0.8 for c in ceilings.values())
+
+
+def test_a_missing_mask_folder_is_named_without_a_traceback(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path), "--lesions", str(tmp_path / "absent")])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert "absent" in error and "Traceback" not in error

@@ -31,7 +31,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from train.lesions import LesionMasks
+from pipeline.dicom.contrast import Direction
+from pipeline.dicom.volume import SeriesError
+from train.lesions import LesionMaskError, LesionMasks
 from train.metrics import brighter_probability, lesion_fidelity, lesion_surroundings
 from train.pairs import find_pairs, load_pair
 
@@ -124,11 +126,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--lesions", nargs="+", type=Path, required=True, help="folders of lesion masks"
     )
+    directions = [direction.value for direction in Direction]
     parser.add_argument(
-        "--directions", nargs="+", default=["t1-to-t2", "t2-to-t1"], help="(default both)"
+        "--directions", nargs="+", default=directions, choices=directions, help="(default both)"
     )
     args = parser.parse_args(argv)
-    masks = LesionMasks.load(*args.lesions)
+    try:
+        masks = LesionMasks.load(*args.lesions)
+    except LesionMaskError as error:
+        parser.error(str(error))
     # Only the studies with a mask on either series: the others are not worth registering.
     pairs = [
         pair
@@ -141,7 +147,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("| study | inverted input | " + " | ".join(names) + " |")
         print("|---" * (len(names) + 2) + "|")
         for pair in pairs:
-            item = load_pair(pair, direction, lesions=masks)
+            try:
+                item = load_pair(pair, direction, lesions=masks)
+            except (SeriesError, LesionMaskError) as error:
+                print(f"| {pair.label} | not read: {error} |")
+                continue
             keep = item.slices
             if item.lesions is None or not item.lesions[keep].any():
                 continue
