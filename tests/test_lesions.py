@@ -16,7 +16,7 @@ from train.flairmasks import write_masks
 from train.folds import patient_folds
 from train.lesionpaint import FluidLevels, fluid_levels, paint_lesions
 from train.lesions import LesionMaskError, LesionMasks
-from train.metrics import brighter_probability, lesion_fidelity
+from train.metrics import SpuriousFociScorer, brighter_probability, lesion_fidelity
 from train.pairs import StudyGroup, find_pairs, load_pair
 
 SPACING = (1.0, 1.0, 1.0)
@@ -54,6 +54,34 @@ def test_fidelity_of_a_copied_a_removed_and_an_inverted_lesion() -> None:
     faint = lesion_fidelity(real, np.where(lesion, 0.4, real), lesion, head, SPACING)
     assert faint.fidelity is None
     assert copied.voxels == int(lesion.sum())
+
+
+def test_spurious_foci_are_those_the_real_image_does_not_show() -> None:
+    real, lesion, head = _brain_with_lesion()
+    against_real = SpuriousFociScorer(real, head, SPACING)
+    assert against_real(real.copy()).count == 0
+    # The real lesion drawn a second time, 20 mm away: one focus.
+    elsewhere = np.roll(lesion, 20, axis=2)
+    invented = np.where(elsewhere, 0.9, real)
+    found = against_real(invented)
+    assert found.count == 1
+    # Its core: the rim of a 12 mm ball hardly stands out from surroundings half ball.
+    assert 0.4 < found.volume_ml / (lesion.sum() / 1000) <= 1.0
+    assert found.region_ml == pytest.approx(head.sum() / 1000)
+    # Where the real image has it too, or where an expert's mask says a lesion is, none.
+    both = np.where(elsewhere, 0.9, real)
+    assert SpuriousFociScorer(both, head, SPACING)(invented).count == 0
+    assert SpuriousFociScorer(real, head, SPACING, known=elsewhere)(invented).count == 0
+    # Any increasing map of the intensities finds the same focus.
+    assert against_real(np.exp(invented) * 300).count == 1
+    # Smaller than a reader would count (a 1 mm dot): not a focus.
+    dot = np.zeros_like(lesion)
+    dot[8, 32, 12] = True
+    assert against_real(np.where(dot, 0.9, real)).count == 0
+    # A T1 shows its lesions dark: an invented dark focus counts there, a bright one not.
+    t1 = 1.0 - real
+    assert SpuriousFociScorer(t1, head, SPACING, bright=False)(1.0 - invented).count == 1
+    assert SpuriousFociScorer(t1, head, SPACING)(1.0 - invented).count == 0
 
 
 def test_a_dark_lesion_is_scored_the_same_way_for_t1() -> None:

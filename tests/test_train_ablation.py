@@ -1,4 +1,5 @@
-"""The ablation runner: configurations, k-fold summaries with spreads, tables, attaching."""
+"""The ablation runner: configurations, k-fold summaries with spreads, tables, attaching,
+scoring finished runs again."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ import torch
 from pipeline.model.card import ModelCard, load_model, save_model
 from pipeline.model.registry import ModelRegistry
 from pipeline.model.unet import UNet
-from train.ablation import CONFIGURATIONS, attach_summary, settings_for, summary, tables
+from tests.test_evaluate import tiny_model
+from train.ablation import (
+    CONFIGURATIONS,
+    attach_summary,
+    run_ablation,
+    settings_for,
+    summary,
+    tables,
+)
 from train.trainer import TrainSettings
 
 
@@ -53,8 +62,15 @@ def _metrics(value: float) -> dict[str, float]:
     return dict.fromkeys(keys, value)
 
 
-def _run(fold: int, seed: int, scores: dict[str, float], fidelity: float | None = None):
-    """A run record as train.ablation writes it: patient -> model score."""
+def _run(
+    fold: int,
+    seed: int,
+    scores: dict[str, float],
+    fidelity: float | None = None,
+    foci: int | None = None,
+):
+    """A run record as train.ablation writes it: patient -> model score; ``foci``: the
+    model's spurious foci per study (None: a record from before they were scored)."""
     studies = [
         {
             "study": f"study-{patient}",
@@ -70,6 +86,16 @@ def _run(fold: int, seed: int, scores: dict[str, float], fidelity: float | None 
                 p: {"real": 0.9, "synthetic": 0.5, "voxels": 3, "fidelity": fidelity}
                 for p in ("model", "input", "inverted")
             },
+            **(
+                {}
+                if foci is None
+                else {
+                    "spurious": {
+                        p: {"count": n, "volume_ml": n / 10, "region_ml": 1000.0}
+                        for p, n in (("model", foci), ("input", 50), ("inverted", 80))
+                    }
+                }
+            ),
         }
         for patient, score in scores.items()
     ]
@@ -96,9 +122,9 @@ def _run(fold: int, seed: int, scores: dict[str, float], fidelity: float | None 
 
 
 RUNS = [
-    _run(1, 0, {"a": 10.0, "b": 20.0}, fidelity=0.8),
-    _run(2, 0, {"c": 30.0}),
-    _run(1, 1, {"a": 12.0, "b": 22.0}, fidelity=0.6),
+    _run(1, 0, {"a": 10.0, "b": 20.0}, fidelity=0.8, foci=4),
+    _run(2, 0, {"c": 30.0}, foci=10),
+    _run(1, 1, {"a": 12.0, "b": 22.0}, fidelity=0.6, foci=8),
     _run(2, 1, {"c": 32.0}),
 ]
 
@@ -115,11 +141,17 @@ def test_summary_is_the_mean_over_patients_with_spreads_over_seeds_and_folds() -
     assert found["lesion_fidelity"]["mean"]["model"] == pytest.approx(0.7)
     assert found["lesion_fidelity"]["studies"]["study-a"]["model"] == pytest.approx(0.7)
     assert found["patients"]["c"]["model"]["psnr_head"] == pytest.approx(31.0)
+    # Spurious foci: study a and b 4 and 8 over the seeds (6), c 10 where it was scored.
+    foci = found["spurious_foci"]
+    assert foci["studies"]["study-a"]["count"] == pytest.approx(6.0)
+    assert foci["studies"]["study-c"]["count"] == pytest.approx(10.0)
+    assert foci["mean"]["model"]["count"] == pytest.approx((6 + 6 + 10) / 3)
+    assert foci["mean"]["inverted"]["volume_ml"] == pytest.approx(8.0)
     assert summary(RUNS, "t2-to-t1", "v4") == {}
     table = tables(RUNS, ["v4"], ["t1-to-t2"])
     assert "| floor: inverted | | 2.000 |" in table
     assert "| v4 | 2 | 21.000 ±7.500 ±1.000 |" in table
-    assert "0.70 (min 0.70)" in table
+    assert "0.70 (min 0.70) | 7 (0.7) |" in table
 
 
 def test_attach_summary_keeps_the_weights(tmp_path) -> None:
@@ -138,3 +170,30 @@ def test_attach_summary_keeps_the_weights(tmp_path) -> None:
     assert reloaded.metrics["reference"]["source"] == str(summary_path)
     readable = json.loads((registry.root / "t1-to-t2" / "v1.json").read_text())
     assert readable["metrics"]["reference"]["protocol"].startswith("2-fold cross-validation")
+
+
+def test_rescore_adds_a_new_metric_to_finished_runs_without_training(mr_brain, tmp_path) -> None:
+    out = tmp_path / "kfold"
+    data = [mr_brain / "brats-gli-00001", mr_brain / "brats-met-00110"]
+    record_path = out / "runs" / "t1-to-t2" / "v4" / "seed-0" / "fold-1.json"
+    record_path.parent.mkdir(parents=True)
+    stale = _run(1, 0, {"someone": 10.0})
+    record_path.write_text(json.dumps(stale))
+    model = out / "models" / "t1-to-t2" / "v4" / "seed-0" / "fold-1.pt"
+    model.parent.mkdir(parents=True)
+    tiny_model(model)
+    base = TrainSettings(direction="t1-to-t2", epochs=1, steps_per_epoch=1)
+    run_ablation(data, out, base, ["v4"], ["t1-to-t2"], [0], 2, [1], rescore=True)
+    record = json.loads(record_path.read_text())
+    held_out = json.loads((out / "folds.json").read_text())["fold-1"]
+    studies = record["evaluation"]["studies"]
+    assert [s["patient"] for s in studies] == list(held_out)
+    assert {"model", "input", "inverted"} == set(studies[0]["spurious"])
+    assert record["settings"] == stale["settings"]  # the run itself is kept
+    # Scored once: a record that has every metric is left alone. Nothing is trained, not
+    # even the fold that has no record.
+    before = record_path.stat().st_mtime_ns
+    run_ablation(data, out, base, ["v4"], ["t1-to-t2"], [0], 2, rescore=True)
+    assert record_path.stat().st_mtime_ns == before
+    assert sorted(p.name for p in model.parent.iterdir()) == ["fold-1.pt"]
+    assert not record_path.with_name("fold-2.json").exists()

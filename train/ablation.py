@@ -12,6 +12,8 @@ Each run (direction, configuration, seed, fold) is written to its own file under
 OUT/runs/ as soon as it finishes (its model under OUT/models/), so a rerun skips what is
 done and several processes (``--directions``, ``--folds``, ``--seeds`` split the work) can
 fill one OUT at once.
+``--rescore`` trains nothing: it scores the kept models of finished runs again where their
+records lack a metric added since (spurious foci, say).
 OUT/tables.md holds the tables, OUT/<config>-<direction>.json one summary per
 configuration and direction (the held-out metrics ``dicomnode train --reference-metrics``
 puts on a card) and OUT/figures/ each held-out study's figure.
@@ -139,6 +141,9 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 # Keys of a configuration that are the network's arguments rather than TrainSettings fields.
 NETWORK_KEYS = ("skip_connections", "upsampling", "input_shortcut", "base_width")
+# What evaluate() reports for every study now; a finished run whose record lacks one of
+# these is scored again by --rescore.
+REPORTED_PER_STUDY = {"metrics", "lesions", "spurious"}
 TABLE_METRICS = ("psnr_head", "ssim_head", "corr_head", "psnr_slice", "ssim_slice", "mae_slice")
 
 
@@ -161,6 +166,20 @@ def run_path(out: Path, direction: str, configuration: str, seed: int, fold: Fol
     return out / "runs" / direction / configuration / f"seed-{seed}" / f"{fold.name()}.json"
 
 
+def model_path(out: Path, direction: str, configuration: str, seed: int, fold: Fold) -> Path:
+    return out / "models" / direction / configuration / f"seed-{seed}" / f"{fold.name()}.pt"
+
+
+def _rescore(path: Path, model: Path, test: list[PairedVolume]) -> None:
+    record = json.loads(path.read_text())
+    current = {key for study in record["evaluation"]["studies"] for key in study}
+    if not model.is_file() or current >= REPORTED_PER_STUDY:
+        return
+    print(f"{path}: scored again with {model}", file=sys.stderr, flush=True)
+    record["evaluation"] = evaluate(load_model(model), test).report()
+    path.write_text(json.dumps(record, indent=1) + "\n")
+
+
 def run_ablation(
     data: list[Path],
     out: Path,
@@ -171,8 +190,11 @@ def run_ablation(
     fold_count: int = DEFAULT_FOLDS,
     only_folds: list[int] | None = None,
     lesions: LesionMasks | None = None,
+    rescore: bool = False,
 ) -> None:
-    """Run every (direction, configuration, seed, fold) that OUT does not hold yet."""
+    """Run every (direction, configuration, seed, fold) that OUT does not hold yet; with
+    ``rescore``, train nothing but evaluate the kept model of every finished run again
+    where its record lacks a metric that ``evaluate`` reports now."""
     search = find_pairs(data)
     for direction in directions:
         paired = [
@@ -189,7 +211,11 @@ def run_ablation(
                     if only_folds and fold.number not in only_folds:
                         continue
                     path = run_path(out, direction, configuration, seed, fold)
-                    if path.is_file():
+                    test = [item for item in paired if item.pair.patient in fold.held_out]
+                    if rescore and path.is_file():
+                        saved = model_path(out, direction, configuration, seed, fold)
+                        _rescore(path, saved, test)
+                    if rescore or path.is_file():
                         continue
                     settings = replace(
                         settings_for(configuration, base), direction=direction, seed=seed
@@ -198,7 +224,6 @@ def run_ablation(
                     if key not in prepared:
                         prepared[key] = [prepare_study(item, settings) for item in paired]
                     training = [s for s in prepared[key] if s.patient not in fold.held_out]
-                    test = [item for item in paired if item.pair.patient in fold.held_out]
                     record = _run(training, test, settings, configuration, fold, out)
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(record, indent=1) + "\n")
@@ -217,12 +242,15 @@ def _run(
     started = time.perf_counter()
     trained = train_network(training, [], settings)
     model = _in_memory(trained.network, settings, configuration)
-    run = Path(settings.direction) / configuration / f"seed-{settings.seed}"
     # Kept, so that what is measured on held-out patients later (the uncertainty of an
-    # ensemble or of dropout, say) uses the same models and folds.
-    save_model(out / "models" / run / f"{fold.name()}.pt", model.network, model.card)
+    # ensemble or of dropout, a new metric) uses the same models and folds.
+    save_model(
+        model_path(out, settings.direction, configuration, settings.seed, fold),
+        model.network,
+        model.card,
+    )
     evaluation = evaluate(model, test)
-    figures = out / "figures" / run
+    figures = out / "figures" / settings.direction / configuration / f"seed-{settings.seed}"
     for study in evaluation.studies:
         save_comparison(
             figures / f"{study.label}.png",
@@ -272,6 +300,7 @@ def summary(runs: list[dict[str, Any]], direction: str, configuration: str) -> d
     the overall model scores over seeds, and of the per-fold model means over folds (each
     averaged over seeds). ``groups``: the same mean over the studies of each group.
     ``lesions``: each masked study's fidelity per predictor (mean over seeds) and their mean.
+    ``spurious_foci``: the same for spurious foci, over every study whose record has them.
     """
     mine = [
         run
@@ -312,6 +341,7 @@ def summary(runs: list[dict[str, Any]], direction: str, configuration: str) -> d
         },
         "groups": {group: _mean_dicts(items) for group, items in groups.items()},
         "lesion_fidelity": lesions,
+        "spurious_foci": _spurious_summary(studies),
         "patients": _mean_dicts_by_key([run["evaluation"]["patients"] for run in mine]),
         "train_seconds": float(np.mean([run["train_seconds"] for run in mine])),
     }
@@ -374,6 +404,22 @@ def _lesion_summary(studies: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _spurious_summary(studies: list[dict[str, Any]]) -> dict[str, Any]:
+    """predictor -> count and volume_ml, the mean over studies of each study's mean over
+    seeds; and the model's per study."""
+    per_study: dict[str, list[dict[str, dict[str, float]]]] = {}
+    for study in studies:
+        if "spurious" in study:
+            per_study.setdefault(study["study"], []).append(study["spurious"])
+    if not per_study:
+        return {}
+    studies_mean = {study: _mean_dicts(values) for study, values in per_study.items()}
+    return {
+        "mean": _mean_dicts(list(studies_mean.values())),
+        "studies": {study: by["model"] for study, by in studies_mean.items()},
+    }
+
+
 def tables(runs: list[dict[str, Any]], configurations: list[str], directions: list[str]) -> str:
     """Markdown, per direction: each configuration's held-out means with their spreads over
     folds and seeds, beside the floors; then the groups and the lesion fidelity."""
@@ -387,8 +433,10 @@ def tables(runs: list[dict[str, Any]], configurations: list[str], directions: li
         lines += [
             f"### {direction}: held-out patients (mean over patients; ± over folds; ± over seeds)",
             "",
-            "| predictor | seeds | " + " | ".join(TABLE_METRICS) + " | lesion fidelity |",
-            "|---|---|" + "---|" * (len(TABLE_METRICS) + 1),
+            "| predictor | seeds | "
+            + " | ".join(TABLE_METRICS)
+            + " | lesion fidelity | spurious foci (mL) |",
+            "|---|---|" + "---|" * (len(TABLE_METRICS) + 2),
         ]
         for floor in ("input", "inverted"):
             values = first["overall"][floor]
@@ -396,7 +444,7 @@ def tables(runs: list[dict[str, Any]], configurations: list[str], directions: li
             lines.append(
                 f"| floor: {floor} | | "
                 + " | ".join(f"{values[m]:.3f}" for m in TABLE_METRICS)
-                + f" | {_number(fidelity)} |"
+                + f" | {_number(fidelity)} | {_foci(first, floor)} |"
             )
         for configuration, result in found.items():
             values = result["overall"]["model"]
@@ -415,7 +463,7 @@ def tables(runs: list[dict[str, Any]], configurations: list[str], directions: li
             lines.append(
                 f"| {configuration}{complete} | {len(result['seeds'])} | "
                 + " | ".join(cells)
-                + f" | {lesion} |"
+                + f" | {lesion} | {_foci(result, 'model')} |"
             )
         lines += ["", f"{direction} by group (PSNR / SSIM / corr inside the head):", ""]
         groups = sorted({g for result in found.values() for g in result["groups"]})
@@ -454,6 +502,14 @@ def tables(runs: list[dict[str, Any]], configurations: list[str], directions: li
                 )
         lines.append("")
     return "\n".join(lines)
+
+
+def _foci(result: dict[str, Any], predictor: str) -> str:
+    """A predictor's spurious foci in a table cell: mean count per study (volume)."""
+    foci = result["spurious_foci"].get("mean", {}).get(predictor)
+    if foci is None:
+        return "-"
+    return f"{foci['count']:.0f} ({foci['volume_ml']:.1f})"
 
 
 def _number(value: float | None) -> str:
@@ -519,6 +575,12 @@ def main(argv: list[str] | None = None) -> int:
         "--tables", action="store_true", help="only write the summaries and tables of OUT"
     )
     parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="train nothing; score the kept models of finished runs again where their "
+        "records lack a metric",
+    )
+    parser.add_argument(
         "--attach",
         type=Path,
         metavar="MODEL",
@@ -552,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
             args.fold_count,
             args.folds,
             LesionMasks.load(*args.lesions) if args.lesions else None,
+            args.rescore,
         )
     runs = write_summaries(args.out, args.configs)
     print(tables(runs, args.configs, directions))

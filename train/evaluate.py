@@ -6,7 +6,8 @@ compared with the real target on the usable slices (see
 ``train.pairs``): per study, per patient (slices of all its studies pooled) and overall
 (the mean of the patients, so a patient with two studies does not count twice). Beside
 every score stand the trivial floors of ``train.metrics.floors``. Where an expert's lesion
-mask exists, each predictor's lesion fidelity is scored on the study's whole volume.
+mask exists, each predictor's lesion fidelity is scored on the study's whole volume; on
+every study, its spurious foci (lesion-like foci the real target lacks).
 ``evaluate_folders`` is all of `dicomnode evaluate`: pairs found in folders, figures, a
 JSON report.
 """
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.dicom.contrast import Direction
+from pipeline.dicom.contrast import Contrast, Direction
 from pipeline.dicom.reformat import axial_volume
 from pipeline.dicom.volume import SeriesError, load_series
 from pipeline.model.card import LoadedModel, describe
@@ -30,7 +31,14 @@ from pipeline.model.preprocess import head_mask, normalize_volume, to_stored_pix
 from pipeline.model.scores import mean_metrics, minmax_slices, slice_metrics
 from train.figures import FIGURE_SLICES, save_comparison
 from train.lesions import LesionMaskError, LesionMasks
-from train.metrics import LesionFidelity, collapse_check, floors, lesion_fidelity
+from train.metrics import (
+    LesionFidelity,
+    SpuriousFoci,
+    SpuriousFociScorer,
+    collapse_check,
+    floors,
+    lesion_fidelity,
+)
 from train.pairs import PairedVolume, StudyGroup, find_pairs, load_pair
 
 PREDICTORS = ("model", "input", "inverted")
@@ -49,6 +57,7 @@ class StudyResult:
     metrics: dict[str, dict[str, float]]  # predictor -> metric -> mean over slices
     collapse: dict[str, float | bool]
     lesions: dict[str, LesionFidelity] | None  # predictor -> fidelity, where a mask exists
+    spurious: dict[str, SpuriousFoci]  # predictor -> foci the real target does not show
     per_slice: dict[str, dict[str, list[float]]] = field(repr=False)
     # Kept for figures: normalised source, raw output, normalised target (usable slices).
     images: tuple[np.ndarray, np.ndarray, np.ndarray] = field(repr=False)
@@ -120,6 +129,18 @@ class Evaluation:
             and (fidelity := study.lesions[predictor].fidelity) is not None
         ]
 
+    def spurious_foci(self) -> dict[str, dict[str, float]]:
+        """predictor -> the mean over studies of its spurious foci (count, volume_ml)."""
+        if not self.studies:
+            return {}
+        return {
+            predictor: {
+                key: float(np.mean([getattr(s.spurious[predictor], key) for s in self.studies]))
+                for key in ("count", "volume_ml")
+            }
+            for predictor in PREDICTORS
+        }
+
     def collapsed(self) -> bool:
         return any(bool(study.collapse["collapsed"]) for study in self.studies)
 
@@ -143,7 +164,10 @@ class Evaluation:
                 "the whole slice, *_head inside the head mask; per-slice values averaged; "
                 "overall = mean of patients; lesion fidelity = (P_synthetic - 0.5) / "
                 "(P_real - 0.5), P the probability that a lesion voxel is brighter than a "
-                "voxel 1-5 mm around the lesion, over the study's volume"
+                "voxel 1-5 mm around the lesion, over the study's volume; spurious foci = "
+                "connected foci of at least 20 mm3 that stand out from the tissue within "
+                "~4 mm by 0.3 in intensity rank in the prediction and by less than half that "
+                "in the real target, in the target's lesion polarity (T2 bright, T1 dark)"
             ),
             "studies": [
                 {
@@ -160,12 +184,16 @@ class Evaluation:
                         predictor: {**asdict(value), "fidelity": value.fidelity}
                         for predictor, value in s.lesions.items()
                     },
+                    "spurious": {
+                        predictor: asdict(value) for predictor, value in s.spurious.items()
+                    },
                 }
                 for s in self.studies
             ],
             "patients": self.patients(),
             "groups": self.groups(),
             "lesion_fidelity": self.lesion_fidelity(),
+            "spurious_foci": self.spurious_foci(),
             "overall": self.overall(),
             "collapsed": self.collapsed(),
             "beats_floors": self.beats_floors(),
@@ -190,7 +218,8 @@ def evaluate(model: LoadedModel, paired: list[PairedVolume]) -> Evaluation:
         source = minmax_slices(item.source.pixels[keep])
         real = minmax_slices(item.target[keep])
         # Scored as the node sends it: clipped to [0, 1] and stored as 12-bit pixels.
-        sent = to_stored_pixels(output).pixels[keep]
+        sent_volume = to_stored_pixels(output).pixels
+        sent = sent_volume[keep]
         predictions = {"model": minmax_slices(sent), **floors(source, head)}
         per_slice = {
             name: slice_metrics(prediction, real, covered, head)
@@ -207,7 +236,8 @@ def evaluate(model: LoadedModel, paired: list[PairedVolume]) -> Evaluation:
                 dropped=item.dropped,
                 metrics={name: mean_metrics(values) for name, values in per_slice.items()},
                 collapse=collapse_check(output[keep], head & covered, target_normalized),
-                lesions=_lesions(item, to_stored_pixels(output).pixels),
+                lesions=_lesions(item, sent_volume),
+                spurious=_spurious(item, sent_volume),
                 per_slice=per_slice,
                 # The figure shows what the node sends, as the scores do.
                 images=(source, predictions["model"], real),
@@ -330,15 +360,35 @@ def _lesions(item: PairedVolume, sent: np.ndarray) -> dict[str, LesionFidelity] 
     keep = item.slices
     if item.lesions is None or not item.lesions[keep].any():
         return None
-    source = item.source.pixels[keep]
-    head = item.head[keep]
-    images = {"model": sent[keep], "input": source, "inverted": np.where(head, -source, 0.0)}
-    spacing = (item.source.slice_spacing, *map(float, item.source.pixel_spacing))
-    region = head & item.covered[keep]
+    images, region, spacing = _whole_volumes(item, sent)
     return {
         name: lesion_fidelity(image, item.target[keep], item.lesions[keep], region, spacing)
         for name, image in images.items()
     }
+
+
+def _spurious(item: PairedVolume, sent: np.ndarray) -> dict[str, SpuriousFoci]:
+    """Each predictor's spurious foci over the usable slices, outside the expert's lesions,
+    bright where the target is a T2 and dark where it is a T1 (as lesions show there)."""
+    keep = item.slices
+    images, region, spacing = _whole_volumes(item, sent)
+    bright = Direction.parse(item.direction, "direction").target is Contrast.T2
+    known = None if item.lesions is None else item.lesions[keep]
+    scorer = SpuriousFociScorer(item.target[keep], region, spacing, bright=bright, known=known)
+    return {name: scorer(image) for name, image in images.items()}
+
+
+def _whole_volumes(
+    item: PairedVolume, sent: np.ndarray
+) -> tuple[dict[str, np.ndarray], np.ndarray, tuple[float, float, float]]:
+    """Each predictor on the usable slices in whole-volume intensities, the region where
+    the real target is defined, and the voxel spacing (between slices, rows, columns)."""
+    keep = item.slices
+    source = item.source.pixels[keep]
+    head = item.head[keep]
+    images = {"model": sent[keep], "input": source, "inverted": np.where(head, -source, 0.0)}
+    spacing = (item.source.slice_spacing, *map(float, item.source.pixel_spacing))
+    return images, head & item.covered[keep], spacing
 
 
 def format_table(evaluation: Evaluation) -> str:
@@ -373,6 +423,13 @@ def format_table(evaluation: Evaluation) -> str:
                 f"  lesions ({study.lesions['model'].voxels} voxels): "
                 + _fidelity_line(study.lesions)
             )
+        lines.append(
+            "  spurious foci (lesion-like, not in the real image): "
+            + "; ".join(
+                f"{predictor} {foci.count} ({foci.volume_ml:.2f} mL)"
+                for predictor, foci in study.spurious.items()
+            )
+        )
     return "\n".join(lines)
 
 

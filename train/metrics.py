@@ -9,6 +9,8 @@ Lesion visibility is the probability that a lesion voxel is brighter than a voxe
 tissue around it (the area under the ROC curve of intensity as a lesion detector); a
 lesion's fidelity compares that probability in the synthetic image with the real one's, so
 a synthetic image that paints normal tissue over a lesion scores 0 however good its PSNR.
+Its mirror, spurious foci, counts lesion-like foci that the synthetic image shows and the
+real one does not, on every study, with a mask or without.
 """
 
 from __future__ import annotations
@@ -143,3 +145,96 @@ def lesion_fidelity(
         synthetic=brighter_probability(synthetic, inside, around),
         voxels=int(inside.sum()),
     )
+
+
+# A focus is a voxel that stands out from the tissue within about BACKGROUND_SIGMA_MM by
+# FOCUS_CONTRAST in rank (a jump of 30 percentiles of the region's intensities; the shared
+# MS lesions stand out from their surroundings by about 0.2 on their real T2, a bright
+# glioma by more), grouped into connected foci of at least
+# MIN_FOCUS_MM3 (a 3.4 mm ball, the smallest lesion a reader counts).
+BACKGROUND_SIGMA_MM = 4.0
+FOCUS_CONTRAST = 0.3
+MIN_FOCUS_MM3 = 20.0
+
+
+@dataclass(frozen=True)
+class SpuriousFoci:
+    """Lesion-like foci of a synthetic image that the real image does not show.
+
+    ``count`` foci of ``volume_ml`` in all (the part of each that stands out: a focus much
+    wider than BACKGROUND_SIGMA_MM counts by its core), within a region of ``region_ml``.
+    They count every cause of a focus the real image lacks: a hallucinated lesion, but also
+    a sulcus or vessel drawn a few millimetres off, so the number is read against the
+    floors and against a model trained without painted lesions, on the same studies, not
+    as a count of hallucinations.
+    """
+
+    count: int
+    volume_ml: float
+    region_ml: float
+
+
+def local_contrast(
+    image: np.ndarray, region: np.ndarray, spacing: tuple[float, float, float]
+) -> np.ndarray:
+    """How far each voxel of ``region`` ranks above the tissue around it: its quantile among
+    the region's intensities minus the Gaussian-weighted mean quantile of the region within
+    about BACKGROUND_SIGMA_MM (0 outside ``region``). Ranks, so any increasing map of the
+    intensities (another site's scale) gives the same contrast."""
+    sigma = [BACKGROUND_SIGMA_MM / step for step in spacing]
+    quantile = np.zeros(image.shape, dtype=np.float32)
+    quantile[region] = _quantiles(image[region])
+    weight = ndimage.gaussian_filter(region.astype(np.float32), sigma)
+    around = ndimage.gaussian_filter(quantile, sigma) / np.maximum(weight, 1e-6)
+    return np.where(region, quantile - around, 0.0)
+
+
+def _quantiles(values: np.ndarray) -> np.ndarray:
+    """Each value's rank among ``values`` scaled to [0, 1], ties sharing their mean rank
+    (stored pixels repeat: an arbitrary order among equals would be texture that is not
+    there)."""
+    if values.size < 2:
+        return np.zeros(values.shape, dtype=np.float32)
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    mean_rank = np.cumsum(counts) - (counts + 1) / 2
+    return (mean_rank[inverse] / (values.size - 1)).astype(np.float32)
+
+
+class SpuriousFociScorer:
+    """Spurious foci of predictions against one real image: foci of a prediction (contrast
+    above FOCUS_CONTRAST, ``bright`` or dark as the target contrast shows its lesions) where
+    ``real`` (same grid) stands out by less than half as much, outside ``known`` lesions and
+    their partial-volume edge. ``spacing`` is (between slices, between rows, between
+    columns) in mm. The real image's side is computed once for all predictions."""
+
+    def __init__(
+        self,
+        real: np.ndarray,
+        region: np.ndarray,
+        spacing: tuple[float, float, float],
+        *,
+        bright: bool = True,
+        known: np.ndarray | None = None,
+    ) -> None:
+        self.region, self.spacing = region, spacing
+        self.sign = 1.0 if bright else -1.0
+        real_contrast = local_contrast(self.sign * real, region, spacing)
+        # Where the real image shows no focus, away from the lesions an expert marked.
+        self.quiet = region & (real_contrast < FOCUS_CONTRAST / 2)
+        if known is not None:
+            distance = ndimage.distance_transform_edt(~known, sampling=spacing)
+            self.quiet &= distance > SURROUND_GAP_MM
+
+    def __call__(self, prediction: np.ndarray) -> SpuriousFoci:
+        contrast = local_contrast(self.sign * prediction, self.region, self.spacing)
+        voxel_mm3 = float(np.prod(self.spacing))
+        labels, count = ndimage.label(
+            self.quiet & (contrast > FOCUS_CONTRAST), structure=np.ones((3, 3, 3))
+        )
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:] * voxel_mm3
+        foci = sizes[sizes >= MIN_FOCUS_MM3]
+        return SpuriousFoci(
+            count=len(foci),
+            volume_ml=float(foci.sum()) / 1000,
+            region_ml=float(self.region.sum()) * voxel_mm3 / 1000,
+        )
