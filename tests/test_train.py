@@ -15,7 +15,7 @@ from pipeline.model.registry import ModelRegistry
 from train.augment import AugmentSettings, augment_intensity, crop_pair
 from train.dataset import prepare_study, sample_batch
 from train.evaluate import Evaluation, StudyResult
-from train.metrics import LesionFidelity
+from train.metrics import LesionFidelity, SpuriousFoci
 from train.pairs import StudyGroup, find_pairs, load_pair
 from train.trainer import TrainSettings, _loss, train_network
 from train.workflow import TrainRequest, activation_decision, run_training
@@ -269,6 +269,7 @@ def _evaluation(
         metrics={},
         collapse={"collapsed": False},
         lesions=visibility,
+        spurious=dict.fromkeys(("model", "input", "inverted"), SpuriousFoci(0, 0.0, 1.0)),
         per_slice={"model": values, "input": values, "inverted": values},
         images=(np.zeros((1, 2, 2)),) * 3,
     )
