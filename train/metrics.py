@@ -150,8 +150,8 @@ def lesion_fidelity(
 # A focus is a voxel that stands out from the tissue within about BACKGROUND_SIGMA_MM by
 # FOCUS_CONTRAST in rank (a jump of 30 percentiles of the region's intensities; the shared
 # MS lesions stand out from their surroundings by about 0.2 on their real T2, a bright
-# glioma by more), grouped into connected foci of at least
-# MIN_FOCUS_MM3 (a 3.4 mm ball, the smallest lesion a reader counts).
+# glioma by more), grouped into connected foci of at least MIN_FOCUS_MM3 (a 3.4 mm ball,
+# the smallest lesion a reader counts).
 BACKGROUND_SIGMA_MM = 4.0
 FOCUS_CONTRAST = 0.3
 MIN_FOCUS_MM3 = 20.0
@@ -172,21 +172,6 @@ class SpuriousFoci:
     count: int
     volume_ml: float
     region_ml: float
-
-
-def local_contrast(
-    image: np.ndarray, region: np.ndarray, spacing: tuple[float, float, float]
-) -> np.ndarray:
-    """How far each voxel of ``region`` ranks above the tissue around it: its quantile among
-    the region's intensities minus the Gaussian-weighted mean quantile of the region within
-    about BACKGROUND_SIGMA_MM (0 outside ``region``). Ranks, so any increasing map of the
-    intensities (another site's scale) gives the same contrast."""
-    sigma = [BACKGROUND_SIGMA_MM / step for step in spacing]
-    quantile = np.zeros(image.shape, dtype=np.float32)
-    quantile[region] = _quantiles(image[region])
-    weight = ndimage.gaussian_filter(region.astype(np.float32), sigma)
-    around = ndimage.gaussian_filter(quantile, sigma) / np.maximum(weight, 1e-6)
-    return np.where(region, quantile - around, 0.0)
 
 
 def _quantiles(values: np.ndarray) -> np.ndarray:
@@ -217,16 +202,31 @@ class SpuriousFociScorer:
         known: np.ndarray | None = None,
     ) -> None:
         self.region, self.spacing = region, spacing
+        self.sigma = [BACKGROUND_SIGMA_MM / step for step in spacing]
+        # How much of each voxel's surroundings is region: the same for every image.
+        self.weight = np.maximum(
+            ndimage.gaussian_filter(region.astype(np.float32), self.sigma), 1e-6
+        )
         self.sign = 1.0 if bright else -1.0
-        real_contrast = local_contrast(self.sign * real, region, spacing)
+        real_contrast = self.local_contrast(self.sign * real)
         # Where the real image shows no focus, away from the lesions an expert marked.
         self.quiet = region & (real_contrast < FOCUS_CONTRAST / 2)
         if known is not None:
             distance = ndimage.distance_transform_edt(~known, sampling=spacing)
             self.quiet &= distance > SURROUND_GAP_MM
 
+    def local_contrast(self, image: np.ndarray) -> np.ndarray:
+        """How far each voxel of the region ranks above the tissue around it: its quantile
+        among the region's intensities minus the Gaussian-weighted mean quantile of the
+        region within about BACKGROUND_SIGMA_MM (0 outside the region). Ranks, so any
+        increasing map of the intensities (another site's scale) gives the same contrast."""
+        quantile = np.zeros(image.shape, dtype=np.float32)
+        quantile[self.region] = _quantiles(image[self.region])
+        around = ndimage.gaussian_filter(quantile, self.sigma) / self.weight
+        return np.where(self.region, quantile - around, 0.0)
+
     def __call__(self, prediction: np.ndarray) -> SpuriousFoci:
-        contrast = local_contrast(self.sign * prediction, self.region, self.spacing)
+        contrast = self.local_contrast(self.sign * prediction)
         voxel_mm3 = float(np.prod(self.spacing))
         labels, count = ndimage.label(
             self.quiet & (contrast > FOCUS_CONTRAST), structure=np.ones((3, 3, 3))
