@@ -172,7 +172,9 @@ def test_attach_summary_keeps_the_weights(tmp_path) -> None:
     assert readable["metrics"]["reference"]["protocol"].startswith("2-fold cross-validation")
 
 
-def test_rescore_adds_a_new_metric_to_finished_runs_without_training(mr_brain, tmp_path) -> None:
+def test_rescore_adds_a_new_metric_to_finished_runs_without_training(
+    mr_brain, tmp_path, capsys
+) -> None:
     out = tmp_path / "kfold"
     data = [mr_brain / "brats-gli-00001", mr_brain / "brats-met-00110"]
     record_path = out / "runs" / "t1-to-t2" / "v4" / "seed-0" / "fold-1.json"
@@ -191,9 +193,14 @@ def test_rescore_adds_a_new_metric_to_finished_runs_without_training(mr_brain, t
     assert {"model", "input", "inverted"} == set(studies[0]["spurious"])
     assert record["settings"] == stale["settings"]  # the run itself is kept
     # Scored once: a record that has every metric is left alone. Nothing is trained, not
-    # even the fold that has no record.
+    # even the fold that has no record. A record whose model was not kept says so.
     before = record_path.stat().st_mtime_ns
-    run_ablation(data, out, base, ["v4"], ["t1-to-t2"], [0], 2, rescore=True)
+    orphan = out / "runs" / "t1-to-t2" / "v4" / "seed-1" / "fold-1.json"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_text(json.dumps(stale))
+    run_ablation(data, out, base, ["v4"], ["t1-to-t2"], [0, 1], 2, rescore=True)
     assert record_path.stat().st_mtime_ns == before
+    assert json.loads(orphan.read_text()) == stale
+    assert f"{orphan}: not scored again: its model" in capsys.readouterr().err
     assert sorted(p.name for p in model.parent.iterdir()) == ["fold-1.pt"]
     assert not record_path.with_name("fold-2.json").exists()

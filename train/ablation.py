@@ -162,18 +162,25 @@ def settings_for(configuration: str, base: TrainSettings) -> TrainSettings:
     return replace(base, arguments=arguments, **changes)
 
 
+def _run_folder(direction: str, configuration: str, seed: int) -> Path:
+    return Path(direction) / configuration / f"seed-{seed}"
+
+
 def run_path(out: Path, direction: str, configuration: str, seed: int, fold: Fold) -> Path:
-    return out / "runs" / direction / configuration / f"seed-{seed}" / f"{fold.name()}.json"
+    return out / "runs" / _run_folder(direction, configuration, seed) / f"{fold.name()}.json"
 
 
 def model_path(out: Path, direction: str, configuration: str, seed: int, fold: Fold) -> Path:
-    return out / "models" / direction / configuration / f"seed-{seed}" / f"{fold.name()}.pt"
+    return out / "models" / _run_folder(direction, configuration, seed) / f"{fold.name()}.pt"
 
 
 def _rescore(path: Path, model: Path, test: list[PairedVolume]) -> None:
     record = json.loads(path.read_text())
     current = {key for study in record["evaluation"]["studies"] for key in study}
-    if not model.is_file() or current >= REPORTED_PER_STUDY:
+    if current >= REPORTED_PER_STUDY:
+        return
+    if not model.is_file():
+        print(f"{path}: not scored again: its model {model} was not kept", file=sys.stderr)
         return
     print(f"{path}: scored again with {model}", file=sys.stderr, flush=True)
     record["evaluation"] = evaluate(load_model(model), test).report()
@@ -250,7 +257,7 @@ def _run(
         model.card,
     )
     evaluation = evaluate(model, test)
-    figures = out / "figures" / settings.direction / configuration / f"seed-{settings.seed}"
+    figures = out / "figures" / _run_folder(settings.direction, configuration, settings.seed)
     for study in evaluation.studies:
         save_comparison(
             figures / f"{study.label}.png",
