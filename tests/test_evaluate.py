@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.image
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from node.cli import main
+from pipeline.dicom.derived import instance_numbers
 from pipeline.model.card import LoadedModel, ModelCard, save_model
 from pipeline.model.scores import minmax_slices, slice_metrics, ssim_map
 from pipeline.model.unet import UNet
-from train.evaluate import evaluate
+from train.evaluate import _spurious, evaluate
 from train.figures import save_comparison
 from train.metrics import collapse_check, floors
 from train.pairs import find_pairs, load_pair
@@ -116,6 +119,31 @@ def test_evaluation_runs_the_inference_path_and_reports_floors(native, tmp_path)
     reverse = load_pair(native.pair, "t2-to-t1", register=False)
     with pytest.raises(ValueError, match="paired for t2-to-t1"):
         evaluate(model, [reverse])
+
+
+def test_a_spurious_focus_is_reported_where_a_reader_finds_it(native) -> None:
+    # Usable slices that do not start at the series' first, so their indices differ.
+    native = replace(native, slices=native.slices[3:])
+    # The real T2 as the synthetic one, with a 6 mm bright ball invented in the white matter.
+    middle = int(native.slices[len(native.slices) // 2])
+    row, column = ndimage.center_of_mass(native.head[middle])
+    spacing = np.array([native.source.slice_spacing, *native.source.pixel_spacing])
+    centre = np.array([middle, row, column + 25 / spacing[2]])
+    distance = np.linalg.norm((np.indices(native.target.shape).T - centre) * spacing, axis=-1).T
+    invented = np.where(distance <= 6.0, native.target.max(), native.target)
+
+    summary, (site, *others) = _spurious(native, invented)
+    assert summary["model"].count == 1 + len(others) == 1
+    assert site.volume_ml == pytest.approx(summary["model"].volume_ml)
+    # The reported position lies in the ball, on the plane of one of its slices, and the
+    # image named is the synthetic series' image of that slice.
+    source = native.source
+    centre_mm = (source.affine() @ [*centre, 1.0])[:3]
+    assert np.linalg.norm(np.array(site.position_mm) - centre_mm) <= 6.0
+    offset = np.array(site.position_mm) @ source.slice_normal
+    (on_plane,) = np.flatnonzero(np.abs(source.slice_offsets - offset) < 0.1)
+    assert abs(on_plane - middle) <= 1
+    assert site.image == instance_numbers(source.headers)[on_plane]
 
 
 def test_figure_has_input_synthetic_real_and_difference(tmp_path) -> None:

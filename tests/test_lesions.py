@@ -68,6 +68,10 @@ def test_spurious_foci_are_those_the_real_image_does_not_show() -> None:
     # Its core: the rim of a 12 mm ball hardly stands out from surroundings half ball.
     assert 0.4 < found.volume_ml / (lesion.sum() / 1000) <= 1.0
     assert found.region_ml == pytest.approx(head.sum() / 1000)
+    # Where it is: its peak inside the invented lesion.
+    (focus,) = against_real.foci(invented)
+    assert elsewhere[focus.peak] and focus.contrast > 0.3
+    assert focus.volume_mm3 == pytest.approx(found.volume_ml * 1000)
     # Where the real image has it too, or where an expert's mask says a lesion is, none.
     both = np.where(elsewhere, 0.9, real)
     assert SpuriousFociScorer(both, head, SPACING)(invented).count == 0

@@ -270,6 +270,7 @@ def _evaluation(
         collapse={"collapsed": False},
         lesions=visibility,
         spurious=dict.fromkeys(("model", "input", "inverted"), SpuriousFoci(0, 0.0, 1.0)),
+        spurious_sites=[],
         per_slice={"model": values, "input": values, "inverted": values},
         images=(np.zeros((1, 2, 2)),) * 3,
     )

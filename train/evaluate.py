@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.dicom.contrast import Contrast, Direction
+from pipeline.dicom.derived import instance_numbers
 from pipeline.dicom.reformat import axial_volume
 from pipeline.dicom.volume import SeriesError, load_series
 from pipeline.model.card import LoadedModel, describe
@@ -32,6 +33,7 @@ from pipeline.model.scores import mean_metrics, minmax_slices, slice_metrics
 from train.figures import FIGURE_SLICES, save_comparison
 from train.lesions import LesionMaskError, LesionMasks
 from train.metrics import (
+    Focus,
     LesionFidelity,
     SpuriousFoci,
     SpuriousFociScorer,
@@ -45,6 +47,22 @@ PREDICTORS = ("model", "input", "inverted")
 # What "better" means when two models or a model and a floor are compared: the paper's
 # PSNR, SSIM and the correlation, inside the head, where the anatomy a reader looks at is.
 KEY_METRICS = ("psnr_head", "ssim_head", "corr_head")
+# The model's largest spurious foci are listed with where to find them, for a reader to
+# look at; the rest are in the count.
+LISTED_FOCI = 5
+
+
+@dataclass(frozen=True)
+class FocusSite:
+    """Where a reader finds one of the model's spurious foci: the image of the synthetic
+    series through the focus's peak (its InstanceNumber; None where the source was
+    reformatted to axial for evaluation, so no image of the series is that slice), the peak
+    in patient coordinates (LPS, mm), the focus's size and its contrast in rank."""
+
+    image: int | None
+    position_mm: tuple[float, float, float]
+    volume_ml: float
+    contrast: float
 
 
 @dataclass
@@ -58,6 +76,7 @@ class StudyResult:
     collapse: dict[str, float | bool]
     lesions: dict[str, LesionFidelity] | None  # predictor -> fidelity, where a mask exists
     spurious: dict[str, SpuriousFoci]  # predictor -> foci the real target does not show
+    spurious_sites: list[FocusSite]  # the model's largest spurious foci, largest first
     per_slice: dict[str, dict[str, list[float]]] = field(repr=False)
     # Kept for figures: normalised source, raw output, normalised target (usable slices).
     images: tuple[np.ndarray, np.ndarray, np.ndarray] = field(repr=False)
@@ -187,6 +206,7 @@ class Evaluation:
                     "spurious": {
                         predictor: asdict(value) for predictor, value in s.spurious.items()
                     },
+                    "spurious_sites": [asdict(site) for site in s.spurious_sites],
                 }
                 for s in self.studies
             ],
@@ -227,6 +247,7 @@ def evaluate(model: LoadedModel, paired: list[PairedVolume]) -> Evaluation:
         }
         # In the network's own space: the spread of its raw output against the target's.
         target_normalized = normalize_volume(item.target, model.card.output_normalization)[keep]
+        spurious, sites = _spurious(item, sent_volume)
         studies.append(
             StudyResult(
                 label=item.pair.label,
@@ -237,7 +258,8 @@ def evaluate(model: LoadedModel, paired: list[PairedVolume]) -> Evaluation:
                 metrics={name: mean_metrics(values) for name, values in per_slice.items()},
                 collapse=collapse_check(output[keep], head & covered, target_normalized),
                 lesions=_lesions(item, sent_volume),
-                spurious=_spurious(item, sent_volume),
+                spurious=spurious,
+                spurious_sites=sites,
                 per_slice=per_slice,
                 # The figure shows what the node sends, as the scores do.
                 images=(source, predictions["model"], real),
@@ -367,15 +389,38 @@ def _lesions(item: PairedVolume, sent: np.ndarray) -> dict[str, LesionFidelity] 
     }
 
 
-def _spurious(item: PairedVolume, sent: np.ndarray) -> dict[str, SpuriousFoci]:
+def _spurious(
+    item: PairedVolume, sent: np.ndarray
+) -> tuple[dict[str, SpuriousFoci], list[FocusSite]]:
     """Each predictor's spurious foci over the usable slices, outside the expert's lesions,
-    bright where the target is a T2 and dark where it is a T1 (as lesions show there)."""
+    bright where the target is a T2 and dark where it is a T1 (as lesions show there); and
+    where the model's largest are."""
     keep = item.slices
     images, region, spacing = _whole_volumes(item, sent)
     bright = Direction.parse(item.direction, "direction").target is Contrast.T2
     known = None if item.lesions is None else item.lesions[keep]
     scorer = SpuriousFociScorer(item.target[keep], region, spacing, bright=bright, known=known)
-    return {name: scorer(image) for name, image in images.items()}
+    found = {name: scorer.foci(image) for name, image in images.items()}
+    sites = [_site(item, focus) for focus in found["model"][:LISTED_FOCI]]
+    return {name: scorer.summarize(foci) for name, foci in found.items()}, sites
+
+
+def _site(item: PairedVolume, focus: Focus) -> FocusSite:
+    """Where ``focus`` (found on the usable slices) lies in the source series, which the
+    synthetic series shares slice for slice."""
+    usable_slice, row, column = focus.peak
+    index = int(item.slices[usable_slice])
+    source = item.source
+    # One row down, one column right, from the slice's own position (exact for a series
+    # whose slices are not evenly spaced, as the affine's slice axis is not).
+    steps = source.affine()[:3, 1:3]
+    position = source.positions[index] + steps @ np.array([row, column], dtype=float)
+    return FocusSite(
+        image=instance_numbers(source.headers)[index] if source.headers else None,
+        position_mm=tuple(round(float(value), 1) for value in position),
+        volume_ml=focus.volume_mm3 / 1000,
+        contrast=focus.contrast,
+    )
 
 
 def _whole_volumes(
@@ -430,7 +475,17 @@ def format_table(evaluation: Evaluation) -> str:
                 for predictor, foci in study.spurious.items()
             )
         )
+        if study.spurious_sites:
+            lines.append(
+                "  the model's largest: " + "; ".join(map(_site_text, study.spurious_sites))
+            )
     return "\n".join(lines)
+
+
+def _site_text(site: FocusSite) -> str:
+    where = "" if site.image is None else f"image {site.image}, "
+    x, y, z = site.position_mm
+    return f"{where}({x:.0f}, {y:.0f}, {z:.0f}) mm LPS, {site.volume_ml:.2f} mL"
 
 
 def _fidelity_line(lesions: dict[str, LesionFidelity]) -> str:

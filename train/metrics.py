@@ -158,6 +158,17 @@ MIN_FOCUS_MM3 = 20.0
 
 
 @dataclass(frozen=True)
+class Focus:
+    """One lesion-like focus: ``peak`` is its voxel that stands out most (slice, row, column
+    of the scored volume), by ``contrast`` in rank; ``volume_mm3`` is the part of it that
+    stands out by more than FOCUS_CONTRAST."""
+
+    peak: tuple[int, int, int]
+    volume_mm3: float
+    contrast: float
+
+
+@dataclass(frozen=True)
 class SpuriousFoci:
     """Lesion-like foci of a synthetic image that the real image does not show.
 
@@ -202,6 +213,7 @@ class SpuriousFociScorer:
         known: np.ndarray | None = None,
     ) -> None:
         self.region, self.spacing = region, spacing
+        self.voxel_mm3 = float(np.prod(spacing))
         self.sigma = [BACKGROUND_SIGMA_MM / step for step in spacing]
         # How much of each voxel's surroundings is region: the same for every image.
         self.weight = np.maximum(
@@ -226,15 +238,32 @@ class SpuriousFociScorer:
         return np.where(self.region, quantile - around, 0.0)
 
     def __call__(self, prediction: np.ndarray) -> SpuriousFoci:
+        return self.summarize(self.foci(prediction))
+
+    def foci(self, prediction: np.ndarray) -> list[Focus]:
+        """The prediction's spurious foci, largest first."""
         contrast = self.local_contrast(self.sign * prediction)
-        voxel_mm3 = float(np.prod(self.spacing))
         labels, count = ndimage.label(
             self.quiet & (contrast > FOCUS_CONTRAST), structure=np.ones((3, 3, 3))
         )
-        sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:] * voxel_mm3
-        foci = sizes[sizes >= MIN_FOCUS_MM3]
+        sizes = np.bincount(labels.ravel(), minlength=count + 1) * self.voxel_mm3
+        kept = [label for label in range(1, count + 1) if sizes[label] >= MIN_FOCUS_MM3]
+        if not kept:
+            return []
+        peaks = ndimage.maximum_position(contrast, labels, kept)
+        foci = [
+            Focus(
+                peak=tuple(int(i) for i in peak),
+                volume_mm3=float(sizes[label]),
+                contrast=float(contrast[peak]),
+            )
+            for label, peak in zip(kept, peaks, strict=True)
+        ]
+        return sorted(foci, key=lambda focus: -focus.volume_mm3)
+
+    def summarize(self, foci: list[Focus]) -> SpuriousFoci:
         return SpuriousFoci(
             count=len(foci),
-            volume_ml=float(foci.sum()) / 1000,
-            region_ml=float(self.region.sum()) * voxel_mm3 / 1000,
+            volume_ml=sum(focus.volume_mm3 for focus in foci) / 1000,
+            region_ml=float(self.region.sum()) * self.voxel_mm3 / 1000,
         )

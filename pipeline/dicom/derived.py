@@ -267,7 +267,7 @@ def build_synthetic_series(
         burned_in=burned_in,
         kind=kind,
     )
-    numbers = _instance_numbers(source.headers)
+    numbers = instance_numbers(source.headers)
     frames = source.frames or (None,) * len(source.headers)
     datasets = []
     for index, (header, frame) in enumerate(zip(source.headers, frames, strict=True)):
@@ -508,7 +508,8 @@ def _series_number(source_number: object, kind: DerivedKind) -> int | None:
     return number if -_IS_MAX <= number <= _IS_MAX else None
 
 
-def _instance_numbers(headers: Sequence[Dataset]) -> list[int]:
+def instance_numbers(headers: Sequence[Dataset]) -> list[int]:
+    """The InstanceNumber of each slice of a series derived from one with ``headers``."""
     source = [header.get("InstanceNumber") for header in headers]
     if any(number is None or number == "" for number in source):
         return list(range(1, len(headers) + 1))
