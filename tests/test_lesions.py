@@ -8,16 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from node.cli import _parser
 from pipeline.model.scores import correlation
 from tests.test_evaluate import tiny_model
 from train.flairmasks import write_masks
 from train.folds import patient_folds
-from train.lesionpaint import FluidLevels, fluid_levels, paint_lesions
+from train.lesionpaint import FluidLevels, PaintSettings, fluid_levels, paint_lesions
 from train.lesions import LesionMaskError, LesionMasks
 from train.metrics import SpuriousFociScorer, brighter_probability, lesion_fidelity
 from train.pairs import StudyGroup, find_pairs, load_pair
+from train.trainer import TrainSettings
 
 SPACING = (1.0, 1.0, 1.0)
 
@@ -203,6 +205,36 @@ def test_painted_lesions_darken_t1_brighten_t2_at_every_depth() -> None:
     )
     where = fraction > 0.05
     assert (back_source[0][where] > t2[where]).all() and (back_target[where] < t1[where]).all()
+
+
+def test_the_tumour_share_chooses_one_large_lesion_or_several_small() -> None:
+    head = np.zeros((96, 96), dtype=bool)
+    head[4:92, 4:92] = True
+    t1 = np.where(head, 0.6, 0.0).astype(np.float32)
+    t2 = np.where(head, 0.3, 0.0).astype(np.float32)
+
+    def painted(tumour_share: float, seed: int) -> tuple[int, int]:
+        """The painted pixels and their pieces (a lesion's slice may be in several)."""
+        _, _, fraction = paint_lesions(
+            t1[None],
+            t2,
+            head,
+            FluidLevels(source=0.1, target=0.95),
+            True,
+            (0.0,),
+            1.0,
+            np.random.default_rng(seed),
+            PaintSettings(single_probability=tumour_share),
+        )
+        where = fraction > 0.05
+        return int(where.sum()), ndimage.label(where)[1]
+
+    tumours = np.array([painted(1.0, seed) for seed in range(16)]).mean(axis=0)
+    plaques = np.array([painted(0.0, seed) for seed in range(16)]).mean(axis=0)
+    # One large lesion against two to five small ones: larger, in fewer pieces.
+    assert tumours[0] > 1.5 * plaques[0] and tumours[1] < plaques[1] / 2
+    with pytest.raises(ValueError, match="painted_tumour_share is a probability"):
+        TrainSettings(painted_tumour_share=1.5)
 
 
 def test_fluid_levels_are_csf(ms_pairs) -> None:

@@ -124,6 +124,11 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         "v5-b16 with a gradient-difference term (weight 0.5) beside MSE + SSIM",
         {**_ALL, "epochs": 24, "base_width": 16, "edge_weight": 0.5},
     ),
+    "v5-b16-paint-tumours": (
+        "v5-b16 with every painting a tumour with oedema, on half the crops (50 % of the "
+        "crops tumour-like, v5-b16-paint-all's 60 %, with half the crops kept healthy)",
+        {**_ALL, "epochs": 24, "base_width": 16, "painted_tumour_share": 1.0},
+    ),
     "v5-b16-paint-all": (
         "v5-b16 with lesions painted into every crop (v4-paint-all's gain on the glioma)",
         {**_ALL, "epochs": 24, "base_width": 16, "lesion_painting": 1.0},

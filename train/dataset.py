@@ -160,7 +160,10 @@ def sample_batch(
                     depths,
                     settings.pixel_spacing_mm,
                     rng,
-                    PaintSettings(t1_share=settings.painted_t1_share),
+                    PaintSettings(
+                        single_probability=settings.painted_tumour_share,
+                        t1_share=settings.painted_t1_share,
+                    ),
                 )
                 weight = weight * (1 + settings.lesion_weight * (painted > 0))
             source = augment_intensity(source, augment, rng)

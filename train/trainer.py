@@ -103,6 +103,9 @@ class TrainSettings:
     # The share of a painted lesion's fluid fraction that shows on T1 (uniform between
     # the two): a lesion is usually far fainter on T1 than on T2.
     painted_t1_share: tuple[float, float] = (0.25, 1.0)
+    # The share of paintings that are one large lesion (a tumour with its oedema); the
+    # others are several small ones (MS plaques).
+    painted_tumour_share: float = 0.6
     # The probability that a crop is centred on a voxel of an expert's lesion mask, where
     # the study has one.
     lesion_oversampling: float = 0.2
@@ -129,7 +132,12 @@ class TrainSettings:
                 f"neighbour_distance_mm must be positive (or None for 2-D), not "
                 f"{self.neighbour_distance_mm}"
             )
-        for name in ("lesion_painting", "lesion_oversampling", "thick_slices"):
+        for name in (
+            "lesion_painting",
+            "painted_tumour_share",
+            "lesion_oversampling",
+            "thick_slices",
+        ):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a probability, not {getattr(self, name)}")
         low, high = self.painted_t1_share
