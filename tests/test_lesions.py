@@ -234,7 +234,7 @@ def test_the_tumour_share_chooses_one_large_lesion_or_several_small() -> None:
     # One large lesion against two to five small ones: larger, in fewer pieces.
     assert tumours[0] > 1.5 * plaques[0] and tumours[1] < plaques[1] / 2
     with pytest.raises(ValueError, match="painted_tumour_share is a probability"):
-        TrainSettings(painted_tumour_share=1.5)
+        TrainSettings(direction="t1-to-t2", painted_tumour_share=1.5)
 
 
 def test_fluid_levels_are_csf(ms_pairs) -> None:
