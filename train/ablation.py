@@ -129,6 +129,17 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         "crops tumour-like, v5-b16-paint-all's 60 %, with half the crops kept healthy)",
         {**_ALL, "epochs": 24, "base_width": 16, "painted_tumour_share": 1.0},
     ),
+    "v5-b16-paint-plaques": (
+        "v5-b16 with small lesions (MS plaques) painted into every crop, no tumours (a "
+        "lesion in every crop, without the large paintings that cost a healthy brain)",
+        {
+            **_ALL,
+            "epochs": 24,
+            "base_width": 16,
+            "lesion_painting": 1.0,
+            "painted_tumour_share": 0.0,
+        },
+    ),
     "v5-b16-paint-all": (
         "v5-b16 with lesions painted into every crop (v4-paint-all's gain on the glioma)",
         {**_ALL, "epochs": 24, "base_width": 16, "lesion_painting": 1.0},
