@@ -401,26 +401,32 @@ def _spurious(
     known = None if item.lesions is None else item.lesions[keep]
     scorer = SpuriousFociScorer(item.target[keep], region, spacing, bright=bright, known=known)
     found = {name: scorer.foci(image) for name, image in images.items()}
-    sites = [_site(item, focus) for focus in found["model"][:LISTED_FOCI]]
+    sites = _sites(item, found["model"][:LISTED_FOCI])
     return {name: scorer.summarize(foci) for name, foci in found.items()}, sites
 
 
-def _site(item: PairedVolume, focus: Focus) -> FocusSite:
-    """Where ``focus`` (found on the usable slices) lies in the source series, which the
-    synthetic series shares slice for slice."""
-    usable_slice, row, column = focus.peak
-    index = int(item.slices[usable_slice])
+def _sites(item: PairedVolume, foci: list[Focus]) -> list[FocusSite]:
+    """Where each of ``foci`` (found on the usable slices) lies in the source series, which
+    the synthetic series shares slice for slice."""
     source = item.source
+    images = instance_numbers(source.headers) if source.headers else None
     # One row down, one column right, from the slice's own position (exact for a series
     # whose slices are not evenly spaced, as the affine's slice axis is not).
     steps = source.affine()[:3, 1:3]
-    position = source.positions[index] + steps @ np.array([row, column], dtype=float)
-    return FocusSite(
-        image=instance_numbers(source.headers)[index] if source.headers else None,
-        position_mm=tuple(round(float(value), 1) for value in position),
-        volume_ml=focus.volume_mm3 / 1000,
-        contrast=focus.contrast,
-    )
+    sites = []
+    for focus in foci:
+        usable_slice, row, column = focus.peak
+        index = int(item.slices[usable_slice])
+        position = source.positions[index] + steps @ np.array([row, column], dtype=float)
+        sites.append(
+            FocusSite(
+                image=None if images is None else images[index],
+                position_mm=tuple(round(float(value), 1) for value in position),
+                volume_ml=focus.volume_mm3 / 1000,
+                contrast=focus.contrast,
+            )
+        )
+    return sites
 
 
 def _whole_volumes(

@@ -247,8 +247,8 @@ class SpuriousFociScorer:
             self.quiet & (contrast > FOCUS_CONTRAST), structure=np.ones((3, 3, 3))
         )
         sizes = np.bincount(labels.ravel(), minlength=count + 1) * self.voxel_mm3
-        kept = [label for label in range(1, count + 1) if sizes[label] >= MIN_FOCUS_MM3]
-        if not kept:
+        kept = np.flatnonzero(sizes[1:] >= MIN_FOCUS_MM3) + 1
+        if not kept.size:
             return []
         peaks = ndimage.maximum_position(contrast, labels, kept)
         foci = [
