@@ -18,11 +18,14 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from node.config import load_config_or_defaults
 from pipeline.dicom.contrast import Direction
 from pipeline.model.preprocess import Normalization
+
+if TYPE_CHECKING:
+    from train.trainer import TrainSettings
 
 
 def add_commands(subparsers: Any, add_global_options: Callable[..., None]) -> None:
@@ -132,6 +135,14 @@ def add_commands(subparsers: Any, add_global_options: Callable[..., None]) -> No
         metavar="P",
         help="probability that a training crop gets lesions painted in "
         f"(default {TrainSettings.lesion_painting})",
+    )
+    train.add_argument(
+        "--painted-tumour-share",
+        type=float,
+        default=TrainSettings.painted_tumour_share,
+        metavar="P",
+        help="share of paintings that are one large lesion with oedema; the others are "
+        f"several small plaques (default {TrainSettings.painted_tumour_share})",
     )
     train.add_argument(
         "--lesion-weight",
@@ -253,38 +264,47 @@ def network_arguments(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def train_settings(args: argparse.Namespace) -> TrainSettings:
+    """The training recipe the command line asks for; ValueError names a setting that
+    cannot train."""
+    from train.trainer import TrainSettings
+
+    return TrainSettings(
+        direction=args.direction,
+        normalization=args.normalization,
+        target_normalization=args.target_normalization,
+        pixel_spacing_mm=args.pixel_spacing,
+        neighbour_distance_mm=args.neighbours or None,
+        gradient_channels=not args.no_gradient_channels,
+        arguments=network_arguments(args),
+        epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        batch_size=args.batch_size,
+        crop=args.crop,
+        learning_rate=args.learning_rate,
+        loss=args.loss,
+        augment=not args.no_augment,
+        lesion_painting=args.lesion_painting,
+        painted_tumour_share=args.painted_tumour_share,
+        lesion_weight=args.lesion_weight,
+        lesion_oversampling=args.lesion_oversampling,
+        thick_slices=args.thick_slices,
+        seed=args.seed,
+    )
+
+
 def _train(args: argparse.Namespace) -> int:
     from pipeline.model.card import ModelFileError
     from pipeline.model.inference import use_threads
     from pipeline.model.registry import ModelRegistry, RegistryError
     from train.lesions import LesionMasks
-    from train.trainer import TrainSettings, console_progress
+    from train.trainer import console_progress
     from train.workflow import TrainRequest, load_reference_metrics, run_training
 
     if args.threads:
         use_threads(args.threads)
     try:
-        settings = TrainSettings(
-            direction=args.direction,
-            normalization=args.normalization,
-            target_normalization=args.target_normalization,
-            pixel_spacing_mm=args.pixel_spacing,
-            neighbour_distance_mm=args.neighbours or None,
-            gradient_channels=not args.no_gradient_channels,
-            arguments=network_arguments(args),
-            epochs=args.epochs,
-            steps_per_epoch=args.steps_per_epoch,
-            batch_size=args.batch_size,
-            crop=args.crop,
-            learning_rate=args.learning_rate,
-            loss=args.loss,
-            augment=not args.no_augment,
-            lesion_painting=args.lesion_painting,
-            lesion_weight=args.lesion_weight,
-            lesion_oversampling=args.lesion_oversampling,
-            thick_slices=args.thick_slices,
-            seed=args.seed,
-        )
+        settings = train_settings(args)
         lesions = LesionMasks.load(*args.lesions) if args.lesions else None
     except (ValueError, TypeError) as error:
         print(f"train: {error}", file=sys.stderr)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from node.cli import _parser, main
-from node.train_commands import network_arguments, registry_root
+from node.train_commands import network_arguments, registry_root, train_settings
 from pipeline.model.card import ModelCard, save_model
 from pipeline.model.registry import ModelRegistry
 from pipeline.model.unet import UNet
@@ -80,6 +80,21 @@ def test_train_options_reach_the_network_and_the_rest_stay_the_shipped_models() 
     # The slice, its two neighbours, and the Sobel channels unless turned off.
     assert arguments("--no-gradient-channels")["in_channels"] == 3
     assert arguments("--neighbours", "0", "--no-gradient-channels")["in_channels"] == 1
+
+
+def test_lesion_painting_options_reach_the_recipe_and_a_bad_one_is_named(tmp_path, capsys) -> None:
+    parser = _parser(training=True)
+    argv = ["train", str(tmp_path), "--direction", "t1-to-t2"]
+
+    default = train_settings(parser.parse_args(argv))
+    assert default.painted_tumour_share == 0.6 and default.lesion_painting == 0.5
+    plaques = train_settings(
+        parser.parse_args([*argv, "--lesion-painting", "1", "--painted-tumour-share", "0"])
+    )
+    assert plaques.lesion_painting == 1.0 and plaques.painted_tumour_share == 0.0
+
+    assert run([*argv, "--painted-tumour-share", "1.5", "--no-registry"]) == 2
+    assert "painted_tumour_share is a probability, not 1.5" in capsys.readouterr().err
 
 
 def test_registry_comes_from_the_option_the_config_or_beside_the_config(tmp_path) -> None:
