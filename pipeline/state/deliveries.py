@@ -243,6 +243,16 @@ def backoff_ceiling(attempts: int, settings: DeliverySettings) -> float:
     return min(settings.backoff_max_seconds, settings.backoff_seconds * 2**exponent)
 
 
+def _locked(session: Session, delivery_id: int) -> Delivery:
+    """The delivery, locked for this transaction; ValueError when there is none."""
+    delivery = session.scalars(
+        select(Delivery).where(Delivery.id == delivery_id).with_for_update()
+    ).one_or_none()
+    if delivery is None:
+        raise ValueError(f"there is no delivery {delivery_id}")
+    return delivery
+
+
 def record_attempt(
     sessions: sessionmaker,
     delivery_id: int,
@@ -262,11 +272,7 @@ def record_attempt(
     """
     now = now or utcnow()
     with sessions.begin() as session:
-        delivery = session.scalars(
-            select(Delivery).where(Delivery.id == delivery_id).with_for_update()
-        ).one_or_none()
-        if delivery is None:
-            raise ValueError(f"there is no delivery {delivery_id}")
+        delivery = _locked(session, delivery_id)
         if delivery.state != DeliveryState.SENDING or delivery.lease_owner != owner:
             log.warning(
                 "delivery %d: result of %s ignored, its lease was lost (now %s, held by %s)",
@@ -355,11 +361,7 @@ def retry_delivery(sessions: sessionmaker, delivery_id: int, *, origin: str) -> 
     (who asked) goes into the audit trail.
     """
     with sessions.begin() as session:
-        delivery = session.scalars(
-            select(Delivery).where(Delivery.id == delivery_id).with_for_update()
-        ).one_or_none()
-        if delivery is None:
-            raise ValueError(f"there is no delivery {delivery_id}")
+        delivery = _locked(session, delivery_id)
         if delivery.state == DeliveryState.SENT:
             raise ValueError(
                 f"delivery {delivery_id} to {delivery.destination} was already sent; "
