@@ -407,6 +407,8 @@ def _translate(args: argparse.Namespace) -> int:
                 f"wrote   {done.folder}: {len(done.result.datasets)} {done.result.source_plane} "
                 f"synthetic {done.direction.target} slice(s) from {label}"
             )
+            if (note := done.result.overshoot_note()) is not None:
+                print(f"        check it before use: {note}")
     for path, reason in found.unreadable:
         print(f"skipped {path}: {reason}")
     if not found.series:

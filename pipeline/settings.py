@@ -44,6 +44,9 @@ class OutputSettings(BaseModel):
 
     # "SYNTHETIC" burnt into the air outside the head of every image (pipeline.dicom.label).
     burn_in_label: bool = True
+    # A synthesis with more output than this (mL) beyond the range its model learnt is held,
+    # not sent (pipeline.model.overshoot); inf never holds.
+    hold_overshoot_above_ml: Annotated[float, Field(ge=0)] = 0.1
 
 
 class UncertaintySettings(BaseModel):

@@ -29,6 +29,7 @@ from pipeline.dicom.seriesfiles import SeriesFiles
 from pipeline.dicom.volume import SeriesError, load_series
 from pipeline.model.card import ModelFileError, describe
 from pipeline.model.inference import Synthesizer, Synthesizers, pick_device
+from pipeline.model.overshoot import Overshoot, measure_overshoot
 from pipeline.model.preprocess import head_mask, to_stored_pixels
 from pipeline.model.registry import RegistryError
 from pipeline.model.uncertainty import series_uncertainty
@@ -44,11 +45,24 @@ class SynthesisResult:
     series_uid: str
     timings: dict[str, float]  # load_s, inference_s, build_s
     source_plane: str  # axial, or sagittal/coronal for a 3D series synthesized as axial
+    overshoot: Overshoot  # output beyond the range the model learnt (pipeline.model.overshoot)
     # With uncertainty passes: the per-series uncertainty (pipeline.model.uncertainty), the
     # per-voxel spread on the source's grid, and its derived series when asked for.
     uncertainty: float | None = None
     spread: np.ndarray | None = None
     uncertainty_datasets: list[Dataset] = field(default_factory=list)
+
+    def overshoot_note(self) -> str | None:
+        """What an admin reads of output beyond the model's learnt range; None: there is none."""
+        overshoot = self.overshoot
+        if overshoot.volume_ml == 0:
+            return None
+        image = self.datasets[overshoot.peak_slice].InstanceNumber
+        return (
+            f"{overshoot.volume_ml:.2f} mL of the synthetic series is brighter than anything "
+            f"its model learnt to draw (up to {overshoot.peak:.1f} times the top of its range, "
+            f"in image {image}): the sign of an artefact"
+        )
 
 
 def synthesize_series(
@@ -83,6 +97,7 @@ def synthesize_series(
         view.pixels, view.pixel_spacing, view.slice_offsets, uncertainty_passes
     )
     output = view.to_source(output)
+    overshoot = measure_overshoot(output, card.output_normalization, volume.voxel_mm3)
     head = head_mask(volume.pixels)
     inferred = time.perf_counter()
     identity = ModelIdentity(card.name, card.version, card.checksum)
@@ -127,6 +142,7 @@ def synthesize_series(
             "uncertainty_passes": uncertainty_passes,
         },
         view.plane,
+        overshoot,
         uncertainty,
         spread,
         map_datasets,

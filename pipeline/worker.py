@@ -40,7 +40,7 @@ from pipeline.state.quality import (
     QualityKey,
     check_not_paused,
 )
-from pipeline.synthesis import synthesize_series
+from pipeline.synthesis import SynthesisResult, synthesize_series
 
 log = logging.getLogger(__name__)
 
@@ -155,13 +155,7 @@ class Worker:
             "write_s": round(time.perf_counter() - started, 3),
             "slices": len(result.datasets),
         }
-        held = None
-        limit = job.hold_uncertainty_above
-        if limit is not None and result.uncertainty is not None and result.uncertainty > limit:
-            held = (
-                f"held: uncertainty {result.uncertainty:.4f} is above the route's "
-                f"hold_uncertainty_above {limit:g}; dicomnode retry {job.id} sends it anyway"
-            )
+        held = self._why_held(job, result)
         card = synthesizer.card
         log.info(
             "job %d: %d %s slice(s) synthesized with %s on %s (load %.2fs, inference %.2fs, "
@@ -187,6 +181,26 @@ class Worker:
             confidence=None if result.uncertainty is None else confidence(result.uncertainty),
             held=held,
         )
+
+    def _why_held(self, job: ClaimedJob, result: SynthesisResult) -> str | None:
+        """Why the synthesis must wait for an admin instead of being sent; None: it need not."""
+        reasons = []
+        beyond = result.overshoot_note()
+        if beyond is not None:
+            limit_ml = self._output_settings.hold_overshoot_above_ml
+            if result.overshoot.volume_ml > limit_ml:
+                reasons.append(f"{beyond}, above [output] hold_overshoot_above_ml {limit_ml:g}")
+            else:
+                log.warning("job %d: %s; sent, under hold_overshoot_above_ml", job.id, beyond)
+        limit = job.hold_uncertainty_above
+        if limit is not None and result.uncertainty is not None and result.uncertainty > limit:
+            reasons.append(
+                f"uncertainty {result.uncertainty:.4f} is above the route's "
+                f"hold_uncertainty_above {limit:g}"
+            )
+        if not reasons:
+            return None
+        return f"held: {'; '.join(reasons)}; dicomnode retry {job.id} sends it anyway"
 
     def synthesizer(self, model_name: str) -> Synthesizer:
         """The active version of ``model_name``, loaded once and reused while it stays active."""

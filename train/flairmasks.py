@@ -46,8 +46,7 @@ def flair_hyperintensity(flair: Volume) -> np.ndarray:
         (pixels > median + FLAIR_ROBUST_SDS * spread) & brain, iterations=2
     )
     labels, count = ndimage.label(bright)
-    voxel_mm3 = flair.slice_spacing * float(np.prod(flair.pixel_spacing))
-    sizes = ndimage.sum(bright, labels, range(1, count + 1)) * voxel_mm3
+    sizes = ndimage.sum(bright, labels, range(1, count + 1)) * flair.voxel_mm3
     return np.isin(labels, 1 + np.flatnonzero(sizes >= MIN_COMPONENT_MM3))
 
 

@@ -79,6 +79,17 @@ class Volume:
         return float(np.median(self.slice_gaps))
 
     @property
+    def voxel_mm3(self) -> float:
+        """A voxel's volume: the pixel's area times the slice spacing, or the slice
+        thickness (1 mm when not given) for a single slice."""
+        if len(self.pixels) > 1:
+            depth = self.slice_spacing
+        else:
+            thickness = self.headers[0].get("SliceThickness") if self.headers else None
+            depth = float(thickness or 1.0)
+        return depth * float(np.prod(self.pixel_spacing))
+
+    @property
     def uniform_spacing(self) -> bool:
         """Whether all gaps equal the median gap (within 1%); if not, use ``positions``."""
         return bool(

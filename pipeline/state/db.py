@@ -40,7 +40,7 @@ class JobState(enum.StrEnum):
     DONE = "done"
     FAILED = "failed"
     SUPERSEDED = "superseded"  # the series re-opened before this job ran; a newer job replaces it
-    HELD = "held"  # synthesized, but too uncertain to send (reason says how much); kept
+    HELD = "held"  # synthesized, but not to be sent unseen (the reason says why); kept
 
 
 class DeliveryState(enum.StrEnum):

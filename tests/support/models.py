@@ -29,12 +29,22 @@ def make_registry(
 
 
 def add_model(
-    registry: ModelRegistry, direction: str, version: str, seed: int = 0, dropout: float = 0.0
+    registry: ModelRegistry,
+    direction: str,
+    version: str,
+    seed: int = 0,
+    dropout: float = 0.0,
+    constant: float | None = None,
 ) -> Path:
-    """A tiny random model; with ``dropout``, one whose Monte-Carlo passes disagree."""
+    """A tiny random model; with ``dropout``, one whose Monte-Carlo passes disagree; with
+    ``constant``, one that draws that value everywhere (beyond its learnt range above 1)."""
     torch.manual_seed(seed)
     arguments = TINY | {"dropout": dropout}
     network = UNet(**arguments)
+    if constant is not None:
+        with torch.no_grad():
+            network.head.weight.zero_()
+            network.head.bias.fill_(constant)
     card = ModelCard(
         name=direction,
         version=version,
