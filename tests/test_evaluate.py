@@ -16,9 +16,10 @@ from scipy import ndimage
 from node.cli import main
 from pipeline.dicom.derived import instance_numbers
 from pipeline.model.card import LoadedModel, ModelCard, save_model
+from pipeline.model.preprocess import head_mask
 from pipeline.model.scores import minmax_slices, slice_metrics, ssim_map
 from pipeline.model.unet import UNet
-from train.evaluate import _spurious, evaluate
+from train.evaluate import Evaluation, _spurious, evaluate, format_table
 from train.figures import save_comparison
 from train.metrics import collapse_check, floors
 from train.pairs import find_pairs, load_pair
@@ -144,6 +145,19 @@ def test_a_spurious_focus_is_reported_where_a_reader_finds_it(native) -> None:
     (on_plane,) = np.flatnonzero(np.abs(source.slice_offsets - offset) < 0.1)
     assert abs(on_plane - middle) <= 1
     assert site.image == instance_numbers(source.headers)[on_plane]
+
+
+def test_output_beyond_the_learnt_range_is_reported(native, tmp_path) -> None:
+    model = tiny_model(tmp_path / "m.pt")
+    with torch.no_grad():
+        model.network.head.weight.zero_()
+        model.network.head.bias.fill_(1.6)  # beyond 1.5 times minmax-slice's top, everywhere
+    (study,) = evaluate(model, [native]).studies
+    # The synthesizer draws nothing outside the head.
+    volume = head_mask(native.source.pixels).sum() * native.source.voxel_mm3 / 1000
+    assert study.overshoot.volume_ml == pytest.approx(volume)
+    assert study.overshoot.peak == pytest.approx(1.6)
+    assert "beyond the learnt range: " in format_table(Evaluation("m", "t1-to-t2", [study]))
 
 
 def test_figure_has_input_synthetic_real_and_difference(tmp_path) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipeline.model.card import load_model, weights_checksum
+from pipeline.model.overshoot import Overshoot
 from pipeline.model.preprocess import normalize_volume
 from pipeline.model.registry import ModelRegistry
 from train.augment import AugmentSettings, augment_intensity, crop_pair
@@ -271,6 +272,7 @@ def _evaluation(
         lesions=visibility,
         spurious=dict.fromkeys(("model", "input", "inverted"), SpuriousFoci(0, 0.0, 1.0)),
         spurious_sites=[],
+        overshoot=Overshoot(volume_ml=0.0, peak=0.9, peak_slice=0),
         per_slice={"model": values, "input": values, "inverted": values},
         images=(np.zeros((1, 2, 2)),) * 3,
     )

@@ -28,6 +28,7 @@ from pipeline.dicom.reformat import axial_volume
 from pipeline.dicom.volume import SeriesError, load_series
 from pipeline.model.card import LoadedModel, describe
 from pipeline.model.inference import Synthesizer
+from pipeline.model.overshoot import Overshoot, measure_overshoot
 from pipeline.model.preprocess import head_mask, normalize_volume, to_stored_pixels
 from pipeline.model.scores import mean_metrics, minmax_slices, slice_metrics
 from train.figures import FIGURE_SLICES, save_comparison
@@ -77,6 +78,7 @@ class StudyResult:
     lesions: dict[str, LesionFidelity] | None  # predictor -> fidelity, where a mask exists
     spurious: dict[str, SpuriousFoci]  # predictor -> foci the real target does not show
     spurious_sites: list[FocusSite]  # the model's largest spurious foci, largest first
+    overshoot: Overshoot  # the model's output beyond the range it learnt, whole volume
     per_slice: dict[str, dict[str, list[float]]] = field(repr=False)
     # Kept for figures: normalised source, raw output, normalised target (usable slices).
     images: tuple[np.ndarray, np.ndarray, np.ndarray] = field(repr=False)
@@ -207,6 +209,7 @@ class Evaluation:
                         predictor: asdict(value) for predictor, value in s.spurious.items()
                     },
                     "spurious_sites": [asdict(site) for site in s.spurious_sites],
+                    "overshoot": asdict(s.overshoot),
                 }
                 for s in self.studies
             ],
@@ -260,6 +263,9 @@ def evaluate(model: LoadedModel, paired: list[PairedVolume]) -> Evaluation:
                 lesions=_lesions(item, sent_volume),
                 spurious=spurious,
                 spurious_sites=sites,
+                overshoot=measure_overshoot(
+                    output, model.card.output_normalization, item.source.voxel_mm3
+                ),
                 per_slice=per_slice,
                 # The figure shows what the node sends, as the scores do.
                 images=(source, predictions["model"], real),
@@ -484,6 +490,11 @@ def format_table(evaluation: Evaluation) -> str:
         if study.spurious_sites:
             lines.append(
                 "  the model's largest: " + "; ".join(map(_site_text, study.spurious_sites))
+            )
+        if study.overshoot.volume_ml > 0:
+            lines.append(
+                f"  beyond the learnt range: {study.overshoot.volume_ml:.2f} mL, up to "
+                f"{study.overshoot.peak:.2f} times its top (a node holds such a series)"
             )
     return "\n".join(lines)
 
