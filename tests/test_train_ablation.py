@@ -68,9 +68,11 @@ def _run(
     scores: dict[str, float],
     fidelity: float | None = None,
     foci: int | None = None,
+    overshoot_ml: float | None = None,
 ):
     """A run record as train.ablation writes it: patient -> model score; ``foci``: the
-    model's spurious foci per study (None: a record from before they were scored)."""
+    model's spurious foci per study (None: a record from before they were scored), and
+    ``overshoot_ml`` its output beyond the learnt range likewise."""
     studies = [
         {
             "study": f"study-{patient}",
@@ -93,6 +95,17 @@ def _run(
                     "spurious": {
                         p: {"count": n, "volume_ml": n / 10, "region_ml": 1000.0}
                         for p, n in (("model", foci), ("input", 50), ("inverted", 80))
+                    }
+                }
+            ),
+            **(
+                {}
+                if overshoot_ml is None
+                else {
+                    "overshoot": {
+                        "volume_ml": overshoot_ml,
+                        "peak": 1.0 + overshoot_ml,
+                        "peak_slice": 0,
                     }
                 }
             ),
@@ -122,8 +135,8 @@ def _run(
 
 
 RUNS = [
-    _run(1, 0, {"a": 10.0, "b": 20.0}, fidelity=0.8, foci=4),
-    _run(2, 0, {"c": 30.0}, foci=10),
+    _run(1, 0, {"a": 10.0, "b": 20.0}, fidelity=0.8, foci=4, overshoot_ml=0.0),
+    _run(2, 0, {"c": 30.0}, foci=10, overshoot_ml=0.5),
     _run(1, 1, {"a": 12.0, "b": 22.0}, fidelity=0.6, foci=8),
     _run(2, 1, {"c": 32.0}),
 ]
@@ -152,6 +165,9 @@ def test_summary_is_the_mean_over_patients_with_spreads_over_seeds_and_folds() -
     assert "| floor: inverted | | 2.000 |" in table
     assert "| v4 | 2 | 21.000 ±7.500 ±1.000 |" in table
     assert "0.70 (min 0.70) | 7 (0.7) |" in table
+    # A node would hold study c of seed 0 (0.5 mL beyond the range); seed 1 was not measured.
+    assert found["overshoot"] == {"held": 1, "studies": 3, "peak": 1.5}
+    assert "| 7 (0.7) | 1 of 3 (1.50) |" in table
 
 
 def test_attach_summary_keeps_the_weights(tmp_path) -> None:
@@ -191,6 +207,7 @@ def test_rescore_adds_a_new_metric_to_finished_runs_without_training(
     studies = record["evaluation"]["studies"]
     assert [s["patient"] for s in studies] == list(held_out)
     assert {"model", "input", "inverted"} == set(studies[0]["spurious"])
+    assert studies[0]["overshoot"]["volume_ml"] >= 0
     assert record["settings"] == stale["settings"]  # the run itself is kept
     # Scored once: a record that has every metric is left alone. Nothing is trained, not
     # even the fold that has no record. A record whose model was not kept says so.

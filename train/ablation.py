@@ -37,6 +37,7 @@ from pipeline.model.card import LoadedModel, ModelCard, load_model, save_model, 
 from pipeline.model.preprocess import input_channels
 from pipeline.model.registry import ModelRegistry
 from pipeline.model.unet import default_arguments
+from pipeline.settings import OutputSettings
 from train.dataset import TrainingStudy, prepare_study
 from train.evaluate import PREDICTORS, evaluate
 from train.figures import save_comparison
@@ -159,7 +160,7 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
 NETWORK_KEYS = ("skip_connections", "upsampling", "input_shortcut", "base_width")
 # What evaluate() reports for every study now; a finished run whose record lacks one of
 # these is scored again by --rescore.
-REPORTED_PER_STUDY = {"metrics", "lesions", "spurious"}
+REPORTED_PER_STUDY = {"metrics", "lesions", "spurious", "overshoot"}
 TABLE_METRICS = ("psnr_head", "ssim_head", "corr_head", "psnr_slice", "ssim_slice", "mae_slice")
 
 
@@ -324,6 +325,8 @@ def summary(runs: list[dict[str, Any]], direction: str, configuration: str) -> d
     averaged over seeds). ``groups``: the same mean over the studies of each group.
     ``lesions``: each masked study's fidelity per predictor (mean over seeds) and their mean.
     ``spurious_foci``: the same for spurious foci, over every study whose record has them.
+    ``overshoot``: how many held-out studies (of those measured, over all seeds) a node would
+    hold for output beyond the model's learnt range, and the brightest peak.
     """
     mine = [
         run
@@ -365,6 +368,7 @@ def summary(runs: list[dict[str, Any]], direction: str, configuration: str) -> d
         "groups": {group: _mean_dicts(items) for group, items in groups.items()},
         "lesion_fidelity": lesions,
         "spurious_foci": _spurious_summary(studies),
+        "overshoot": _overshoot_summary(studies),
         "patients": _mean_dicts_by_key([run["evaluation"]["patients"] for run in mine]),
         "train_seconds": float(np.mean([run["train_seconds"] for run in mine])),
     }
@@ -443,6 +447,18 @@ def _spurious_summary(studies: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _overshoot_summary(studies: list[dict[str, Any]]) -> dict[str, Any]:
+    measured = [study["overshoot"] for study in studies if "overshoot" in study]
+    if not measured:
+        return {}
+    limit = OutputSettings().hold_overshoot_above_ml
+    return {
+        "held": sum(value["volume_ml"] > limit for value in measured),
+        "studies": len(measured),
+        "peak": max(value["peak"] for value in measured),
+    }
+
+
 def tables(runs: list[dict[str, Any]], configurations: list[str], directions: list[str]) -> str:
     """Markdown, per direction: each configuration's held-out means with their spreads over
     folds and seeds, beside the floors; then the groups and the lesion fidelity."""
@@ -458,8 +474,8 @@ def tables(runs: list[dict[str, Any]], configurations: list[str], directions: li
             "",
             "| predictor | seeds | "
             + " | ".join(TABLE_METRICS)
-            + " | lesion fidelity | spurious foci (mL) |",
-            "|---|---|" + "---|" * (len(TABLE_METRICS) + 2),
+            + " | lesion fidelity | spurious foci (mL) | held: beyond range (peak) |",
+            "|---|---|" + "---|" * (len(TABLE_METRICS) + 3),
         ]
         for floor in ("input", "inverted"):
             values = first["overall"][floor]
@@ -467,7 +483,7 @@ def tables(runs: list[dict[str, Any]], configurations: list[str], directions: li
             lines.append(
                 f"| floor: {floor} | | "
                 + " | ".join(f"{values[m]:.3f}" for m in TABLE_METRICS)
-                + f" | {_number(fidelity)} | {_foci(first, floor)} |"
+                + f" | {_number(fidelity)} | {_foci(first, floor)} | |"
             )
         for configuration, result in found.items():
             values = result["overall"]["model"]
@@ -486,7 +502,7 @@ def tables(runs: list[dict[str, Any]], configurations: list[str], directions: li
             lines.append(
                 f"| {configuration}{complete} | {len(result['seeds'])} | "
                 + " | ".join(cells)
-                + f" | {lesion} | {_foci(result, 'model')} |"
+                + f" | {lesion} | {_foci(result, 'model')} | {_held(result)} |"
             )
         lines += ["", f"{direction} by group (PSNR / SSIM / corr inside the head):", ""]
         groups = sorted({g for result in found.values() for g in result["groups"]})
@@ -533,6 +549,14 @@ def _foci(result: dict[str, Any], predictor: str) -> str:
     if foci is None:
         return "-"
     return f"{foci['count']:.0f} ({foci['volume_ml']:.1f})"
+
+
+def _held(result: dict[str, Any]) -> str:
+    """Studies a node would hold for output beyond the learnt range, of those measured."""
+    overshoot = result.get("overshoot")
+    if not overshoot:
+        return "-"
+    return f"{overshoot['held']} of {overshoot['studies']} ({overshoot['peak']:.2f})"
 
 
 def _number(value: float | None) -> str:
