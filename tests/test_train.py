@@ -253,7 +253,11 @@ def test_train_workflow_writes_a_card_and_applies_the_activation_rule(mr_brain, 
 
 
 def _evaluation(
-    psnr_head: float, ssim_head: float, corr_head: float = 0.8, lesion: float | None = None
+    psnr_head: float,
+    ssim_head: float,
+    corr_head: float = 0.8,
+    lesion: float | None = None,
+    overshoot_ml: float = 0.0,
 ) -> Evaluation:
     values = {"psnr_head": [psnr_head], "ssim_head": [ssim_head], "corr_head": [corr_head]}
     visibility = None
@@ -272,7 +276,7 @@ def _evaluation(
         lesions=visibility,
         spurious=dict.fromkeys(("model", "input", "inverted"), SpuriousFoci(0, 0.0, 1.0)),
         spurious_sites=[],
-        overshoot=Overshoot(volume_ml=0.0, peak=0.9, peak_slice=0),
+        overshoot=Overshoot(volume_ml=overshoot_ml, peak=0.9 + overshoot_ml, peak_slice=0),
         per_slice={"model": values, "input": values, "inverted": values},
         images=(np.zeros((1, 2, 2)),) * 3,
     )
@@ -298,3 +302,10 @@ def test_activation_rule() -> None:
     activate, why = activation_decision(_evaluation(22.0, 0.6, 0.9, 0.5), with_lesions, True, False)
     assert not activate and "lesion_fidelity 0.5000 < 0.9000" in why
     assert activation_decision(_evaluation(20.0, 0.50, lesion=0.95), with_lesions, True, False)[0]
+    # Nor one whose synthesis of a held-out study a node would hold as an artefact.
+    activate, why = activation_decision(
+        _evaluation(22.0, 0.6, overshoot_ml=0.7), active, True, False
+    )
+    assert not activate and "a node would hold its synthesis of study for output beyond" in why
+    assert why.endswith("the active version's of none")
+    assert activation_decision(_evaluation(22.0, 0.6, overshoot_ml=0.05), active, True, False)[0]

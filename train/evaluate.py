@@ -31,6 +31,7 @@ from pipeline.model.inference import Synthesizer
 from pipeline.model.overshoot import Overshoot, measure_overshoot
 from pipeline.model.preprocess import head_mask, normalize_volume, to_stored_pixels
 from pipeline.model.scores import mean_metrics, minmax_slices, slice_metrics
+from pipeline.settings import OutputSettings
 from train.figures import FIGURE_SLICES, save_comparison
 from train.lesions import LesionMaskError, LesionMasks
 from train.metrics import (
@@ -164,6 +165,12 @@ class Evaluation:
 
     def collapsed(self) -> bool:
         return any(bool(study.collapse["collapsed"]) for study in self.studies)
+
+    def held_for_overshoot(self) -> list[str]:
+        """The studies whose synthesis a node would hold for output beyond the model's learnt
+        range (at the default ``[output] hold_overshoot_above_ml``)."""
+        limit = OutputSettings().hold_overshoot_above_ml
+        return [s.label for s in self.studies if s.overshoot.volume_ml > limit]
 
     def beats_floors(self) -> bool:
         """Whether the model is better than both floors on every key metric, overall."""

@@ -149,8 +149,9 @@ def activation_decision(
     Active when forced; when no version is active yet; or when, on the same held-out
     evaluation data, it is not worse than the active version on any key metric
     (``evaluate.KEY_METRICS``), nor on lesion fidelity where the held-out studies have
-    lesion masks. Without held-out data there is nothing fair to compare on, so an active
-    version stays.
+    lesion masks, nor on the held-out studies a node would hold for output beyond the
+    model's learnt range. Without held-out data there is nothing fair to compare on, so an
+    active version stays.
     """
     if force:
         return True, "activated (--force)"
@@ -160,6 +161,14 @@ def activation_decision(
         return False, (
             "not activated: no held-out patient to compare it with the active version on "
             "(hold one out with --holdout/--validation-fraction, or use --force)"
+        )
+    held, held_before = new.held_for_overshoot(), active.held_for_overshoot()
+    if len(held) > len(held_before):
+        return False, (
+            "not activated: a node would hold its synthesis of "
+            + ", ".join(held)
+            + " for output beyond the range it learnt (an artefact), the active version's of "
+            + (", ".join(held_before) or "none")
         )
     new_overall, active_overall = new.overall()["model"], active.overall()["model"]
     if "model" in new.lesion_fidelity() and "model" in active.lesion_fidelity():
