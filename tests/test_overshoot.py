@@ -12,7 +12,13 @@ from pipeline.model.overshoot import OVERSHOOT_FACTOR, measure_overshoot
 from pipeline.model.preprocess import Normalization
 from pipeline.model.registry import ModelRegistry
 from tests.support.models import add_model
-from tests.support.nodeproc import NodeProcess, free_port, run_dicomnode, write_config
+from tests.support.nodeproc import (
+    NodeProcess,
+    free_port,
+    routes_toml,
+    run_dicomnode,
+    write_config,
+)
 from tests.support.peers import StoreSCP
 from tests.support.senders import storescu
 
@@ -35,9 +41,12 @@ def test_only_output_beyond_the_learnt_range_counts():
 
 
 def overshooting_registry(root) -> ModelRegistry:
+    """t1-to-t2 draws 3 times its learnt range everywhere; t2-to-t1 is a plain tiny model."""
     registry = ModelRegistry(root)
     add_model(registry, "t1-to-t2", "v1", constant=3.0)
-    registry.activate("t1-to-t2", "v1")
+    add_model(registry, "t2-to-t1", "v1")
+    for direction in ("t1-to-t2", "t2-to-t1"):
+        registry.activate(direction, "v1")
     return registry
 
 
@@ -60,18 +69,12 @@ def test_an_overshooting_series_is_held_then_released(tmp_path, mr_brain):
     receiver = StoreSCP(tmp_path / "pacs").start()
     port = free_port()
     registry = overshooting_registry(tmp_path / "models")
-    routes = f"""
-[destinations.pacs]
-ae_title = "{receiver.ae_title}"
-host = "127.0.0.1"
-port = {receiver.port}
-
-[[routes]]
-name = "t1"
-direction = "t1-to-t2"
-destinations = ["pacs"]
-"""
-    config = write_config(tmp_path / "node", port, extra=routes, models=registry.root)
+    config = write_config(
+        tmp_path / "node",
+        port,
+        extra=routes_toml(receiver.ae_title, receiver.port),
+        models=registry.root,
+    )
     node = NodeProcess(config, port).start()
     try:
         assert storescu([mr_brain / T1], port).returncode == 0
