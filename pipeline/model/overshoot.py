@@ -3,11 +3,10 @@
 A model learns to map into its target's normalised range, [0, top]. On the shared studies
 the shipped models peak at 0.96-1.19 times the top, and the k-fold models on their
 held-out studies at 0.95-1.31 where their images are sound (one 1.51, over 0.009 mL);
-those that drew a dotted line
-along the scalp of a study as acquired reached 1.8-2.2 times it over 0.7-3 mL
-(docs/ablation.md, "Output beyond the learnt range"). What lies above OVERSHOOT_FACTOR
-times the top is extrapolation, not a tissue the model has seen; the node holds a series
-with more of it than ``[output] hold_overshoot_above_ml``.
+those that drew a dotted line along the scalp of a study as acquired reached 1.8-2.2
+times it over 0.7-3 mL (docs/ablation.md, "Output beyond the learnt range"). What lies
+above OVERSHOOT_FACTOR times the top is extrapolation, not a tissue the model has seen;
+the node holds a series with more of it than ``[output] hold_overshoot_above_ml``.
 """
 
 from __future__ import annotations
