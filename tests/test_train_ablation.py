@@ -48,6 +48,9 @@ def test_configurations_change_one_thing_each() -> None:
         everything.lesion_painting and everything.thick_slices and everything.neighbour_distance_mm
     )
     assert settings_for("all-b16", base).arguments["base_width"] == 16
+    context = settings_for("v5-b16-context", base)
+    assert context.crop == 2 * base.crop  # twice the context, at the same pixels a step
+    assert context.batch_size * context.crop**2 == base.batch_size * base.crop**2
     # v4 turns off every lever the shipped (v5) defaults have.
     assert (v4.neighbour_distance_mm, v4.arguments["in_channels"], v4.epochs) == (None, 3, 12)
     assert v4.lesion_painting == v4.thick_slices == v4.lesion_oversampling == 0.0

@@ -141,6 +141,11 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
             "painted_tumour_share": 0.0,
         },
     ),
+    "v5-b16-context": (
+        "v5-b16 on crops of 192 instead of 96, 4 a step instead of 16 (the same pixels): "
+        "a tumour's oedema with the anatomy around it in one crop",
+        {**_ALL, "epochs": 24, "base_width": 16, "crop": 192, "batch_size": 4},
+    ),
     "v5-b16-paint-all": (
         "v5-b16 with lesions painted into every crop (v4-paint-all's gain on the glioma)",
         {**_ALL, "epochs": 24, "base_width": 16, "lesion_painting": 1.0},
