@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from pydicom import Dataset
 
-from pipeline.dicom.contrast import Classification, Direction, classify
+from pipeline.dicom.contrast import Classification, Contrast, Direction, classify
 from pipeline.dicom.derived import (
     DerivedKind,
     ModelIdentity,
@@ -27,7 +27,7 @@ from pipeline.dicom.label import burn_label, label_fits
 from pipeline.dicom.reformat import axial_view
 from pipeline.dicom.seriesfiles import SeriesFiles
 from pipeline.dicom.volume import SeriesError, load_series
-from pipeline.model.card import ModelFileError, describe
+from pipeline.model.card import ModelCard, ModelFileError, describe
 from pipeline.model.inference import Synthesizer, Synthesizers, pick_device
 from pipeline.model.overshoot import Overshoot, measure_overshoot
 from pipeline.model.preprocess import head_mask, to_stored_pixels
@@ -63,6 +63,24 @@ class SynthesisResult:
             f"its model learnt to draw (up to {overshoot.peak:.1f} times the top of its range, "
             f"in image {image}): the sign of an artefact"
         )
+
+
+def lesion_caution(card: ModelCard, target: Contrast) -> str:
+    """What a reader of ``card``'s synthetic ``target`` image must know of its lesions: how
+    visible they stayed on patients the model never saw, as its card measured them."""
+    measured = card.held_out_lesion_fidelity()
+    if measured is None:
+        seen = (
+            f"how visible a lesion stays in this model's {target} image on patients it never "
+            "saw was not measured"
+        )
+    else:
+        seen = (
+            f"on patients this model never saw, a lesion kept {measured.lowest:.0%} to "
+            f"{measured.highest:.0%} of its contrast in a real {target} image "
+            f"({measured.studies} studies with lesion masks)"
+        )
+    return f"Lesions: {seen}; a synthetic image does not rule out a lesion."
 
 
 def synthesize_series(
@@ -101,6 +119,7 @@ def synthesize_series(
     head = head_mask(volume.pixels)
     inferred = time.perf_counter()
     identity = ModelIdentity(card.name, card.version, card.checksum)
+    caution = lesion_caution(card, direction.target)
 
     def derived(values: np.ndarray, kind: DerivedKind) -> list[Dataset]:
         stored = to_stored_pixels(values)
@@ -122,6 +141,7 @@ def synthesize_series(
             software_version=software_version,
             burned_in=labelled,
             kind=kind,
+            caution=caution if kind is DerivedKind.SYNTHETIC else "",
         )
 
     datasets = derived(output, DerivedKind.SYNTHETIC)

@@ -11,6 +11,7 @@ import torch
 from pipeline.dicom.contrast import Direction
 from pipeline.model.card import (
     FORMAT,
+    FidelityRange,
     ModelCard,
     ModelFileError,
     describe,
@@ -19,7 +20,10 @@ from pipeline.model.card import (
     weights_checksum,
 )
 from pipeline.model.preprocess import Normalization
+from pipeline.model.registry import ModelRegistry
 from pipeline.model.unet import Norm, UNet
+from pipeline.synthesis import lesion_caution
+from tests.support.paths import REPO
 
 ARGUMENTS = {"in_channels": 3, "base_width": 4, "depth": 2}
 
@@ -273,3 +277,32 @@ def test_cards_without_a_neighbour_distance_see_each_slice_alone(
 ) -> None:
     path = rewrite_card(saved, drop="neighbour_distance_mm")
     assert load_model(path).card.neighbour_distance_mm is None
+
+
+def test_held_out_lesion_fidelity_comes_from_unseen_patients_only() -> None:
+    def study(fidelity: float | None) -> dict:
+        return {"lesions": None if fidelity is None else {"model": {"fidelity": fidelity}}}
+
+    own = {"studies": [study(0.4), study(None), study(0.9), study(float("nan"))]}
+    recipe = {"lesion_fidelity": {"studies": {"a": {"model": 0.6}, "b": {"model": 1.3}}}}
+    trained_on = {"studies": [study(2.0)]}
+
+    assert make_card(metrics={"held_out": own, "reference": recipe}).held_out_lesion_fidelity() == (
+        FidelityRange(0.4, 0.9, 2)
+    )
+    # Held-out patients without masks leave the recipe's k-fold as the measure.
+    assert make_card(
+        metrics={"held_out": {"studies": [study(None)]}, "reference": recipe}
+    ).held_out_lesion_fidelity() == FidelityRange(0.6, 1.3, 2)
+    assert make_card(metrics={"training_data_only": trained_on}).held_out_lesion_fidelity() is None
+
+
+@pytest.mark.parametrize("direction", list(Direction))
+def test_every_image_of_a_shipped_model_says_how_visible_lesions_stayed(direction) -> None:
+    card = load_model(ModelRegistry(REPO / "models").active_path(direction)).card
+    measured = card.held_out_lesion_fidelity()
+    assert measured is not None and measured.studies >= 3  # the k-fold's masked studies
+    caution = lesion_caution(card, direction.target)
+    assert f"kept {measured.lowest:.0%} to {measured.highest:.0%}" in caution
+    assert f"in a real {direction.target} image" in caution
+    assert caution.endswith("a synthetic image does not rule out a lesion.")

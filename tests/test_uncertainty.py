@@ -92,6 +92,11 @@ def test_an_uncertain_series_is_held_then_released_with_its_uncertainty_map(tmp_
     assert first.SeriesInstanceUID != synthetic[0].SeriesInstanceUID
     assert first.SeriesNumber == synthetic[0].SeriesNumber + 1000
     assert "uncertainty" in first.DerivationDescription.lower()
+    # The reader of the synthetic image is told what it may not show; the test model's card
+    # has no held-out lesion measurement, and the map is not an image of lesions.
+    caution = "was not measured; a synthetic image does not rule out a lesion."
+    assert synthetic[0].ImageComments.endswith(caution)
+    assert "Lesions" not in first.ImageComments
     top = int(float(first.WindowCenter) + float(first.WindowWidth) / 2)
     assert len(find_label(first.pixel_array, "UNCERTAINTY", top)) == 1
     assert_dciodvfy_finds_no_error(sorted((tmp_path / "pacs").iterdir())[:2])

@@ -244,11 +244,14 @@ def build_synthetic_series(
     software_version: str,
     burned_in: bool = False,
     kind: DerivedKind = DerivedKind.SYNTHETIC,
+    caution: str = "",
 ) -> list[Dataset]:
     """Build one MR Image instance per slice of ``source``, holding ``pixels`` (uint16, S,H,W).
 
     ``pixels`` are in the volume's slice order; values must fit in ``bits_stored`` bits.
     ``burned_in``: the pixels carry a burnt-in label (BurnedInAnnotation YES).
+    ``caution``: what a reader must know of the model's limits, after the ImageComments'
+    "not acquired".
     Raises ValueError when the pixels or arguments do not fit the source.
     """
     _check_arguments(source, pixels, bits_stored, target_contrast)
@@ -266,6 +269,7 @@ def build_synthetic_series(
         software_version=software_version,
         burned_in=burned_in,
         kind=kind,
+        caution=caution,
     )
     numbers = instance_numbers(source.headers)
     frames = source.frames or (None,) * len(source.headers)
@@ -303,6 +307,7 @@ class _SyntheticSeries:
     software_version: str
     burned_in: bool
     kind: DerivedKind
+    caution: str
 
     @property
     def title(self) -> str:
@@ -387,7 +392,15 @@ def _add_general_image(
         "not acquired by a scanner",
         _ST_MAX,
     )
-    ds.ImageComments = f"{series.title}: computed by {model.name} {model.version}, not acquired"
+    ds.ImageComments = " ".join(
+        filter(
+            None,
+            [
+                f"{series.title}: computed by {model.name} {model.version}, not acquired.",
+                series.caution,
+            ],
+        )
+    )
     ds.SourceImageSequence = DicomSequence([_source_image(header, frame)])
     ds.BurnedInAnnotation = "YES" if series.burned_in else "NO"
     # A synthetic image is not itself compressed, but lossy loss in its input carries over.
