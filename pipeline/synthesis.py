@@ -27,7 +27,7 @@ from pipeline.dicom.label import burn_label, label_fits
 from pipeline.dicom.reformat import axial_view
 from pipeline.dicom.seriesfiles import SeriesFiles
 from pipeline.dicom.volume import SeriesError, load_series
-from pipeline.model.card import ModelCard, ModelFileError, describe
+from pipeline.model.card import ModelCard, ModelFileError, describe, held_out_lesion_fidelity
 from pipeline.model.inference import Synthesizer, Synthesizers, pick_device
 from pipeline.model.overshoot import Overshoot, measure_overshoot
 from pipeline.model.preprocess import head_mask, to_stored_pixels
@@ -68,7 +68,7 @@ class SynthesisResult:
 def lesion_caution(card: ModelCard, target: Contrast) -> str:
     """What a reader of ``card``'s synthetic ``target`` image must know of its lesions: how
     visible they stayed on patients the model never saw, as its card measured them."""
-    measured = card.held_out_lesion_fidelity()
+    measured = held_out_lesion_fidelity(card.metrics)
     if measured is None:
         seen = (
             f"how visible a lesion stays in this model's {target} image on patients it never "

@@ -15,6 +15,7 @@ from pipeline.model.card import (
     ModelCard,
     ModelFileError,
     describe,
+    held_out_lesion_fidelity,
     load_model,
     save_model,
     weights_checksum,
@@ -287,20 +288,20 @@ def test_held_out_lesion_fidelity_comes_from_unseen_patients_only() -> None:
     recipe = {"lesion_fidelity": {"studies": {"a": {"model": 0.6}, "b": {"model": 1.3}}}}
     trained_on = {"studies": [study(2.0)]}
 
-    assert make_card(metrics={"held_out": own, "reference": recipe}).held_out_lesion_fidelity() == (
+    assert held_out_lesion_fidelity({"held_out": own, "reference": recipe}) == (
         FidelityRange(0.4, 0.9, 2)
     )
     # Held-out patients without masks leave the recipe's k-fold as the measure.
-    assert make_card(
-        metrics={"held_out": {"studies": [study(None)]}, "reference": recipe}
-    ).held_out_lesion_fidelity() == FidelityRange(0.6, 1.3, 2)
-    assert make_card(metrics={"training_data_only": trained_on}).held_out_lesion_fidelity() is None
+    assert held_out_lesion_fidelity(
+        {"held_out": {"studies": [study(None)]}, "reference": recipe}
+    ) == FidelityRange(0.6, 1.3, 2)
+    assert held_out_lesion_fidelity({"training_data_only": trained_on}) is None
 
 
 @pytest.mark.parametrize("direction", list(Direction))
 def test_every_image_of_a_shipped_model_says_how_visible_lesions_stayed(direction) -> None:
     card = load_model(ModelRegistry(REPO / "models").active_path(direction)).card
-    measured = card.held_out_lesion_fidelity()
+    measured = held_out_lesion_fidelity(card.metrics)
     assert measured is not None and measured.studies >= 3  # the k-fold's masked studies
     caution = lesion_caution(card, direction.target)
     assert f"kept {measured.lowest:.0%} to {measured.highest:.0%}" in caution

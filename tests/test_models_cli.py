@@ -36,7 +36,9 @@ def add_version(registry: ModelRegistry, name: str, seed: int) -> ModelCard:
                 "overall": {
                     "model": {"psnr_head": 20.0 + seed, "ssim_head": 0.5},
                     "inverted": {"psnr_head": 15.0, "ssim_head": 0.3},
-                }
+                },
+                # The second version's held-out patient had a lesion mask.
+                "studies": [{"lesions": {"model": {"fidelity": 0.6}}}] if seed == 2 else [],
             }
         },
     )
@@ -116,9 +118,11 @@ def test_list_and_activate_roll_back(tmp_path, capsys) -> None:
     listing = capsys.readouterr().out
     lines = listing.splitlines()
     assert lines[0].startswith("  t1-to-t2 v1") and f"sha256:{first.checksum[:12]}" in lines[0]
-    assert lines[2].startswith("* t1-to-t2 v2") and f"sha256:{second.checksum[:12]}" in lines[2]
-    assert lines[3].strip().startswith("held out: PSNR head 22.00 dB")
-    assert "inverted input: 15.00 dB" in lines[3]
+    assert lines[2].strip() == "lesions: not measured on patients it never saw"
+    assert lines[3].startswith("* t1-to-t2 v2") and f"sha256:{second.checksum[:12]}" in lines[3]
+    assert lines[4].strip().startswith("held out: PSNR head 22.00 dB")
+    assert "inverted input: 15.00 dB" in lines[4]
+    assert lines[5].strip().startswith("lesions: kept 60% to 60% of their real contrast")
     assert lines[-1].startswith("All models: research use, not for diagnosis")
 
     assert run(["models", "activate", "t1-to-t2", "v1", *where]) == 0

@@ -71,32 +71,6 @@ class ModelCard:
     def output_normalization(self) -> Normalization:
         return self.target_normalization or self.normalization
 
-    def held_out_lesion_fidelity(self) -> FidelityRange | None:
-        """The lowest and highest lesion fidelity per study on patients the model never saw:
-        its own held-out studies where they had lesion masks, else its recipe's k-fold
-        (``reference``); None where neither measured one. The training data's is no guide."""
-        held_out = self.metrics.get("held_out") or {}
-        values = _finite(
-            study["lesions"]["model"]["fidelity"]
-            for study in held_out.get("studies", [])
-            if study.get("lesions")
-        )
-        if not values:
-            reference = (self.metrics.get("reference") or {}).get("lesion_fidelity") or {}
-            values = _finite(study["model"] for study in (reference.get("studies") or {}).values())
-        if not values:
-            return None
-        return FidelityRange(min(values), max(values), len(values))
-
-
-@dataclass(frozen=True)
-class FidelityRange:
-    """Lesion fidelity over held-out studies: 1 as visible as in the real image, 0 gone."""
-
-    lowest: float
-    highest: float
-    studies: int
-
     @classmethod
     def from_settings(cls, name: str, version: str, settings: TrainedAs) -> ModelCard:
         """The card of a network trained with ``settings`` (train.trainer.TrainSettings),
@@ -112,6 +86,34 @@ class FidelityRange:
             neighbour_distance_mm=settings.neighbour_distance_mm,
             gradient_channels=settings.gradient_channels,
         )
+
+
+@dataclass(frozen=True)
+class FidelityRange:
+    """Lesion fidelity over held-out studies: 1 as visible as in the real image, 0 gone."""
+
+    lowest: float
+    highest: float
+    studies: int
+
+
+def held_out_lesion_fidelity(metrics: dict[str, Any]) -> FidelityRange | None:
+    """The lowest and highest lesion fidelity per study on patients a model never saw, from
+    its card's ``metrics``: its own held-out studies where they had lesion masks, else its
+    recipe's k-fold (``reference``); None where neither measured one. The training data's
+    is no guide."""
+    held_out = metrics.get("held_out") or {}
+    values = _finite(
+        study["lesions"]["model"]["fidelity"]
+        for study in held_out.get("studies", [])
+        if study.get("lesions")
+    )
+    if not values:
+        reference = (metrics.get("reference") or {}).get("lesion_fidelity") or {}
+        values = _finite(study["model"] for study in (reference.get("studies") or {}).values())
+    if not values:
+        return None
+    return FidelityRange(min(values), max(values), len(values))
 
 
 def _finite(values: Iterable[float | None]) -> list[float]:
