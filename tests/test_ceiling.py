@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from train.ceiling import FEATURE_SETS, lesion_ceiling, main
+from train.ceiling import FEATURE_SETS, lesion_ceiling, main, mirrored
 
 SPACING = (1.0, 1.0, 1.0)
 
@@ -48,3 +48,13 @@ def test_a_missing_mask_folder_is_named_without_a_traceback(tmp_path, capsys) ->
     assert exit_.value.code == 2
     error = capsys.readouterr().err
     assert "absent" in error and "Traceback" not in error
+
+
+def test_the_other_side_is_the_mirror_image_across_the_head_midline() -> None:
+    region = np.zeros((2, 8, 20), dtype=bool)
+    region[:, :, 4:14] = True  # a head centred on column 8.5, off the image's centre
+    volume = np.zeros(region.shape, dtype=np.float32)
+    volume[:, 3, 5] = 1.0  # 3.5 columns left of the midline
+    other = mirrored(volume, region)
+    assert other[0, 3, 12] == pytest.approx(1.0) and other[1, 3, 12] == pytest.approx(1.0)
+    assert other.sum() == pytest.approx(volume.sum())

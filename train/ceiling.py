@@ -1,8 +1,9 @@
 """How much of a lesion's visibility the source image carries: the bound that any
 synthesis from that source meets, for each study with a lesion mask.
 
-The source is described around each voxel by a few features: its intensity, and that
-intensity averaged over 3 and 8 mm in the slice. For each set of features, two functions
+The source is described around each voxel by a few features: its intensity, that
+intensity averaged over 3 and 8 mm in the slice, and how the 3 mm average differs from the
+other hemisphere's at the mirror-image voxel. For each set of features, two functions
 of the feature bins are fit on half of the study's slabs and applied to the other half
 (and the other way round), and scored with lesion fidelity against the real target:
 
@@ -37,12 +38,24 @@ from train.lesions import LesionMaskError, LesionMasks
 from train.metrics import brighter_probability, lesion_fidelity, lesion_surroundings
 from train.pairs import find_pairs, load_pair
 
-# name -> (in-plane averaging scales in mm, 0 = the voxel itself; bins per feature): the
-# bins per feature shrink as features are added, so each bin keeps enough voxels.
-FEATURE_SETS: dict[str, tuple[tuple[float, ...], int]] = {
-    "intensity": ((0.0,), 128),
-    "+3 mm": ((0.0, 3.0), 48),
-    "+3, 8 mm": ((0.0, 3.0, 8.0), 20),
+
+@dataclass(frozen=True)
+class Feature:
+    """The source averaged over ``scale_mm`` in the slice (0: the voxel itself); with
+    ``other_side``, that average minus the same at the mirror-image voxel across the head's
+    midline: what differs from the other hemisphere, as a one-sided lesion does."""
+
+    scale_mm: float
+    other_side: bool = False
+
+
+# name -> (features, bins per feature): the bins per feature shrink as features are added,
+# so each bin keeps enough voxels.
+FEATURE_SETS: dict[str, tuple[tuple[Feature, ...], int]] = {
+    "intensity": ((Feature(0.0),), 128),
+    "+3 mm": ((Feature(0.0), Feature(3.0)), 48),
+    "+3, 8 mm": ((Feature(0.0), Feature(3.0), Feature(8.0)), 20),
+    "+3 mm, other side": ((Feature(0.0), Feature(3.0), Feature(3.0, other_side=True)), 20),
 }
 # Slices per slab of the two halves: whole slabs, so that a voxel's neighbours above and
 # below are mostly on its own side.
@@ -73,11 +86,9 @@ def lesion_ceiling(
     half = (np.arange(source.shape[0]) // SLAB % 2).astype(bool)[:, None, None]
     halves = [region & ~half, region & half]
     result = {}
-    for name, (scales, bins) in FEATURE_SETS.items():
-        key = _bin_keys(
-            [_averaged(source, region, scale, spacing) for scale in scales], region, bins
-        )
-        size = bins ** len(scales)
+    for name, (features, bins) in FEATURE_SETS.items():
+        key = _bin_keys([_feature(source, region, f, spacing) for f in features], region, bins)
+        size = bins ** len(features)
         regression = np.zeros(source.shape, dtype=np.float64)
         ranking = np.zeros(source.shape, dtype=np.float64)
         for fit, apply in (halves, halves[::-1]):
@@ -90,6 +101,27 @@ def lesion_ceiling(
             separability=lesion_fidelity(ranking, target, lesion, region, spacing).fidelity,
         )
     return result
+
+
+def _feature(
+    source: np.ndarray, region: np.ndarray, feature: Feature, spacing: tuple[float, float, float]
+) -> np.ndarray:
+    averaged = _averaged(source, region, feature.scale_mm, spacing)
+    if not feature.other_side:
+        return averaged
+    other = mirrored(region.astype(np.float32), region) > 0.5
+    return np.where(other, averaged - mirrored(averaged, region), 0.0)
+
+
+def mirrored(volume: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """``volume`` (S, H, W) flipped left to right about the column of the centre of
+    ``region`` (the head): each voxel gets its mirror image across the midline. Axial
+    slices whose columns run from one side of the patient to the other, as every study
+    here; a head turned in the slice blurs the comparison."""
+    columns = region.sum(axis=(0, 1))
+    centre = (columns * np.arange(columns.size)).sum() / max(columns.sum(), 1)
+    shift = 2 * centre - (columns.size - 1)
+    return ndimage.shift(volume[:, :, ::-1], (0, 0, shift), order=1, mode="constant")
 
 
 def _averaged(
