@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -177,6 +178,28 @@ class NodeService:
         job = self.worker.current_job if self.worker is not None else None
         return Pulse(current_job_id=job, ticked_at=self.ticked_at)
 
+    def _every(
+        self,
+        task: Callable[[], object],
+        name: str,
+        seconds: float,
+        executor: str = BACKGROUND,
+        start_now: bool = False,
+    ) -> None:
+        """Run ``task`` every ``seconds``, never two at once, a missed run made up once."""
+        # APScheduler pauses a job given next_run_time=None: leave it out to wait a period.
+        first = {"next_run_time": datetime.now(UTC)} if start_now else {}
+        self.scheduler.add_job(
+            task,
+            "interval",
+            seconds=seconds,
+            id=name,
+            max_instances=1,
+            coalesce=True,
+            executor=executor,
+            **first,
+        )
+
     def start(self) -> None:
         if self.receivers is not None:  # shared ports: a plain bind tells if one is taken
             ensure_ports_free(self.config.node)
@@ -192,45 +215,18 @@ class NodeService:
         resuming = work_in_hand(self.sessions)
         if resuming:
             log.info("resuming: %s", resuming)
-        self.scheduler.add_job(
+        self._every(
             self._complete,
-            "interval",
-            seconds=self.config.completion.check_interval_seconds,
-            id=COMPLETION_JOB,
-            max_instances=1,
-            coalesce=True,
-            next_run_time=datetime.now(UTC),
+            COMPLETION_JOB,
+            self.config.completion.check_interval_seconds,
+            executor="default",
+            start_now=True,
         )
-        self.scheduler.add_job(
-            self._clean,
-            "interval",
-            hours=1,
-            id="clean",
-            max_instances=1,
-            coalesce=True,
-            executor=BACKGROUND,
-            next_run_time=datetime.now(UTC),
-        )
+        self._every(self._clean, "clean", 3600, start_now=True)
         if self.config.harvest.enabled:
-            self.scheduler.add_job(
-                self._harvest,
-                "interval",
-                seconds=self.config.harvest.check_interval_seconds,
-                id="harvest",
-                max_instances=1,
-                coalesce=True,
-                executor=BACKGROUND,
-            )
+            self._every(self._harvest, "harvest", self.config.harvest.check_interval_seconds)
         if self.config.monitor.enabled:
-            self.scheduler.add_job(
-                self._monitor,
-                "interval",
-                seconds=self.config.monitor.check_interval_seconds,
-                id="monitor",
-                max_instances=1,
-                coalesce=True,
-                executor=BACKGROUND,
-            )
+            self._every(self._monitor, "monitor", self.config.monitor.check_interval_seconds)
         if self.config.refresh.enabled:
             refresh = self.config.refresh
             self.scheduler.add_job(
