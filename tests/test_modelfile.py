@@ -296,6 +296,13 @@ def test_held_out_lesion_fidelity_comes_from_unseen_patients_only() -> None:
         {"held_out": {"studies": [study(None)]}, "reference": recipe}
     ) == FidelityRange(0.6, 1.3, 2)
     assert held_out_lesion_fidelity({"training_data_only": trained_on}) is None
+    # What cannot be read is not measured, and never an error that stops a synthesis.
+    for damaged in (
+        {"held_out": {"studies": [{"lesions": {"model": {}}}, "x"]}},
+        {"held_out": [], "reference": {"lesion_fidelity": {"studies": ["a"]}}},
+        {"reference": {"lesion_fidelity": {"studies": {"a": {"model": "0.5"}}}}},
+    ):
+        assert held_out_lesion_fidelity(damaged) is None
 
 
 @pytest.mark.parametrize("direction", list(Direction))

@@ -101,24 +101,35 @@ def held_out_lesion_fidelity(metrics: dict[str, Any]) -> FidelityRange | None:
     """The lowest and highest lesion fidelity per study on patients a model never saw, from
     its card's ``metrics``: its own held-out studies where they had lesion masks, else its
     recipe's k-fold (``reference``); None where neither measured one. The training data's
-    is no guide."""
-    held_out = metrics.get("held_out") or {}
-    values = _finite(
-        study["lesions"]["model"]["fidelity"]
-        for study in held_out.get("studies", [])
-        if study.get("lesions")
-    )
+    is no guide. A card written by hand or by an older version may lack any part: what
+    cannot be read counts as not measured, so a card never stops a synthesis."""
+    studies = _field(metrics, "held_out", "studies") or []
+    values = _finite(_field(study, "lesions", "model", "fidelity") for study in studies)
     if not values:
-        reference = (metrics.get("reference") or {}).get("lesion_fidelity") or {}
-        values = _finite(study["model"] for study in (reference.get("studies") or {}).values())
+        reference = _field(metrics, "reference", "lesion_fidelity", "studies") or {}
+        values = _finite(_field(study, "model") for study in _values(reference))
     if not values:
         return None
     return FidelityRange(min(values), max(values), len(values))
 
 
-def _finite(values: Iterable[float | None]) -> list[float]:
+def _field(value: Any, *keys: str) -> Any:
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _values(value: Any) -> list[Any]:
+    return list(value.values()) if isinstance(value, dict) else []
+
+
+def _finite(values: Iterable[Any]) -> list[float]:
     # A study whose real target does not show its lesion has no fidelity (None).
-    return [value for value in values if value is not None and math.isfinite(value)]
+    return [
+        float(value)
+        for value in values
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ]
 
 
 class TrainedAs(Protocol):
