@@ -18,6 +18,7 @@ from sqlalchemy import Select, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.status import describe_delivery, describe_job
+from pipeline.model.card import describe_lesion_fidelity
 from pipeline.model.registry import ModelRegistry
 from pipeline.spool import Spool
 from pipeline.state.db import Delivery, DeliveryState, Instance, Job, JobState, Series, iso, utcnow
@@ -170,6 +171,7 @@ def models(registry: ModelRegistry) -> list[dict[str, Any]]:
                     "version": version,
                     "active": version == active.get(name),
                     "card": card,
+                    "lesions": describe_lesion_fidelity(card.get("metrics", {})),
                 }
             )
     return found

@@ -389,7 +389,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from pipeline.model.card import ModelFileError
+    from pipeline.model.card import ModelFileError, describe_lesion_fidelity
     from pipeline.model.registry import ModelRegistry, RegistryError
 
     registry = ModelRegistry(registry_root(args.config, args.registry))
@@ -414,7 +414,7 @@ def _list(args: argparse.Namespace) -> int:
             )
             for line in _metrics_lines(card.get("metrics", {})):
                 print(f"      {line}")
-            print(f"      {_lesion_line(card.get('metrics', {}))}")
+            print(f"      {describe_lesion_fidelity(card.get('metrics', {}))}")
     print("(* = active)")
     print(f"All models: {RESEARCH_USE}.")
     return 0
@@ -463,18 +463,6 @@ RESEARCH_USE = (
     "research use, not for diagnosis (until this site's own monitor says otherwise: "
     "dicomnode quality)"
 )
-
-
-def _lesion_line(metrics: dict[str, Any]) -> str:
-    from pipeline.model.card import held_out_lesion_fidelity
-
-    measured = held_out_lesion_fidelity(metrics)
-    if measured is None:
-        return "lesions: not measured on patients it never saw"
-    return (
-        f"lesions: kept {measured.lowest:.0%} to {measured.highest:.0%} of their real contrast "
-        f"on patients it never saw ({measured.studies} studies with lesion masks)"
-    )
 
 
 def _metrics_lines(metrics: dict[str, Any]) -> list[str]:

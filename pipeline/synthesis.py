@@ -76,9 +76,8 @@ def lesion_caution(card: ModelCard, target: Contrast) -> str:
         )
     else:
         seen = (
-            f"on patients this model never saw, a lesion kept {measured.lowest:.0%} to "
-            f"{measured.highest:.0%} of its contrast in a real {target} image "
-            f"({measured.studies} studies with lesion masks)"
+            f"on patients this model never saw, a lesion kept {measured.percent()} of its "
+            f"contrast in a real {target} image ({measured.studies} studies with lesion masks)"
         )
     return f"Lesions: {seen}; a synthetic image does not rule out a lesion."
 

@@ -24,6 +24,7 @@ from pipeline.state.quality import (
 )
 from tests.support.dicomgen import mr_series
 from tests.support.nodeproc import free_port, write_config
+from tests.support.paths import REPO
 from tests.test_console import TOKEN, get
 
 KEY = QualityKey("SIEMENS Avanto", "AX T1 SE", "t1-to-t2", "v1")
@@ -105,6 +106,7 @@ def test_a_paused_protocol_is_shown_and_resumed_from_the_console(tmp_path, sessi
             free_port(),
             extra=monitor + http,
             database=f"sqlite:///{tmp_path}/node.sqlite",
+            models=REPO / "models",
         )
     )
     score(sessions, 0.5, minutes=1)
@@ -114,6 +116,8 @@ def test_a_paused_protocol_is_shown_and_resumed_from_the_console(tmp_path, sessi
     try:
         status, html = get(f"{server.url}/models", token=TOKEN)
         assert status == 200 and b"rolling correlation 0.550 over its last 2" in html
+        # Each shipped version with what it keeps of a lesion on patients it never saw.
+        assert html.count(b"of their real contrast on patients it never saw") == 4
         assert b'value="quality-resume"' in html and b'value="AX T1 SE"' in html
         assert b'value="quality-resume"' not in get(f"{server.url}/models")[1]  # read-only
         form = {"action": "quality-resume", "target": KEY.model}

@@ -96,6 +96,20 @@ class FidelityRange:
     highest: float
     studies: int
 
+    def percent(self) -> str:
+        return f"{self.lowest:.0%} to {self.highest:.0%}"
+
+
+def describe_lesion_fidelity(metrics: dict[str, Any]) -> str:
+    """The lesion line of a model listing (``dicomnode models``, the console's models page)."""
+    measured = held_out_lesion_fidelity(metrics)
+    if measured is None:
+        return "lesions: not measured on patients it never saw"
+    return (
+        f"lesions: kept {measured.percent()} of their real contrast on patients it never saw "
+        f"({measured.studies} studies with lesion masks)"
+    )
+
 
 def held_out_lesion_fidelity(metrics: dict[str, Any]) -> FidelityRange | None:
     """The lowest and highest lesion fidelity per study on patients a model never saw, from
