@@ -18,7 +18,7 @@ from sqlalchemy import Select, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.status import describe_delivery, describe_job
-from pipeline.model.card import describe_lesion_fidelity
+from pipeline.model.lesionfidelity import describe_lesion_fidelity
 from pipeline.model.registry import ModelRegistry
 from pipeline.spool import Spool
 from pipeline.state.db import Delivery, DeliveryState, Instance, Job, JobState, Series, iso, utcnow

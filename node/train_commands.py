@@ -389,7 +389,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from pipeline.model.card import ModelFileError, describe_lesion_fidelity
+    from pipeline.model.card import ModelFileError
+    from pipeline.model.lesionfidelity import describe_lesion_fidelity
     from pipeline.model.registry import ModelRegistry, RegistryError
 
     registry = ModelRegistry(registry_root(args.config, args.registry))

@@ -27,8 +27,9 @@ from pipeline.dicom.label import burn_label, label_fits
 from pipeline.dicom.reformat import axial_view
 from pipeline.dicom.seriesfiles import SeriesFiles
 from pipeline.dicom.volume import SeriesError, load_series
-from pipeline.model.card import ModelCard, ModelFileError, describe, held_out_lesion_fidelity
+from pipeline.model.card import ModelCard, ModelFileError, describe
 from pipeline.model.inference import Synthesizer, Synthesizers, pick_device
+from pipeline.model.lesionfidelity import held_out_lesion_fidelity
 from pipeline.model.overshoot import Overshoot, measure_overshoot
 from pipeline.model.preprocess import head_mask, to_stored_pixels
 from pipeline.model.registry import RegistryError

@@ -11,15 +11,14 @@ import torch
 from pipeline.dicom.contrast import Direction
 from pipeline.model.card import (
     FORMAT,
-    FidelityRange,
     ModelCard,
     ModelFileError,
     describe,
-    held_out_lesion_fidelity,
     load_model,
     save_model,
     weights_checksum,
 )
+from pipeline.model.lesionfidelity import FidelityRange, held_out_lesion_fidelity
 from pipeline.model.preprocess import Normalization
 from pipeline.model.registry import ModelRegistry
 from pipeline.model.unet import Norm, UNet
