@@ -392,15 +392,8 @@ def _add_general_image(
         "not acquired by a scanner",
         _ST_MAX,
     )
-    ds.ImageComments = " ".join(
-        filter(
-            None,
-            [
-                f"{series.title}: computed by {model.name} {model.version}, not acquired.",
-                series.caution,
-            ],
-        )
-    )
+    comments = f"{series.title}: computed by {model.name} {model.version}, not acquired."
+    ds.ImageComments = f"{comments} {series.caution}" if series.caution else comments
     ds.SourceImageSequence = DicomSequence([_source_image(header, frame)])
     ds.BurnedInAnnotation = "YES" if series.burned_in else "NO"
     # A synthetic image is not itself compressed, but lossy loss in its input carries over.
