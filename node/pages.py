@@ -171,7 +171,9 @@ def models(registry: ModelRegistry) -> list[dict[str, Any]]:
                     "version": version,
                     "active": version == active.get(name),
                     "card": card,
-                    "lesions": describe_lesion_fidelity(card.get("metrics", {})),
+                    "lesions": describe_lesion_fidelity(card["metrics"])
+                    if "metrics" in card
+                    else "",
                 }
             )
     return found

@@ -415,7 +415,8 @@ def _list(args: argparse.Namespace) -> int:
             )
             for line in _metrics_lines(card.get("metrics", {})):
                 print(f"      {line}")
-            print(f"      {describe_lesion_fidelity(card.get('metrics', {}))}")
+            if "metrics" in card:  # an unreadable card says so above, not "not measured"
+                print(f"      {describe_lesion_fidelity(card['metrics'])}")
     print("(* = active)")
     print(f"All models: {RESEARCH_USE}.")
     return 0
