@@ -114,12 +114,17 @@ def test_delivery_retries_until_the_pacs_is_up(tmp_path, mr_brain, registry):
     orthanc = Orthanc(tmp_path / "orthanc", dicom_port=orthanc_port)
     try:
         assert storescu([mr_brain / NATIVE_T1], port).returncode == 0
+        # Between two failed attempts the delivery waits as pending; a backoff drawn near zero
+        # can show the next attempt already sending, so wait for a pending moment.
         status = node.wait_for(
-            lambda s: s["deliveries"] and s["deliveries"][0]["attempts"] >= 2, timeout=120
+            lambda s: (
+                s["deliveries"]
+                and s["deliveries"][0]["attempts"] >= 2
+                and s["deliveries"][0]["state"] == "pending"
+            ),
+            timeout=120,
         )
-        delivery = status["deliveries"][0]
-        assert delivery["state"] == "pending"
-        assert "connection refused" in delivery["reason"]
+        assert "connection refused" in status["deliveries"][0]["reason"]
         orthanc.start()
         node.wait_for(lambda s: s["deliveries"][0]["state"] == "sent", timeout=60)
         (series,) = synthetic_series(orthanc)
