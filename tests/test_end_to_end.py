@@ -23,7 +23,7 @@ NATIVE_T1 = "tcga-fg-6692-native/03_t1"  # 26 oblique slices, with the skull
 def pacs_config(orthanc_port: int) -> str:
     return (
         "\n[delivery]\nbackoff_seconds = 0.5\nbackoff_max_seconds = 1\n"
-        "timeout_seconds = 10\nlease_seconds = 40\n"
+        "timeout_seconds = 10\nlease_seconds = 40\nmax_attempts = 100\n"
     ) + routes_toml(Orthanc.AE_TITLE, orthanc_port)
 
 
