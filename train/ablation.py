@@ -118,7 +118,7 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         {**_ALL, "epochs": 24, "input_shortcut": True},
     ),
     "v5-b16": (
-        "v5 at base width 16 (the shipped v6 models)",
+        "v5 at base width 16 (the shipped t2-to-t1 v6, and t1-to-t2 v6, v7's rollback)",
         {**_ALL, "epochs": 24, "base_width": 16},
     ),
     "v5-b16-edges": (
@@ -132,7 +132,8 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "v5-b16-paint-plaques": (
         "v5-b16 with small lesions (MS plaques) painted into every crop, no tumours (a "
-        "lesion in every crop, without the large paintings that cost a healthy brain)",
+        "lesion in every crop, without the large paintings that cost a healthy brain; the "
+        "shipped t1-to-t2 v7)",
         {
             **_ALL,
             "epochs": 24,

@@ -68,7 +68,8 @@ def shipped_arguments() -> dict[str, Any]:
 @dataclass(frozen=True)
 class TrainSettings:
     direction: Direction
-    # The defaults are the v5 recipe; the shipped v6 models are it with `--base-width 16`;
+    # The defaults are the v5 recipe; the shipped models are it with `--base-width 16`
+    # (t2-to-t1 v6), and t1-to-t2 v7 also with `--lesion-painting 1 --painted-tumour-share 0`;
     # docs/ablation.md has the held-out numbers that chose it. The input is median-scaled,
     # so a brain lands at one level with or without its skull; the targets stay in
     # percentile-volume's space; the network sees the slices 3 mm below and above; lesions

@@ -120,13 +120,13 @@ class UNet(nn.Module):
             that structure without rebuilding it through four levels. It starts at zero, so
             an untrained network is the same with or without it.
 
-    The defaults are the v5 models'; the shipped v6 models have base width 16. Depth 4
-    gives a receptive field of about 140 pixels, enough to see most of a brain slice, which
-    a contrast mapping needs. Base 16 (7.8 MB) trains 1.6 times slower per step than base 8
-    (2 MB) and synthesizes half as fast on 2 cores; at the same steps its held-out images are
-    sharper in both directions and score higher (docs/ablation.md). Base 32 at depth 4 would
-    be 31 MB, over the 10 MB budget. A model card records every argument, so a change of
-    default changes no model.
+    The defaults are the v5 models'; the shipped models (t1-to-t2 v7, t2-to-t1 v6) have base
+    width 16. Depth 4 gives a receptive field of about 140 pixels, enough to see most of a
+    brain slice, which a contrast mapping needs. Base 16 (7.8 MB) trains 1.6 times slower
+    per step than base 8 (2 MB) and synthesizes half as fast on 2 cores; at the same steps
+    its held-out images are sharper in both directions and score higher (docs/ablation.md).
+    Base 32 at depth 4 would be 31 MB, over the 10 MB budget. A model card records every
+    argument, so a change of default changes no model.
 
     The output is linear (no sigmoid): with a sigmoid the model collapsed to a constant image
     in this project's trials. Weights use He initialisation, which trained where PyTorch's
