@@ -4,6 +4,7 @@ scoring finished runs again."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -48,6 +49,10 @@ def test_configurations_change_one_thing_each() -> None:
         everything.lesion_painting and everything.thick_slices and everything.neighbour_distance_mm
     )
     assert settings_for("all-b16", base).arguments["base_width"] == 16
+    plaques = settings_for("v5-b16-paint-plaques", base)
+    longer = settings_for("v5-b16-paint-plaques-long", base)
+    assert longer.epochs == 2 * plaques.epochs
+    assert longer == replace(plaques, epochs=longer.epochs)  # the budget is all that differs
     context = settings_for("v5-b16-context", base)
     assert context.crop == 2 * base.crop  # twice the context, at the same pixels a step
     assert context.batch_size * context.crop**2 == base.batch_size * base.crop**2

@@ -79,6 +79,14 @@ _PAINT = {"lesion_painting": 0.5}
 _THICK = {"thick_slices": 0.3}
 _OVERSAMPLE = {"lesion_oversampling": 0.2}
 _ALL = {**_V4, **_NEIGHBOURS, **_PAINT, **_THICK, **_OVERSAMPLE}
+# The shipped t1-to-t2 v7: v5 at base width 16 with a small lesion painted into every crop.
+_PLAQUES = {
+    **_ALL,
+    "epochs": 24,
+    "base_width": 16,
+    "lesion_painting": 1.0,
+    "painted_tumour_share": 0.0,
+}
 CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "paper": ("the paper's U-Net: image + Sobel x/y, per-slice min-max, MSE", _PAPER),
     "plain-unet": (
@@ -134,13 +142,12 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         "v5-b16 with small lesions (MS plaques) painted into every crop, no tumours (a "
         "lesion in every crop, without the large paintings that cost a healthy brain; the "
         "shipped t1-to-t2 v7)",
-        {
-            **_ALL,
-            "epochs": 24,
-            "base_width": 16,
-            "lesion_painting": 1.0,
-            "painted_tumour_share": 0.0,
-        },
+        _PLAQUES,
+    ),
+    "v5-b16-paint-plaques-long": (
+        "v5-b16-paint-plaques (t1-to-t2 v7) trained twice as long (48 x 150 steps): the "
+        "budget lever not yet measured at base width 16",
+        {**_PLAQUES, "epochs": 48},
     ),
     "v5-b16-context": (
         "v5-b16 on crops of 192 instead of 96, 4 a step instead of 16 (the same pixels): "
