@@ -17,6 +17,7 @@ import argparse
 import shlex
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,8 @@ if TYPE_CHECKING:
 def add_commands(subparsers: Any, add_global_options: Callable[..., None]) -> None:
     """Add ``train``, ``evaluate`` and ``models`` to an argparse subparsers object, each
     with the node's ``add_global_options`` (--config, --log-format)."""
-    # torch comes with it: the CLI builds these commands only when one of them is run.
+    # torch comes with them: the CLI builds these commands only when one of them is run.
+    from train.recipe import Recipe
     from train.trainer import TrainSettings
 
     def command(name: str, run: Any, help: str) -> argparse.ArgumentParser:
@@ -68,42 +70,51 @@ def add_commands(subparsers: Any, add_global_options: Callable[..., None]) -> No
         default=0.2,
         help="fraction of patients held out when no --holdout is given (default 0.2; 0: none)",
     )
-    # The shipped recipe's defaults, read from TrainSettings so they are written once.
-    train.add_argument("--epochs", type=int, default=TrainSettings.epochs)
-    train.add_argument("--steps-per-epoch", type=int, default=TrainSettings.steps_per_epoch)
-    train.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
+    # The recipe's options have no argparse default: one left out keeps the value of the
+    # recipe it starts from (--recipe). Their help shows TrainSettings' own defaults.
     train.add_argument(
-        "--crop", type=int, default=TrainSettings.crop, help="square training crop (pixels)"
+        "--recipe",
+        choices=[recipe.value for recipe in Recipe],
+        default=Recipe.DEFAULTS.value,
+        help="what the options left out keep: defaults, the v5 recipe (the defaults shown "
+        "here); active, the recipe of the registry's active model of this name as its card "
+        "records it, to retrain the shipped models on new data (default defaults)",
     )
-    train.add_argument("--learning-rate", type=float, default=TrainSettings.learning_rate)
+    train.add_argument("--epochs", type=int, help=f"(default {TrainSettings.epochs})")
+    train.add_argument(
+        "--steps-per-epoch", type=int, help=f"(default {TrainSettings.steps_per_epoch})"
+    )
+    train.add_argument("--batch-size", type=int, help=f"(default {TrainSettings.batch_size})")
+    train.add_argument(
+        "--crop", type=int, help=f"square training crop (pixels) (default {TrainSettings.crop})"
+    )
+    train.add_argument(
+        "--learning-rate", type=float, help=f"(default {TrainSettings.learning_rate})"
+    )
     train.add_argument(
         "--loss",
-        default=TrainSettings.loss,
         help=f"mse+ssim, mse (the paper's) or l1 (default {TrainSettings.loss})",
     )
     train.add_argument(
         "--normalization",
         choices=[normalization.value for normalization in Normalization],
-        default=TrainSettings.normalization,
         help="of the input: percentile-volume, scale-volume, median-volume or minmax-slice "
         f"(the paper's) (default {TrainSettings.normalization})",
     )
     train.add_argument(
         "--target-normalization",
         choices=[normalization.value for normalization in Normalization],
-        default=TrainSettings.target_normalization,
         help="of the targets, i.e. the space the model's output is in "
         f"(default {TrainSettings.target_normalization})",
     )
     train.add_argument(
         "--pixel-spacing",
         type=float,
-        default=TrainSettings.pixel_spacing_mm,
         metavar="MM",
         help="in-plane pixel size the model learns at: slices far from it are resampled, in "
         f"training and at inference (default {TrainSettings.pixel_spacing_mm})",
     )
-    shipped = " (default: the shipped models', UNet's own)"
+    shipped = " (default: UNet's own)"
     train.add_argument("--base-width", type=int, help="channels of the first level" + shipped)
     train.add_argument("--depth", type=int, help="number of poolings" + shipped)
     train.add_argument("--dropout", type=float, help="dropout probability" + shipped)
@@ -118,12 +129,14 @@ def add_commands(subparsers: Any, add_global_options: Callable[..., None]) -> No
         help="add a learnt affine map of the input image to the output" + shipped,
     )
     train.add_argument(
-        "--no-gradient-channels", action="store_true", help="no Sobel channels (plain U-Net)"
+        "--gradient-channels",
+        action=argparse.BooleanOptionalAction,
+        help="the Sobel channels beside the slice (--no-gradient-channels: the plain U-Net's "
+        "input; default on)",
     )
     train.add_argument(
         "--neighbours",
         type=float,
-        default=TrainSettings.neighbour_distance_mm,
         metavar="MM",
         help="also show the network the slices MM below and above each slice (2.5-D; 0: "
         f"each slice alone; default {TrainSettings.neighbour_distance_mm})",
@@ -131,7 +144,6 @@ def add_commands(subparsers: Any, add_global_options: Callable[..., None]) -> No
     train.add_argument(
         "--lesion-painting",
         type=float,
-        default=TrainSettings.lesion_painting,
         metavar="P",
         help="probability that a training crop gets lesions painted in "
         f"(default {TrainSettings.lesion_painting})",
@@ -139,7 +151,6 @@ def add_commands(subparsers: Any, add_global_options: Callable[..., None]) -> No
     train.add_argument(
         "--painted-tumour-share",
         type=float,
-        default=TrainSettings.painted_tumour_share,
         metavar="P",
         help="share of paintings that are one large lesion with oedema; the others are "
         f"several small plaques (default {TrainSettings.painted_tumour_share})",
@@ -147,13 +158,11 @@ def add_commands(subparsers: Any, add_global_options: Callable[..., None]) -> No
     train.add_argument(
         "--lesion-weight",
         type=float,
-        default=TrainSettings.lesion_weight,
         help=f"extra loss weight of painted lesion pixels (default {TrainSettings.lesion_weight})",
     )
     train.add_argument(
         "--lesion-oversampling",
         type=float,
-        default=TrainSettings.lesion_oversampling,
         metavar="P",
         help="probability that a crop is centred on a masked lesion (with --lesions; "
         f"default {TrainSettings.lesion_oversampling})",
@@ -161,7 +170,6 @@ def add_commands(subparsers: Any, add_global_options: Callable[..., None]) -> No
     train.add_argument(
         "--thick-slices",
         type=float,
-        default=TrainSettings.thick_slices,
         metavar="P",
         help="probability that a thin-slice study is shown as thick slabs "
         f"(default {TrainSettings.thick_slices})",
@@ -175,15 +183,19 @@ def add_commands(subparsers: Any, add_global_options: Callable[..., None]) -> No
         "on held-out patients",
     )
     train.add_argument(
-        "--no-skip-connections", action="store_true", help="encoder-decoder baseline"
+        "--skip-connections",
+        action=argparse.BooleanOptionalAction,
+        help="the U-Net's skips (--no-skip-connections: the encoder-decoder baseline; default on)",
     )
-    train.add_argument("--no-augment", action="store_true")
+    train.add_argument(
+        "--augment", action=argparse.BooleanOptionalAction, help="augment crops (default on)"
+    )
     train.add_argument(
         "--no-register",
         action="store_true",
         help="trust the headers: no rigid refinement of pairs on different grids",
     )
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, help=f"(default {TrainSettings.seed})")
     train.add_argument(
         "--checkpoint", type=Path, help="default: var/train/NAME.ckpt beside config.toml"
     )
@@ -243,53 +255,66 @@ def registry_root(config: Path, override: Path | None) -> Path:
     return load_config_or_defaults(config).models.registry
 
 
-def network_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    """The U-Net's arguments: the shipped models' (UNet's defaults) with the options given."""
+# TrainSettings' fields that an option of `dicomnode train` sets, by the option's name
+# (argparse's dest); the network's arguments and the neighbours are set apart.
+RECIPE_OPTIONS = {
+    "epochs": "epochs",
+    "steps_per_epoch": "steps_per_epoch",
+    "batch_size": "batch_size",
+    "crop": "crop",
+    "learning_rate": "learning_rate",
+    "loss": "loss",
+    "normalization": "normalization",
+    "target_normalization": "target_normalization",
+    "pixel_spacing_mm": "pixel_spacing",
+    "gradient_channels": "gradient_channels",
+    "augment": "augment",
+    "lesion_painting": "lesion_painting",
+    "painted_tumour_share": "painted_tumour_share",
+    "lesion_weight": "lesion_weight",
+    "lesion_oversampling": "lesion_oversampling",
+    "thick_slices": "thick_slices",
+    "seed": "seed",
+}
+NETWORK_OPTIONS = (
+    "base_width",
+    "depth",
+    "dropout",
+    "norm",
+    "upsampling",
+    "input_shortcut",
+    "skip_connections",
+)
+
+
+def train_settings(args: argparse.Namespace, base: TrainSettings | None = None) -> TrainSettings:
+    """The recipe the command line asks for: ``base`` (the library's defaults when None)
+    with the options given. ValueError names a setting that cannot train."""
     from pipeline.model.preprocess import input_channels
-    from pipeline.model.unet import default_arguments
-
-    given = {
-        "base_width": args.base_width,
-        "depth": args.depth,
-        "dropout": args.dropout,
-        "norm": args.norm,
-        "upsampling": args.upsampling,
-        "input_shortcut": args.input_shortcut,
-    }
-    return {
-        **default_arguments(),
-        **{key: value for key, value in given.items() if value is not None},
-        "in_channels": input_channels(not args.no_gradient_channels, bool(args.neighbours)),
-        "skip_connections": not args.no_skip_connections,
-    }
-
-
-def train_settings(args: argparse.Namespace) -> TrainSettings:
-    """The training recipe the command line asks for; ValueError names a setting that
-    cannot train."""
     from train.trainer import TrainSettings
 
-    return TrainSettings(
+    base = base or TrainSettings(direction=args.direction)
+    given = {
+        field: getattr(args, dest)
+        for field, dest in RECIPE_OPTIONS.items()
+        if getattr(args, dest) is not None
+    }
+    # --neighbours 0: each slice alone.
+    neighbours = (
+        base.neighbour_distance_mm if args.neighbours is None else (args.neighbours or None)
+    )
+    gradients = given.get("gradient_channels", base.gradient_channels)
+    arguments = {
+        **base.arguments,
+        **{key: getattr(args, key) for key in NETWORK_OPTIONS if getattr(args, key) is not None},
+        "in_channels": input_channels(gradients, neighbours is not None),
+    }
+    return replace(
+        base,
         direction=args.direction,
-        normalization=args.normalization,
-        target_normalization=args.target_normalization,
-        pixel_spacing_mm=args.pixel_spacing,
-        neighbour_distance_mm=args.neighbours or None,
-        gradient_channels=not args.no_gradient_channels,
-        arguments=network_arguments(args),
-        epochs=args.epochs,
-        steps_per_epoch=args.steps_per_epoch,
-        batch_size=args.batch_size,
-        crop=args.crop,
-        learning_rate=args.learning_rate,
-        loss=args.loss,
-        augment=not args.no_augment,
-        lesion_painting=args.lesion_painting,
-        painted_tumour_share=args.painted_tumour_share,
-        lesion_weight=args.lesion_weight,
-        lesion_oversampling=args.lesion_oversampling,
-        thick_slices=args.thick_slices,
-        seed=args.seed,
+        neighbour_distance_mm=neighbours,
+        arguments=arguments,
+        **given,
     )
 
 
@@ -298,13 +323,27 @@ def _train(args: argparse.Namespace) -> int:
     from pipeline.model.inference import use_threads
     from pipeline.model.registry import ModelRegistry, RegistryError
     from train.lesions import LesionMasks
+    from train.recipe import Recipe, active_recipe
     from train.trainer import console_progress
     from train.workflow import TrainRequest, load_reference_metrics, run_training
 
     if args.threads:
         use_threads(args.threads)
+    registry = (
+        None if args.no_registry else ModelRegistry(registry_root(args.config, args.registry))
+    )
+    if registry is None and args.out is None:
+        print("--no-registry needs --out: the model would be written nowhere", file=sys.stderr)
+        return 2
+    name = args.name or args.direction
+    recipe = None
     try:
-        settings = train_settings(args)
+        if Recipe(args.recipe) is Recipe.ACTIVE:
+            if registry is None:
+                raise ValueError("--recipe active needs the registry (not --no-registry)")
+            recipe = active_recipe(registry, name)
+            print(f"train: {recipe}, with the options given")
+        settings = train_settings(args, recipe.settings if recipe else None)
         lesions = LesionMasks.load(*args.lesions) if args.lesions else None
     except (ValueError, TypeError) as error:
         print(f"train: {error}", file=sys.stderr)
@@ -319,13 +358,10 @@ def _train(args: argparse.Namespace) -> int:
     if not data:
         print("train: give folders of studies, or --harvested", file=sys.stderr)
         return 2
-    registry = (
-        None if args.no_registry else ModelRegistry(registry_root(args.config, args.registry))
-    )
-    if registry is None and args.out is None:
-        print("--no-registry needs --out: the model would be written nowhere", file=sys.stderr)
-        return 2
-    name = args.name or args.direction
+    if args.reference_metrics:
+        reference = load_reference_metrics(args.reference_metrics)
+    else:  # the active recipe's k-fold figures, while the options given leave it as it is
+        reference = recipe.reference_for(settings) if recipe else None
     # var/ is where the node keeps its working state, and it is never committed.
     checkpoint = args.checkpoint or args.config.resolve().parent / "var" / "train" / f"{name}.ckpt"
     request = TrainRequest(
@@ -343,9 +379,7 @@ def _train(args: argparse.Namespace) -> int:
         command=shlex.join(["dicomnode", *sys.argv[1:]]),
         register=not args.no_register,
         lesions=lesions,
-        reference_metrics=(
-            load_reference_metrics(args.reference_metrics) if args.reference_metrics else None
-        ),
+        reference_metrics=reference,
     )
     try:
         outcome = run_training(request, progress=console_progress)

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from node.cli import _parser, main
-from node.train_commands import network_arguments, registry_root, train_settings
+from node.train_commands import registry_root, train_settings
 from pipeline.model.card import ModelCard, save_model
 from pipeline.model.registry import ModelRegistry
 from pipeline.model.unet import UNet
-from train.trainer import shipped_arguments
+from tests.support.models import activate_recipe
+from train.trainer import TrainSettings, shipped_arguments
 
 
 def run(argv: list[str]) -> int:
@@ -62,12 +63,12 @@ def test_every_subcommand_has_config_and_run() -> None:
         parser.parse_args(["train", "DATA", "--direction", "t1-to-flair"])
 
 
-def test_train_options_reach_the_network_and_the_rest_stay_the_shipped_models() -> None:
+def test_train_options_reach_the_network_and_the_rest_stay_the_default_recipes() -> None:
     parser = _parser(training=True)
 
     def arguments(*options: str) -> dict[str, object]:
         argv = ["train", "DATA", "--direction", "t1-to-t2", *options]
-        return network_arguments(parser.parse_args(argv))
+        return train_settings(parser.parse_args(argv)).arguments
 
     assert arguments() == shipped_arguments()
     changed = arguments("--base-width", "4", "--upsampling", "bilinear", "--no-skip-connections")
@@ -84,6 +85,56 @@ def test_train_options_reach_the_network_and_the_rest_stay_the_shipped_models() 
     assert arguments("--neighbours", "0", "--no-gradient-channels")["in_channels"] == 1
 
 
+def test_options_change_only_what_they_name_of_the_recipe_they_start_from() -> None:
+    parser = _parser(training=True)
+    base = TrainSettings(
+        direction="t1-to-t2",
+        arguments={**shipped_arguments(), "base_width": 16},
+        lesion_painting=1.0,
+        painted_tumour_share=0.0,
+        epochs=48,
+        seed=3,
+    )
+
+    def settings(*options: str) -> TrainSettings:
+        argv = ["train", "DATA", "--direction", "t1-to-t2", *options]
+        return train_settings(parser.parse_args(argv), base)
+
+    assert settings() == base
+    assert settings("--seed", "0", "--epochs", "2") == dataclasses.replace(base, seed=0, epochs=2)
+    # Given explicitly, a value equal to the library's default still wins over the recipe's.
+    assert settings("--lesion-painting", "0.5").lesion_painting == 0.5
+    flat = settings("--neighbours", "0", "--no-augment")
+    assert flat.neighbour_distance_mm is None and flat.augment is False
+    assert flat.arguments == {**base.arguments, "in_channels": 3}  # the slice and its gradients
+
+
+def test_train_recipe_active_starts_from_the_active_models_card(tmp_path, capsys) -> None:
+    registry = ModelRegistry(tmp_path / "models")
+    empty = tmp_path / "no-studies"
+    empty.mkdir()
+    argv = ["train", str(empty), "--direction", "t1-to-t2", "--recipe", "active"]
+    argv += ["--registry", str(registry.root)]
+
+    assert run(argv) == 2  # nothing active: no recipe to repeat, and no data read
+    assert "train: model 't1-to-t2' has no active version" in capsys.readouterr().err
+
+    recipe = TrainSettings(
+        direction="t1-to-t2",
+        arguments={**shipped_arguments(), "base_width": 2, "depth": 1},
+        lesion_painting=1.0,
+    )
+    activate_recipe(registry, recipe, reference={})
+    assert run([*argv, "--painted-tumour-share", "1.5"]) == 2  # a bad option is still named
+    assert "painted_tumour_share is a probability" in capsys.readouterr().err
+    assert run(argv) == 1  # the recipe is read; then the folder has no pairs
+    captured = capsys.readouterr()
+    assert "train: the recipe of t1-to-t2 v1, with the options given" in captured.out
+    assert f"no T1/T2 pairs found under {empty}" in captured.err
+    assert run([*argv, "--no-registry", "--out", str(tmp_path / "m.pt")]) == 2
+    assert "--recipe active needs the registry" in capsys.readouterr().err
+
+
 def test_lesion_painting_options_reach_the_recipe_and_a_bad_one_is_named(tmp_path, capsys) -> None:
     parser = _parser(training=True)
     argv = ["train", str(tmp_path), "--direction", "t1-to-t2"]
@@ -95,7 +146,7 @@ def test_lesion_painting_options_reach_the_recipe_and_a_bad_one_is_named(tmp_pat
     )
     assert plaques.lesion_painting == 1.0 and plaques.painted_tumour_share == 0.0
 
-    assert run([*argv, "--painted-tumour-share", "1.5", "--no-registry"]) == 2
+    assert run([*argv, "--painted-tumour-share", "1.5", "--registry", str(tmp_path)]) == 2
     assert "painted_tumour_share is a probability, not 1.5" in capsys.readouterr().err
 
 

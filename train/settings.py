@@ -25,9 +25,10 @@ class RefreshSettings(BaseModel):
     harvested: bool = False
     time: str = "02:00"  # daily, local time, HH:MM
     directions: list[Direction] = list(Direction)
-    # The shipped recipe's length (train.trainer.TrainSettings; this module stays torch-free).
-    epochs: Annotated[int, Field(ge=1)] = 24
-    steps_per_epoch: Annotated[int, Field(ge=1)] = 150
+    # The training length; None: the active model's recipe's (train.recipe), like the
+    # rest of the recipe.
+    epochs: Annotated[int, Field(ge=1)] | None = None
+    steps_per_epoch: Annotated[int, Field(ge=1)] | None = None
     # Held-out patients are what the activation rule compares on: without any, a refreshed
     # model never replaces an active one.
     validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2

@@ -11,8 +11,8 @@ import io
 import math
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +155,25 @@ class TrainSettings:
                 f"neighbour_distance_mm={self.neighbour_distance_mm}"
             )
         UNet(**self.arguments)  # raises ValueError or TypeError for bad arguments
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> TrainSettings:
+        """The settings a model card records (``training.settings``: these, as JSON), to
+        train that recipe again. ValueError when the record lacks a setting without a
+        default, names one this version does not know, or holds one that cannot train."""
+        unknown = sorted(set(record) - {setting.name for setting in fields(cls)})
+        if unknown:
+            raise ValueError(
+                "the recipe names settings this version of dicomnode does not know: "
+                + ", ".join(unknown)
+            )
+        values = dict(record)
+        if "painted_t1_share" in values:
+            values["painted_t1_share"] = tuple(values["painted_t1_share"])
+        try:
+            return cls(**values)
+        except TypeError as error:
+            raise ValueError(f"the recipe is incomplete or malformed: {error}") from None
 
     @property
     def output_normalization(self) -> Normalization:

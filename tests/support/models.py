@@ -6,13 +6,16 @@ registry names and that the output is written, marked and delivered.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from pipeline.model.card import ModelCard, save_model
 from pipeline.model.registry import ModelRegistry
 from pipeline.model.unet import UNet
+from train.trainer import TrainSettings
 
 TINY = {"in_channels": 3, "out_channels": 1, "base_width": 4, "depth": 2, "dropout": 0.0}
 
@@ -58,3 +61,20 @@ def add_model(
     path.parent.mkdir(parents=True, exist_ok=True)
     save_model(path, network, card)
     return path
+
+
+def activate_recipe(
+    registry: ModelRegistry, settings: TrainSettings, reference: dict[str, Any]
+) -> str:
+    """A new active version of the model named by ``settings``' direction, untrained, whose
+    card records ``settings`` as its recipe and ``reference`` as the recipe's k-fold figures
+    (as `train.ablation --attach` puts them); returns the version."""
+    name = settings.direction.value
+    version = registry.next_version(name)
+    card = ModelCard.from_settings(name, version, settings)
+    card.training = {"settings": asdict(settings)}
+    card.metrics = {"reference": reference}
+    card = save_model(registry.path(name, version), UNet(**settings.arguments), card)
+    registry.write_card(name, card)
+    registry.activate(name, version)
+    return version
