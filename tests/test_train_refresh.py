@@ -92,25 +92,21 @@ def test_an_active_model_whose_recipe_cannot_be_repeated_is_not_refreshed(tmp_pa
     version = activate_recipe(registry, RECIPE, REFERENCE)
     readable = registry.path("t1-to-t2", version).with_suffix(".json")
     card = json.loads(readable.read_text())
-    card["training"]["settings"]["warp_factor"] = 9
-    readable.write_text(json.dumps(card))
-
-    lines = refresh_models(
-        RefreshSettings(enabled=True, data=[tmp_path], directions=["t1-to-t2"]), registry
-    )
-    assert lines == [
-        "t1-to-t2: not refreshed: its active model's recipe: t1-to-t2 v1: the recipe names "
-        "settings this version of dicomnode does not know: warp_factor"
-    ]
-    del card["training"]
-    readable.write_text(json.dumps(card))
-    lines = refresh_models(
-        RefreshSettings(enabled=True, data=[tmp_path], directions=["t1-to-t2"]), registry
-    )
-    assert lines == [
-        "t1-to-t2: not refreshed: its active model's recipe: the card of t1-to-t2 v1 does not "
-        "record its training settings"
-    ]
+    unknown = {**card, "training": {"settings": {**card["training"]["settings"], "warp_factor": 9}}}
+    untold = {key: value for key, value in card.items() if key != "training"}
+    for damaged, reason in (
+        (
+            unknown,
+            "t1-to-t2 v1: the recipe names settings this version of dicomnode does "
+            "not know: warp_factor",
+        ),
+        (untold, "the card of t1-to-t2 v1 does not record its training settings"),
+    ):
+        readable.write_text(json.dumps(damaged))
+        settings = RefreshSettings(enabled=True, data=[tmp_path], directions=["t1-to-t2"])
+        assert refresh_models(settings, registry) == [
+            f"t1-to-t2: not refreshed: its active model's recipe: {reason}"
+        ]
     assert registry.versions("t1-to-t2") == ["v1"]
 
 
