@@ -110,7 +110,7 @@ def _parser(training: bool) -> argparse.ArgumentParser:
     resume = quality_actions.add_parser(
         "resume", help="resume a protocol the monitor paused (its earlier scores set aside)"
     )
-    resume.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    _add_global_options(resume, defaults=False)
     for name in ("scanner", "protocol", "model"):
         resume.add_argument(f"--{name}", required=True, help="as `dicomnode quality` shows it")
     resume.set_defaults(run=_quality_resume)
@@ -118,9 +118,10 @@ def _parser(training: bool) -> argparse.ArgumentParser:
     harvest = command("harvest", _harvest_list, "training pairs kept from received studies")
     harvest_actions = harvest.add_subparsers(metavar="ACTION")
     listing = harvest_actions.add_parser("list", help="kept and released pairs (pseudonyms)")
-    listing.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    for sub in (harvest, listing):
-        sub.add_argument("--json", action="store_true", help="one JSON object for scripts")
+    _add_global_options(listing, defaults=False)
+    # Before or after the action: after it, no default that would undo one given before.
+    harvest.add_argument("--json", action="store_true", help="one JSON object for scripts")
+    listing.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
     listing.set_defaults(run=_harvest_list)
 
     command("worker", _worker, "run a synthesis worker only (for [worker] in_process = false)")

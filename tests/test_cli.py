@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pydicom
+import pytest
 
+from node.cli import _parser
 from pipeline.state.db import Job, JobState, open_database
 from tests.support.dicomgen import mr_series
 from tests.support.models import make_registry
@@ -87,3 +90,43 @@ def test_retry_requeues_a_failed_job_and_refuses_the_rest(tmp_path):
     data = json.loads(run_dicomnode("status", "--json", "--config", str(path)).stdout)
     assert set(data) == {"health", "workers", "series", "jobs", "deliveries", "quality"}
     assert data["jobs"][0]["state"] == "queued" and data["quality"]["rolling"] == []
+
+
+# Every command an admin runs, with its required arguments.
+ADMIN_COMMANDS = [
+    ["serve"],
+    ["status"],
+    ["route", "PATH"],
+    ["quality"],
+    ["quality", "resume", "--scanner", "S", "--protocol", "P", "--model", "M"],
+    ["harvest"],
+    ["harvest", "list"],
+    ["worker"],
+    ["check"],
+    ["retry", "1"],
+    ["resend", "1"],
+    ["reprocess", "1.2.3"],
+    ["audit"],
+    ["translate", "IN", "OUT"],
+    ["config", "check"],
+    ["db", "version"],
+    ["db", "upgrade"],
+]
+
+
+@pytest.mark.parametrize("argv", ADMIN_COMMANDS, ids=" ".join)
+def test_config_before_or_after_the_command_reaches_it_and_none_leaves_the_variable(argv):
+    # The systemd units name the file by $DICOMNODE_CONFIG: a command that fell back to a
+    # default of its own would read ./config.toml instead.
+    parser = _parser(training=False)
+    for given in (["--config", "a.toml", *argv], [*argv, "--config", "a.toml"]):
+        args = parser.parse_args(given)
+        assert args.config == Path("a.toml") and callable(args.run)
+    assert parser.parse_args(argv).config is None  # main() then reads $DICOMNODE_CONFIG
+
+
+def test_harvest_json_before_or_after_list():
+    parser = _parser(training=False)
+    assert parser.parse_args(["harvest", "--json", "list"]).json is True
+    assert parser.parse_args(["harvest", "list", "--json"]).json is True
+    assert parser.parse_args(["harvest", "list"]).json is False
