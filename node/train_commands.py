@@ -34,7 +34,7 @@ def add_commands(subparsers: Any, add_global_options: Callable[..., None]) -> No
     with the node's ``add_global_options`` (--config, --log-format)."""
     # torch comes with them: the CLI builds these commands only when one of them is run.
     from train.recipe import Recipe
-    from train.trainer import TrainSettings
+    from train.trainer import Loss, TrainSettings
 
     def command(name: str, run: Any, help: str) -> argparse.ArgumentParser:
         sub = subparsers.add_parser(name, help=help, description=help)
@@ -93,7 +93,8 @@ def add_commands(subparsers: Any, add_global_options: Callable[..., None]) -> No
     )
     train.add_argument(
         "--loss",
-        help=f"mse+ssim, mse (the paper's) or l1 (default {TrainSettings.loss})",
+        choices=[loss.value for loss in Loss],
+        help=f"mse (the paper's), l1, either + (1 - SSIM) (default {TrainSettings.loss})",
     )
     train.add_argument(
         "--normalization",

@@ -18,12 +18,12 @@ k-fold models (``train.ablation`` keeps them under OUT/models/<direction>/<confi
 fold-K.pt, their held-out patients in OUT/folds.json)::
 
     .venv/bin/python -m train.uncertainty ../shared/data/mr-brain ../shared/data/mr-brain-more \\
-        --kfold var/kfold --configs v5 --lesions ../shared/data/lesions var/flair-masks
+        --kfold var/kfold --configs v5-b16 --lesions ../shared/data/lesions var/flair-masks
 
 or models whose training never saw DATA (``--model``, several for an ensemble)::
 
     .venv/bin/python -m train.uncertainty ../shared/data/mr-brain-more \\
-        --model models/t1-to-t2/v4.pt --lesions ../shared/data/lesions
+        --model models/t1-to-t2/v7.pt --lesions ../shared/data/lesions
 """
 
 from __future__ import annotations
