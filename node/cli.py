@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -18,12 +19,16 @@ from node.config import (
     check_database,
     check_environment,
     check_models,
+    folder_problem,
     load_config,
 )
 from node.logs import LogFormat, setup_logging
 from node.version import software_version
 from pipeline.dicom.contrast import Direction
 from pipeline.state.schema import SchemaError
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import sessionmaker
 
 log = logging.getLogger("dicomnode")
 
@@ -61,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         # A database that went away or cannot be written: a line for the admin, not a trace.
         reason = str(getattr(error, "orig", None) or error).splitlines()[0]
         print(f"dicomnode: the database failed: {type(error).__name__}: {reason}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        # A file or folder the command needs and cannot use: the error names it.
+        print(f"dicomnode: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -224,6 +233,15 @@ def _raise_database_problems(config: Config, path: Path) -> None:
         raise ConfigError(path, problems)
 
 
+def _open_database(config: Config, path: Path) -> sessionmaker:
+    """The node's database, once its driver and folder are known to be there: a missing
+    driver is a config error naming the key, not an import trace."""
+    from pipeline.state.db import open_database
+
+    _raise_database_problems(config, path)
+    return open_database(config.node.database)
+
+
 def _raise_tls_problems(config: Config, path: Path) -> None:
     from node.tls import check_tls
 
@@ -267,13 +285,12 @@ def _worker(args: argparse.Namespace) -> int:
     import threading
 
     from node.service import build_worker, take_back_leases
-    from pipeline.state.db import Role, open_database
+    from pipeline.state.db import Role
     from pipeline.state.heartbeats import Heart, Pulse
 
     config = _load_checked(args.config)
-    _raise_database_problems(config, args.config)
     setup_logging(config.node.log_level, args.log_format)
-    sessions = open_database(config.node.database)
+    sessions = _open_database(config, args.config)
     take_back_leases(config, sessions)
     worker = build_worker(config, sessions)
     heart = Heart(
@@ -300,6 +317,7 @@ def _check(args: argparse.Namespace) -> int:
     from node.scu import echo
 
     config = load_config(args.config)
+    _raise_tls_problems(config, args.config)
     if not config.destinations:
         print("no [destinations.NAME] in config")
         return 1
@@ -315,10 +333,9 @@ def _check(args: argparse.Namespace) -> int:
 def _admin_action(args: argparse.Namespace, verb: str, action) -> int:
     """Run ``action(config, sessions, origin)``: print what it did, or why it could not."""
     from pipeline.state.audit import cli_origin
-    from pipeline.state.db import open_database
 
     config = load_config(args.config)
-    sessions = open_database(config.node.database)
+    sessions = _open_database(config, args.config)
     try:
         print(action(config, sessions, cli_origin()))
     except ValueError as error:
@@ -362,11 +379,10 @@ def _reprocess(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     from node.status import format_audit
     from pipeline.state.audit import AuditFilter, read_audit
-    from pipeline.state.db import open_database
 
     config = load_config(args.config)
     where = AuditFilter(accession=args.accession, study=args.study, destination=args.destination)
-    rows = read_audit(open_database(config.node.database), where, limit=args.limit)
+    rows = read_audit(_open_database(config, args.config), where, limit=args.limit)
     print(json.dumps(rows, indent=1) if args.json else format_audit(rows))
     return 0
 
@@ -383,6 +399,11 @@ def _translate(args: argparse.Namespace) -> int:
             return 1
     if not args.input.exists():
         print(f"translate: INPUT {args.input} does not exist", file=sys.stderr)
+        return 1
+    # Before minutes of synthesis, not after them.
+    problem = folder_problem("OUTPUT", args.output)
+    if problem:
+        print(f"translate: {problem}", file=sys.stderr)
         return 1
     registry = None if args.model else ModelRegistry(load_config(args.config).models.registry)
 
@@ -423,10 +444,9 @@ def _status(args: argparse.Namespace) -> int:
 
     from node.health import check_health
     from node.status import collect_status, format_status
-    from pipeline.state.db import open_database
 
     config = load_config(args.config)
-    sessions = open_database(config.node.database)
+    sessions = _open_database(config, args.config)
     verdict = check_health(config, sessions)
     status = collect_status(sessions, limit=args.limit, monitor=config.monitor)
     if args.json:
@@ -438,22 +458,20 @@ def _status(args: argparse.Namespace) -> int:
 
 def _quality(args: argparse.Namespace) -> int:
     from node.quality import format_quality
-    from pipeline.state.db import open_database
     from pipeline.state.quality import quality_report
 
     config = load_config(args.config)
-    report = quality_report(open_database(config.node.database), config.monitor)
+    report = quality_report(_open_database(config, args.config), config.monitor)
     print(json.dumps(report, indent=1) if args.json else format_quality(report))
     return 0
 
 
 def _quality_resume(args: argparse.Namespace) -> int:
     from pipeline.state.audit import cli_origin
-    from pipeline.state.db import open_database
     from pipeline.state.quality import NoScores, resume
 
     config = load_config(args.config)
-    sessions = open_database(config.node.database)
+    sessions = _open_database(config, args.config)
     try:
         known = resume(sessions, args.scanner, args.protocol, args.model, origin=cli_origin())
     except NoScores as error:
@@ -469,10 +487,9 @@ def _quality_resume(args: argparse.Namespace) -> int:
 def _harvest_list(args: argparse.Namespace) -> int:
     from node.tables import table
     from pipeline.harvest import list_harvested
-    from pipeline.state.db import open_database
 
     config = load_config(args.config)
-    listing = list_harvested(open_database(config.node.database))
+    listing = list_harvested(_open_database(config, args.config))
     if args.json:
         print(json.dumps(listing, indent=1))
         return 0
@@ -502,7 +519,7 @@ def _config_check(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     problems, warnings = check_environment(config, worker=config.worker.in_process)
-    problems += check_models(config) + check_tls(config)
+    problems += check_database(config) + check_models(config) + check_tls(config)
     for warning in warnings:
         print(f"{args.config}: warning: {warning}")
     if problems:
@@ -519,6 +536,7 @@ def _db_version(args: argparse.Namespace) -> int:
     from pipeline.state.schema import schema_version
 
     config = load_config(args.config)
+    _raise_database_problems(config, args.config)
     print(schema_version(create_database_engine(config.node.database)).text)
     return 0
 
@@ -549,6 +567,8 @@ def _route(args: argparse.Namespace) -> int:
         print("route: no such file or folder: " + ", ".join(missing), file=sys.stderr)
         return 1
     found = scan_series(args.path, header_keywords(config.routes))
+    for path, reason in found.unreadable:
+        print(f"skipped {path}: {reason}")
     if not found.series:
         print("no DICOM series found under " + ", ".join(map(str, args.path)), file=sys.stderr)
         return 1
@@ -568,8 +588,6 @@ def _route(args: argparse.Namespace) -> int:
             for name in route.destinations:
                 d = config.destinations[name]
                 print(f"  destination: {name} ({d.ae_title}@{d.host}:{d.port})")
-    for path, reason in found.unreadable:
-        print(f"skipped {path}: {reason}")
     return 0
 
 

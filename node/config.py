@@ -255,12 +255,13 @@ def check_refresh(config: Config) -> list[str]:
 
 
 def check_database(config: Config) -> list[str]:
-    """An SQLite database on a network filesystem (NFS, CIFS) is refused: its locking does
-    not hold there (pipeline.state.filesystems). PostgreSQL needs its driver installed."""
+    """The database's driver must be installed and an SQLite file's folder makeable; an
+    SQLite database on a network filesystem (NFS, CIFS) is refused: its locking does not
+    hold there (pipeline.state.filesystems)."""
+    problem = _database_problem(config.node.database)
+    if problem:
+        return [problem]
     url = make_url(config.node.database)
-    if url.get_backend_name() == "postgresql":
-        problem = _database_problem(config.node.database)  # its driver psycopg 3
-        return [problem] if problem else []
     if not url.drivername.startswith("sqlite") or url.database in (None, "", ":memory:"):
         return []
     problem = network_filesystem_problem(Path(url.database))
@@ -290,13 +291,13 @@ def check_models(config: Config) -> list[str]:
 
 def check_environment(config: Config, *, worker: bool) -> tuple[list[str], list[str]]:
     """(problems, warnings): what `serve` would die of or do wrong on this machine, which
-    the file alone does not show. ``worker``: also what a synthesis worker needs."""
+    the file alone does not show, beside the database's (``check_database``). ``worker``:
+    also what a synthesis worker needs."""
     node = config.node
     problems = [
         problem
         for problem in (
-            _folder_problem("node.storage", node.storage),
-            _database_problem(node.database),
+            folder_problem("node.storage", node.storage),
             _listen_problem("node", node.host, node.port),
         )
         if problem
@@ -317,7 +318,7 @@ def check_environment(config: Config, *, worker: bool) -> tuple[list[str], list[
     return problems, warnings
 
 
-def _folder_problem(key: str, folder: Path) -> str | None:
+def folder_problem(key: str, folder: Path) -> str | None:
     """Why ``folder`` cannot be the node's folder: a file, not creatable, not writable. Tried
     by writing (a permission check would pass for root on a read-only file system)."""
     existing = folder
@@ -350,7 +351,7 @@ def _database_problem(url: str) -> str | None:
             hint = f"install the Python package that provides {error.name}"
         return f"{shown}: its driver {error.name} is not installed ({hint})"
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        return _folder_problem("node.database", Path(parsed.database).parent)
+        return folder_problem("node.database", Path(parsed.database).parent)
     return None
 
 

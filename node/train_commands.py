@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from node.config import load_config_or_defaults
+from node.config import folder_problem, load_config_or_defaults
 from pipeline.dicom.contrast import Direction
 from pipeline.model.preprocess import Normalization
 
@@ -346,7 +346,11 @@ def _train(args: argparse.Namespace) -> int:
             print(f"train: {recipe}, with the options given")
         settings = train_settings(args, recipe.settings if recipe else None)
         lesions = LesionMasks.load(*args.lesions) if args.lesions else None
-    except (ValueError, TypeError) as error:
+        if args.reference_metrics:
+            reference = load_reference_metrics(args.reference_metrics)
+        else:  # the active recipe's k-fold figures, while the options given leave it as it is
+            reference = recipe.reference_for(settings) if recipe else None
+    except (ValueError, TypeError, OSError) as error:
         print(f"train: {error}", file=sys.stderr)
         return 2
     data, salt = list(args.data), ""
@@ -354,17 +358,32 @@ def _train(args: argparse.Namespace) -> int:
         from pipeline.harvest import harvest_root, node_salt
 
         storage = load_config_or_defaults(args.config).node.storage
+        if not harvest_root(storage).is_dir():
+            print(f"train: --harvested: no harvest under {storage}", file=sys.stderr)
+            return 2
         data.append(harvest_root(storage))
         salt = node_salt(storage)
     if not data:
         print("train: give folders of studies, or --harvested", file=sys.stderr)
         return 2
-    if args.reference_metrics:
-        reference = load_reference_metrics(args.reference_metrics)
-    else:  # the active recipe's k-fold figures, while the options given leave it as it is
-        reference = recipe.reference_for(settings) if recipe else None
     # var/ is where the node keeps its working state, and it is never committed.
     checkpoint = args.checkpoint or args.config.resolve().parent / "var" / "train" / f"{name}.ckpt"
+    folders = {
+        "--out": args.out.parent if args.out else None,
+        "--checkpoint": checkpoint.parent,
+        "the registry": registry.root / name if registry else None,
+    }
+    problems = [
+        problem
+        for option, folder in folders.items()
+        if folder is not None and (problem := folder_problem(option, folder))
+    ]
+    problems += (
+        [f"--out = '{args.out}' is a folder; give a file"] if args.out and args.out.is_dir() else []
+    )
+    if problems:  # found now, not after hours of training
+        print("train: " + "; ".join(problems), file=sys.stderr)
+        return 2
     request = TrainRequest(
         data=data,
         salt=salt,
@@ -413,6 +432,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 1
     # var/ is where the node keeps its working state, and it is never committed.
     report = args.report or args.config.resolve().parent / "var" / "evaluation"
+    problem = folder_problem("--report", report)
+    if problem:  # found now, not after the scoring
+        print(f"evaluate: {problem}", file=sys.stderr)
+        return 1
     result = evaluate_folders(
         model, args.data, report, register=not args.no_register, lesions=lesions
     )
@@ -429,6 +452,10 @@ def _list(args: argparse.Namespace) -> int:
     from pipeline.model.registry import ModelRegistry, RegistryError
 
     registry = ModelRegistry(registry_root(args.config, args.registry))
+    if not registry.root.is_dir():
+        what = "is a file, not a folder" if registry.root.exists() else "does not exist"
+        print(f"models: the model registry {registry.root} {what}", file=sys.stderr)
+        return 1
     names = registry.names()
     if not names:
         print(f"no models in {registry.root}")
@@ -481,12 +508,15 @@ def _audit_activation(args: argparse.Namespace, name: str, version: str) -> None
     from node.config import load_config
     from pipeline.state.audit import cli_origin, record_activation
     from pipeline.state.db import open_database
+    from pipeline.state.schema import SchemaError
 
     database = load_config(args.config).node.database
     try:
         record_activation(open_database(database), name, version, cli_origin())
-    except SQLAlchemyError as error:
-        print(f"(not in the node's audit trail: {type(error).__name__})", file=sys.stderr)
+    except (SQLAlchemyError, SchemaError, ImportError) as error:
+        # The activation itself stands; only its record failed.
+        reason = str(error).splitlines()[0]
+        print(f"(not in the node's audit trail: {reason})", file=sys.stderr)
 
 
 # Which figures a card's metrics are, in words: only held-out patients say how a model does

@@ -8,7 +8,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from node.cli import _parser
+from node.cli import _parser, main
 from pipeline.state.db import Job, JobState, open_database
 from tests.support.dicomgen import mr_series
 from tests.support.models import make_registry
@@ -130,3 +130,33 @@ def test_harvest_json_before_or_after_list():
     assert parser.parse_args(["harvest", "--json", "list"]).json is True
     assert parser.parse_args(["harvest", "list", "--json"]).json is True
     assert parser.parse_args(["harvest", "list"]).json is False
+
+
+def test_bad_places_and_parts_are_named_not_traced(tmp_path, capsys, mr_brain):
+    path = config(tmp_path)
+    (tmp_path / "afile").write_text("")
+
+    # OUTPUT that cannot be made: refused before any synthesis.
+    argv = ["translate", str(mr_brain / "tcga-fg-6692-native"), str(tmp_path / "afile" / "o")]
+    assert main([*argv, "--config", str(path)]) == 1
+    assert "OUTPUT = " in capsys.readouterr().err
+
+    # A destination's CA file that is not there: a config error naming the key.
+    ca = path.read_text().replace("port = ", 'tls = { ca = "missing-ca.pem" }\nport = ', 1)
+    path.write_text(ca)
+    assert main(["check", "--config", str(path)]) == 2
+    assert "destinations.pacs.tls" in capsys.readouterr().err
+
+    # A database whose driver is not installed: a config error, for every database command.
+    path.write_text(
+        '[node]\ndatabase = "mysql://node@127.0.0.1/dicomnode"\n' + routes_toml("PACS", 9)
+    )
+    for command in (["status"], ["db", "version"], ["retry", "1"], ["harvest", "list"]):
+        assert main([*command, "--config", str(path)]) == 2, command
+        assert "node.database = " in capsys.readouterr().err
+
+    # A file that is not DICOM: route says why it skipped it.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not DICOM")
+    assert main(["route", str(tmp_path / "notes"), "--config", str(path)]) == 1
+    assert "skipped " in capsys.readouterr().out

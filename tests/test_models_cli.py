@@ -11,7 +11,7 @@ import torch
 from node.cli import _parser, main
 from node.train_commands import registry_root, train_settings
 from pipeline.model.card import ModelCard, save_model
-from pipeline.model.registry import ModelRegistry
+from pipeline.model.registry import ModelRegistry, RegistryError
 from pipeline.model.unet import UNet
 from tests.support.models import activate_recipe
 from train.trainer import TrainSettings, shipped_arguments
@@ -199,24 +199,56 @@ def test_a_damaged_version_is_never_activated(tmp_path, capsys) -> None:
     assert registry.active_version("t2-to-t1") == "v1"
 
 
-def test_empty_registry(tmp_path, capsys) -> None:
-    assert run(["models", "--registry", str(tmp_path / "none")]) == 0
+def test_an_empty_missing_or_misplaced_registry_is_said_so(tmp_path, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    assert run(["models", "--registry", str(tmp_path / "empty")]) == 0
     assert "no models in" in capsys.readouterr().out
+    assert run(["models", "--registry", str(tmp_path / "none")]) == 1
+    assert f"the model registry {tmp_path / 'none'} does not exist" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    assert run(["models", "--registry", str(tmp_path / "afile")]) == 1
+    assert "is a file, not a folder" in capsys.readouterr().err
+    with pytest.raises(RegistryError, match="is a file, not a folder"):
+        ModelRegistry(tmp_path / "afile").active_version("t1-to-t2")
+
+
+def test_a_damaged_card_or_marker_is_named_not_a_trace(tmp_path, capsys) -> None:
+    registry = ModelRegistry(tmp_path / "models")
+    add_version(registry, "t1-to-t2", seed=1)
+    add_version(registry, "t2-to-t1", seed=1)
+    registry.path("t1-to-t2", "v1").with_suffix(".json").write_text("{not json")
+    (registry.root / "t2-to-t1" / "ACTIVE").mkdir()
+
+    assert run(["models", "--registry", str(registry.root)]) == 0
+    out = capsys.readouterr().out
+    assert "t1-to-t2 v1  unreadable:" in out and "is not a readable model card" in out
+    assert "t2-to-t1 v1" in out
+    with pytest.raises(RegistryError, match="ACTIVE cannot be read"):
+        registry.active_version("t2-to-t1")
 
 
 def test_train_refuses_bad_settings_before_reading_data(tmp_path, capsys) -> None:
     missing = str(tmp_path / "no-such-data")
+    (tmp_path / "afile").write_text("")
     for option, value, message in (
         ("--loss", "l3", "invalid choice"),
-        ("--norm", "group", "norm must be one of"),
         ("--normalization", "zscore", "invalid choice"),
+        ("--norm", "group", "norm must be one of"),
+        ("--epochs", "0", "epochs must be at least 1, not 0"),
+        ("--learning-rate", "-1", "learning_rate must be positive"),
+        ("--depth", "40", "channels at the deepest level; at most 4096"),
+        ("--reference-metrics", str(tmp_path / "nope.json"), "No such file"),
+        # What would be written after hours of training is checked before them.
+        ("--out", str(tmp_path), "is a folder; give a file"),
+        ("--out", str(tmp_path / "afile" / "m.pt"), "afile is a file, not a folder"),
+        ("--checkpoint", str(tmp_path / "afile" / "c.ckpt"), "afile is a file, not a folder"),
     ):
         argv = ["train", missing, "--direction", "t1-to-t2", option, value]
-        if option in ("--loss", "--normalization"):
+        if message == "invalid choice":
             with pytest.raises(SystemExit):
                 run(argv)
         else:
-            assert run([*argv, "--registry", str(tmp_path)]) == 2
+            assert run([*argv, "--registry", str(tmp_path)]) == 2, option
         assert message in capsys.readouterr().err
     assert not (tmp_path / "t1-to-t2").exists()
 

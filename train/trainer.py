@@ -144,6 +144,11 @@ class TrainSettings:
         low, high = self.painted_t1_share
         if not 0.0 <= low <= high <= 1.0:
             raise ValueError(f"painted_t1_share must be 0 <= low <= high <= 1, not {low, high}")
+        for name in ("epochs", "steps_per_epoch", "batch_size", "crop"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, not {self.learning_rate}")
         for name in ("lesion_weight", "edge_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")

@@ -55,6 +55,12 @@ class ModelRegistry:
                 f"model {name!r} has no active version: no {marker} "
                 f"(train one with `dicomnode train`, or `dicomnode models activate`)"
             ) from None
+        except (OSError, UnicodeDecodeError) as error:
+            if self.root.exists() and not self.root.is_dir():
+                raise RegistryError(
+                    f"the model registry {self.root} is a file, not a folder"
+                ) from None
+            raise RegistryError(f"model {name!r}: {marker} cannot be read ({error})") from None
         if not self.path(name, version).is_file():
             raise RegistryError(
                 f"model {name!r}: active version {version!r} has no file {self.path(name, version)}"
@@ -109,7 +115,12 @@ class ModelRegistry:
         file's own. Raises ModelFileError for a damaged file without a readable copy."""
         readable = self.path(name, version).with_suffix(".json")
         if readable.is_file():
-            return json.loads(readable.read_text(encoding="utf-8"))
+            try:
+                return json.loads(readable.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:
+                from pipeline.model.card import ModelFileError  # torch: only for a damaged card
+
+                raise ModelFileError(f"{readable} is not a readable model card: {error}") from None
         from pipeline.model.card import card_dict, load_model  # torch: only without a copy
 
         return card_dict(load_model(self.path(name, version)).card)

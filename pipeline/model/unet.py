@@ -23,6 +23,10 @@ from torch import nn
 
 from pipeline.choices import Choice
 
+# The widest level a UNet may have: sixteen times that of any network trained here
+# (16 x 2**4); a typo in depth (40 for 4) must not start building a network of 2**40.
+MAX_WIDTH = 4096
+
 
 class Norm(Choice):
     """The normalisation after each convolution (see UNet)."""
@@ -152,6 +156,12 @@ class UNet(nn.Module):
             raise ValueError("depth, base_width, in_channels and out_channels must be >= 1")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), not {dropout}")
+        if base_width * 2**depth > MAX_WIDTH:
+            raise ValueError(
+                f"base_width {base_width} at depth {depth} gives {base_width * 2**depth} channels "
+                f"at the deepest level; at most {MAX_WIDTH} (a larger network would not fit "
+                "in memory)"
+            )
         self.in_channels = in_channels
         self.base_width = base_width
         self.depth = depth
