@@ -289,6 +289,9 @@ def _worker(args: argparse.Namespace) -> int:
     from pipeline.state.heartbeats import Heart, Pulse
 
     config = _load_checked(args.config)
+    problem = folder_problem("node.storage", config.node.storage)
+    if problem:
+        raise ConfigError(args.config, [problem])
     setup_logging(config.node.log_level, args.log_format)
     sessions = _open_database(config, args.config)
     take_back_leases(config, sessions)

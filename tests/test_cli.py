@@ -147,6 +147,13 @@ def test_bad_places_and_parts_are_named_not_traced(tmp_path, capsys, mr_brain):
     assert main(["check", "--config", str(path)]) == 2
     assert "destinations.pacs.tls" in capsys.readouterr().err
 
+    # A worker whose spool cannot be made: refused before it claims a job.
+    original = path.read_text()
+    path.write_text(original.replace("[node]\n", '[node]\nstorage = "afile/spool"\n'))
+    assert main(["worker", "--config", str(path)]) == 2
+    assert "node.storage = " in capsys.readouterr().err
+    path.write_text(original)
+
     # A database whose driver is not installed: a config error, for every database command.
     path.write_text(
         '[node]\ndatabase = "mysql://node@127.0.0.1/dicomnode"\n' + routes_toml("PACS", 9)

@@ -225,6 +225,8 @@ def test_a_damaged_card_or_marker_is_named_not_a_trace(tmp_path, capsys) -> None
     assert "t2-to-t1 v1" in out
     with pytest.raises(RegistryError, match="ACTIVE cannot be read"):
         registry.active_version("t2-to-t1")
+    with pytest.raises(RegistryError, match="no model file"):
+        registry.find(str(tmp_path / "nope.pt"))
 
 
 def test_train_refuses_bad_settings_before_reading_data(tmp_path, capsys) -> None:

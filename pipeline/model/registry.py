@@ -85,6 +85,8 @@ class ModelRegistry:
         NAME:VERSION in this registry. Raises RegistryError when there is none."""
         if Path(spec).is_file():
             return Path(spec)
+        if spec.endswith(MODEL_SUFFIX) or "/" in spec:
+            raise RegistryError(f"no model file {spec}")
         name, _, version = spec.partition(":")
         return self.path(name, version) if version else self.active_path(name)
 
