@@ -21,6 +21,7 @@ from node.config import (
     check_models,
     folder_problem,
     load_config,
+    sqlite_file,
 )
 from node.logs import LogFormat, setup_logging
 from node.version import software_version
@@ -233,12 +234,23 @@ def _raise_database_problems(config: Config, path: Path) -> None:
         raise ConfigError(path, problems)
 
 
-def _open_database(config: Config, path: Path) -> sessionmaker:
+def _open_database(config: Config, path: Path, *, create: bool = False) -> sessionmaker:
     """The node's database, once its driver and folder are known to be there: a missing
-    driver is a config error naming the key, not an import trace."""
+    driver is a config error naming the key, not an import trace. Without ``create``, an
+    SQLite file that is not there is one too: an admin's command run against the wrong
+    config would otherwise make an empty database and report that nothing happened."""
     from pipeline.state.db import open_database
 
     _raise_database_problems(config, path)
+    database = sqlite_file(config.node.database)
+    if not create and database is not None and not database.exists():
+        raise ConfigError(
+            path,
+            [
+                f"node.database = {config.node.database!r}: no such database (the node "
+                "makes it when it first starts; is this the node's config?)"
+            ],
+        )
     return open_database(config.node.database)
 
 
@@ -293,7 +305,7 @@ def _worker(args: argparse.Namespace) -> int:
     if problem:
         raise ConfigError(args.config, [problem])
     setup_logging(config.node.log_level, args.log_format)
-    sessions = _open_database(config, args.config)
+    sessions = _open_database(config, args.config, create=True)
     take_back_leases(config, sessions)
     worker = build_worker(config, sessions)
     heart = Heart(

@@ -261,10 +261,10 @@ def check_database(config: Config) -> list[str]:
     problem = _database_problem(config.node.database)
     if problem:
         return [problem]
-    url = make_url(config.node.database)
-    if not url.drivername.startswith("sqlite") or url.database in (None, "", ":memory:"):
+    database = sqlite_file(config.node.database)
+    if database is None:
         return []
-    problem = network_filesystem_problem(Path(url.database))
+    problem = network_filesystem_problem(database)
     return [f"node.database = {config.node.database!r}: {problem}"] if problem else []
 
 
@@ -350,9 +350,16 @@ def _database_problem(url: str) -> str | None:
         else:
             hint = f"install the Python package that provides {error.name}"
         return f"{shown}: its driver {error.name} is not installed ({hint})"
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        return folder_problem("node.database", Path(parsed.database).parent)
-    return None
+    database = sqlite_file(url)
+    return folder_problem("node.database", database.parent) if database else None
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of an SQLite database URL; None for another database or one in memory."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
 
 
 def _listen_problem(section: str, host: str, port: int) -> str | None:

@@ -31,6 +31,7 @@ def test_version_and_the_config_before_after_or_from_the_environment(tmp_path):
     version = dicomnode("--version")
     assert version.returncode == 0 and version.stdout.startswith("dicomnode ")
     path = str(config(tmp_path))
+    open_database(f"sqlite:///{tmp_path / 'node.sqlite'}")  # as the node's first start does
     for args in (["--config", path, "status"], ["status", "--config", path]):
         result = dicomnode(*args)
         assert result.returncode == 0, result.stderr
@@ -187,10 +188,11 @@ def test_a_worker_process_beats_with_its_device(tmp_path):
     )
     try:
         deadline = time.monotonic() + 60
+        workers = []
         while time.monotonic() < deadline:
-            workers = json.loads(run_dicomnode("status", "--json", "--config", str(path)).stdout)[
-                "workers"
-            ]
+            status = run_dicomnode("status", "--json", "--config", str(path))
+            # Until the worker has made the database, status says there is none.
+            workers = json.loads(status.stdout)["workers"] if status.returncode == 0 else []
             if workers:
                 break
             time.sleep(0.5)

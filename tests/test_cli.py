@@ -147,6 +147,11 @@ def test_bad_places_and_parts_are_named_not_traced(tmp_path, capsys, mr_brain):
     assert main(["check", "--config", str(path)]) == 2
     assert "destinations.pacs.tls" in capsys.readouterr().err
 
+    # An admin's command on a database the node never made: said so, and none is made.
+    assert main(["status", "--config", str(path)]) == 2
+    assert "node.sqlite': no such database" in capsys.readouterr().err
+    assert not (tmp_path / "node.sqlite").exists()
+
     # A worker whose spool cannot be made: refused before it claims a job.
     original = path.read_text()
     path.write_text(original.replace("[node]\n", '[node]\nstorage = "afile/spool"\n'))
