@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from pipeline.model.card import ModelCard, save_model
 from pipeline.model.registry import ModelRegistry, RegistryError
 from pipeline.model.unet import UNet
 from tests.support.models import activate_recipe
+from tests.support.paths import REPO
 from train.trainer import TrainSettings, shipped_arguments
 
 
@@ -264,3 +267,14 @@ def test_a_card_without_held_out_figures_says_so(tmp_path, capsys) -> None:
     lines = capsys.readouterr().out.splitlines()
     assert "on its own training data, NOT held out: PSNR head 21.00 dB" in lines[1]
     assert lines[2].strip().startswith("held out: no figures on the card")
+
+
+def test_each_shipped_cards_command_gives_the_recipe_its_card_records() -> None:
+    # The cards say how to reproduce the bundled models; the command line must still mean it.
+    parser = _parser(training=True)
+    cards = sorted((REPO / "models").glob("*/v*.json"))
+    assert cards
+    for path in cards:
+        training = json.loads(path.read_text())["training"]
+        args = parser.parse_args(shlex.split(training["command"])[1:])
+        assert train_settings(args) == TrainSettings.from_record(training["settings"]), path.name
