@@ -110,6 +110,7 @@ def add_commands(subparsers: Any, add_global_options: Callable[..., None]) -> No
     )
     train.add_argument(
         "--pixel-spacing",
+        dest="pixel_spacing_mm",
         type=float,
         metavar="MM",
         help="in-plane pixel size the model learns at: slices far from it are resampled, in "
@@ -256,27 +257,27 @@ def registry_root(config: Path, override: Path | None) -> Path:
     return load_config_or_defaults(config).models.registry
 
 
-# TrainSettings' fields that an option of `dicomnode train` sets, by the option's name
-# (argparse's dest); the network's arguments and the neighbours are set apart.
-RECIPE_OPTIONS = {
-    "epochs": "epochs",
-    "steps_per_epoch": "steps_per_epoch",
-    "batch_size": "batch_size",
-    "crop": "crop",
-    "learning_rate": "learning_rate",
-    "loss": "loss",
-    "normalization": "normalization",
-    "target_normalization": "target_normalization",
-    "pixel_spacing_mm": "pixel_spacing",
-    "gradient_channels": "gradient_channels",
-    "augment": "augment",
-    "lesion_painting": "lesion_painting",
-    "painted_tumour_share": "painted_tumour_share",
-    "lesion_weight": "lesion_weight",
-    "lesion_oversampling": "lesion_oversampling",
-    "thick_slices": "thick_slices",
-    "seed": "seed",
-}
+# TrainSettings' fields that an option of `dicomnode train` sets under the same name;
+# the network's arguments and the neighbours are set apart.
+RECIPE_OPTIONS = (
+    "epochs",
+    "steps_per_epoch",
+    "batch_size",
+    "crop",
+    "learning_rate",
+    "loss",
+    "normalization",
+    "target_normalization",
+    "pixel_spacing_mm",
+    "gradient_channels",
+    "augment",
+    "lesion_painting",
+    "painted_tumour_share",
+    "lesion_weight",
+    "lesion_oversampling",
+    "thick_slices",
+    "seed",
+)
 NETWORK_OPTIONS = (
     "base_width",
     "depth",
@@ -295,11 +296,7 @@ def train_settings(args: argparse.Namespace, base: TrainSettings | None = None) 
     from train.trainer import TrainSettings
 
     base = base or TrainSettings(direction=args.direction)
-    given = {
-        field: getattr(args, dest)
-        for field, dest in RECIPE_OPTIONS.items()
-        if getattr(args, dest) is not None
-    }
+    given = {key: getattr(args, key) for key in RECIPE_OPTIONS if getattr(args, key) is not None}
     # --neighbours 0: each slice alone.
     neighbours = (
         base.neighbour_distance_mm if args.neighbours is None else (args.neighbours or None)
