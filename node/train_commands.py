@@ -34,7 +34,7 @@ def add_commands(subparsers: Any, add_global_options: Callable[..., None]) -> No
     with the node's ``add_global_options`` (--config, --log-format)."""
     # torch comes with them: the CLI builds these commands only when one of them is run.
     from train.recipe import Recipe
-    from train.trainer import Loss, TrainSettings
+    from train.trainer import Loss, Precision, TrainSettings
 
     def command(name: str, run: Any, help: str) -> argparse.ArgumentParser:
         sub = subparsers.add_parser(name, help=help, description=help)
@@ -95,6 +95,12 @@ def add_commands(subparsers: Any, add_global_options: Callable[..., None]) -> No
         "--loss",
         choices=[loss.value for loss in Loss],
         help=f"mse (the paper's), l1, either + (1 - SSIM) (default {TrainSettings.loss})",
+    )
+    train.add_argument(
+        "--precision",
+        choices=[precision.value for precision in Precision],
+        help="of the convolutions in training: bfloat16 is faster where the CPU or GPU has "
+        f"it; weights and inference stay float32 (default {TrainSettings.precision})",
     )
     train.add_argument(
         "--normalization",
@@ -266,6 +272,7 @@ RECIPE_OPTIONS = (
     "crop",
     "learning_rate",
     "loss",
+    "precision",
     "normalization",
     "target_normalization",
     "pixel_spacing_mm",

@@ -107,6 +107,7 @@ def test_options_change_only_what_they_name_of_the_recipe_they_start_from() -> N
     assert settings("--seed", "0", "--epochs", "2") == dataclasses.replace(base, seed=0, epochs=2)
     # Given explicitly, a value equal to the library's default still wins over the recipe's.
     assert settings("--lesion-painting", "0.5").lesion_painting == 0.5
+    assert settings("--precision", "bfloat16") == dataclasses.replace(base, precision="bfloat16")
     flat = settings("--neighbours", "0", "--no-augment")
     assert flat.neighbour_distance_mm is None and flat.augment is False
     assert flat.arguments == {**base.arguments, "in_channels": 3}  # the slice and its gradients

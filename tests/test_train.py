@@ -18,7 +18,7 @@ from train.dataset import prepare_study, sample_batch
 from train.evaluate import Evaluation, StudyResult
 from train.metrics import LesionFidelity, SpuriousFoci
 from train.pairs import StudyGroup, find_pairs, load_pair
-from train.trainer import TrainSettings, _loss, train_network
+from train.trainer import Precision, TrainSettings, _loss, train_network
 from train.workflow import TrainRequest, activation_decision, run_training
 
 TINY = {
@@ -206,12 +206,36 @@ def test_seeded_runs_repeat_and_resume_matches_an_uninterrupted_run(native, tmp_
         train_network([native], [], replace(SETTINGS, seed=5), checkpoint, resume=True)
 
 
-def test_training_reduces_the_loss(native) -> None:
-    settings = replace(SETTINGS, epochs=3, steps_per_epoch=5, augment=False, learning_rate=3e-3)
+@pytest.mark.parametrize("precision", list(Precision))
+def test_training_reduces_the_loss(native, precision: Precision) -> None:
+    settings = replace(
+        SETTINGS,
+        epochs=3,
+        steps_per_epoch=5,
+        augment=False,
+        learning_rate=3e-3,
+        precision=precision,
+    )
     result = train_network([native], [native], settings)
     assert result.history[-1]["loss"] < 0.85 * result.history[0]["loss"]
     assert {"val_psnr_head", "val_ssim_head"} <= result.history[-1].keys()
     assert result.samples == 3 * 5 * 2 and result.samples_per_second > 0
+    # Whatever the convolutions ran in, the model is float32, as inference expects.
+    assert {tensor.dtype for tensor in result.network.state_dict().values()} <= {
+        torch.float32,
+        torch.int64,  # batch norm's counter
+    }
+
+
+def test_bfloat16_training_runs_the_convolutions_in_bfloat16(native) -> None:
+    # The same seed and crops: only the precision can make the weights differ.
+    float32 = train_network([native], [], SETTINGS)
+    bfloat16 = train_network([native], [], replace(SETTINGS, precision="bfloat16"))
+    assert weights_checksum(float32.network.state_dict()) != weights_checksum(
+        bfloat16.network.state_dict()
+    )
+    with pytest.raises(ValueError, match="precision must be one of float32, bfloat16"):
+        replace(SETTINGS, precision="float16")
 
 
 def test_train_workflow_writes_a_card_and_applies_the_activation_rule(mr_brain, tmp_path) -> None:

@@ -149,6 +149,11 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         "budget lever not yet measured at base width 16",
         {**_PLAQUES, "epochs": 48},
     ),
+    "v5-b16-paint-plaques-long-bf16": (
+        "v5-b16-paint-plaques-long with the convolutions in bfloat16 (about 1.5x the crops "
+        "a second on these CPUs): whether CPU rounds can run in it at no cost held out",
+        {**_PLAQUES, "epochs": 48, "precision": "bfloat16"},
+    ),
     "v5-b16-context": (
         "v5-b16 on crops of 192 instead of 96, 4 a step instead of 16 (the same pixels): "
         "a tumour's oedema with the anatomy around it in one crop",
